@@ -18,11 +18,7 @@ ROOT_PID_ENV = "ATOM_LAB_ROOT_PID"
 
 
 def _outer_mount_namespace_pid() -> int | None:
-    """Inside `lab exec`, the PID of that `lab exec` process, which sits in the machine's mount namespace.
-
-    `ip netns exec` gives its command a private mount namespace, where a new netns or overlay mount would
-    stay invisible to everyone else; state-changing commands run from there re-enter the outer one.
-    """
+    """Inside `lab exec`, the PID of that `lab exec` process, which sits in the machine's mount namespace."""
     pid = os.environ.get(ROOT_PID_ENV)
     if not pid:
         return None
@@ -166,10 +162,12 @@ def cmd_boot(args) -> int:
 
 
 def cmd_exec(args) -> int:
-    if not network.netns_exists(paths.LAB_NETNS):
-        raise LabError("the lab is not up (tools/lab/lab up)")
     if not args.command:
         raise LabError("usage: lab exec -- COMMAND [ARGS...]")
+    if not network.netns_exists(paths.LAB_NETNS) or not paths.SSH_KEY.exists():
+        with _lock():  # the lab network and key, so that what runs inside can boot hosts itself
+            _ensure_ssh_key()
+            network.ensure_bridge()
     # Stay alive as the parent: commands inside may need our (the machine's) mount namespace, see above.
     env = {**os.environ, ROOT_PID_ENV: str(os.getpid())}
     proc = subprocess.Popen(["ip", "netns", "exec", paths.LAB_NETNS, *args.command], env=env)
@@ -233,7 +231,9 @@ def main(argv=None) -> int:
     try:
         if os.geteuid() != 0:
             raise LabError("the lab needs root (namespaces, mounts, cgroups)")
-        outer = _outer_mount_namespace_pid() if args.cmd in CHANGES_STATE else None
+        # Inside `lab exec`, /sys is remounted for the lab netns (no cgroup tree) and new mounts stay private:
+        # every command but exec itself works from the outer mount namespace.
+        outer = _outer_mount_namespace_pid() if args.cmd != "exec" else None
         if outer:
             os.execvp("nsenter", ["nsenter", "-t", str(outer), "-m", "-n", f"--wd={os.getcwd()}", "--",
                                   sys.executable, "-m", "atomlab", *sys.argv[1:]])

@@ -1,0 +1,93 @@
+"""Test helpers for lab hosts: boot them, run commands inside them, run playbooks against them.
+
+Tests run inside the lab network (`make test` wraps pytest in `tools/lab/lab exec`), so Ansible and ssh
+reach the hosts by name. Hosts are booted per test module with names that start with the module's prefix,
+so modules never touch each other's hosts.
+"""
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+LAB = REPO / "tools" / "lab" / "lab"
+VENV_BIN = REPO / ".venv" / "bin"
+RECAP = re.compile(r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+unreachable=(?P<unreachable>\d+)"
+                   r"\s+failed=(?P<failed>\d+)\s+skipped=(?P<skipped>\d+)\s+rescued=(?P<rescued>\d+)")
+
+
+def in_lab_network() -> bool:
+    return bool(os.environ.get("ATOM_LAB_ROOT_PID"))
+
+
+def lab(*args: str, check=True, timeout=600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(LAB), *args], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lab {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+class PlaybookResult:
+    def __init__(self, proc: subprocess.CompletedProcess):
+        self.returncode = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+        self.recap = {m["host"]: {k: int(v) for k, v in m.groupdict().items() if k != "host"}
+                      for m in map(RECAP.match, proc.stdout.splitlines()) if m}
+
+    def changed(self) -> int:
+        return sum(host["changed"] for host in self.recap.values())
+
+    def __repr__(self):
+        return f"PlaybookResult(rc={self.returncode}, recap={self.recap})\n{self.stdout[-3000:]}\n{self.stderr[-2000:]}"
+
+
+class LabHosts:
+    """A set of booted lab hosts described by an Ansible YAML inventory."""
+
+    def __init__(self, inventory: dict, workdir: Path):
+        self.source = workdir / "inventory-source.yml"
+        self.inventory = workdir / "inventory.yml"
+        self.source.write_text(yaml.safe_dump(inventory, sort_keys=False))
+        self.names = sorted(_host_names(inventory["all"]))
+
+    def up(self) -> "LabHosts":
+        # Not a skip: a lab test that cannot reach its hosts has failed, and says how to run it.
+        assert in_lab_network(), "lab tests run inside the lab network: tools/lab/lab exec -- pytest ..."
+        lab("up", "--inventory", str(self.source), "--out", str(self.inventory))
+        return self
+
+    def down(self) -> None:
+        lab("down", *self.names, check=False)
+
+    def run(self, host: str, command: str, check=True, timeout=120) -> subprocess.CompletedProcess:
+        """Run a shell command inside `host` (as root, via nsenter: no ssh involved)."""
+        proc = subprocess.run([str(LAB), "run", host, "--", "sh", "-c", command],
+                              capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{host}: `{command}` exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def poweroff(self, host: str) -> None:
+        lab("poweroff", host)
+
+    def boot(self, host: str) -> None:
+        lab("boot", host)
+
+    def playbook(self, playbook: str, *extra: str, extra_vars: dict | None = None, timeout=900) -> PlaybookResult:
+        args = [str(VENV_BIN / "ansible-playbook"), "-i", str(self.inventory), str(REPO / playbook), *extra]
+        if extra_vars:
+            args += ["-e", yaml.safe_dump(extra_vars, default_flow_style=True).strip()]
+        env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0",
+               "ANSIBLE_NOCOLOR": "1"}
+        return PlaybookResult(subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env))
+
+
+def _host_names(group: dict | None) -> set[str]:
+    group = group or {}
+    names = set((group.get("hosts") or {}).keys())
+    for child in (group.get("children") or {}).values():
+        names |= _host_names(child)
+    return names
