@@ -23,7 +23,7 @@ def in_lab_network() -> bool:
 
 
 def lab(*args: str, check=True, timeout=600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(LAB), *args], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([str(LAB), *args], capture_output=True, text=True, timeout=timeout, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"lab {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc
@@ -65,7 +65,7 @@ class LabHosts:
     def run(self, host: str, command: str, check=True, timeout=120) -> subprocess.CompletedProcess:
         """Run a shell command inside `host` (as root, via nsenter: no ssh involved)."""
         proc = subprocess.run([str(LAB), "run", host, "--", "sh", "-c", command],
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, check=False)
         if check and proc.returncode != 0:
             raise AssertionError(f"{host}: `{command}` exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
@@ -82,7 +82,8 @@ class LabHosts:
             args += ["-e", yaml.safe_dump(extra_vars, default_flow_style=True).strip()]
         env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0",
                "ANSIBLE_NOCOLOR": "1"}
-        return PlaybookResult(subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env))
+        return PlaybookResult(subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
+                                           check=False))
 
 
 def _host_names(group: dict | None) -> set[str]:

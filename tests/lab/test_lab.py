@@ -4,7 +4,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from labhosts import LAB, LabHosts, lab
 
 STATE = Path("/var/lib/atom-lab")
@@ -35,21 +34,21 @@ def test_hosts_reach_each_other_by_name_and_ssh_works(hosts):
     key = STATE / "ssh" / "id_ed25519"
     out = subprocess.run(["ssh", "-i", str(key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                           "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "root@t-lab-b", "hostname"],
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=30, check=False)
     assert out.stdout.strip() == "t-lab-b", out.stderr
 
 
 def test_no_route_out_of_the_machine(hosts):
     # Routing decisions only: no packet is sent anywhere.
-    lab_routes = subprocess.run(["ip", "-j", "route", "show"], capture_output=True, text=True).stdout
+    lab_routes = subprocess.run(["ip", "-j", "route", "show"], capture_output=True, text=True, check=False).stdout
     assert all(r["dst"] != "default" for r in json.loads(lab_routes)), lab_routes
-    outside = subprocess.run(["ip", "route", "get", "192.0.2.1"], capture_output=True, text=True)
+    outside = subprocess.run(["ip", "route", "get", "192.0.2.1"], capture_output=True, text=True, check=False)
     assert outside.returncode != 0 and "unreachable" in outside.stderr.lower()
 
 
 def test_root_namespace_cannot_reach_the_lab_subnet():
     root_ns = subprocess.run(["nsenter", "-t", _outer_pid(), "-n", "ip", "route", "get", "10.231.0.10"],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, check=False)
     assert root_ns.returncode != 0, root_ns.stdout
 
 
@@ -92,7 +91,7 @@ def test_down_removes_host_namespace_mount_and_cgroup(tmp_path):
 
 
 def test_lab_errors_are_one_line_without_traceback():
-    proc = subprocess.run([str(LAB), "run", "t-lab-missing", "--", "true"], capture_output=True, text=True)
+    proc = subprocess.run([str(LAB), "run", "t-lab-missing", "--", "true"], capture_output=True, text=True, check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "lab: error: host t-lab-missing is not running (lab status lists the hosts)"
 

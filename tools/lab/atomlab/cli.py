@@ -32,7 +32,7 @@ def _outer_mount_namespace_pid() -> int | None:
 
 def _lock():
     paths.STATE.mkdir(parents=True, exist_ok=True)
-    handle = open(paths.STATE / "lock", "w")
+    handle = open(paths.STATE / "lock", "w")  # noqa: SIM115 - returned to the caller's `with`
     fcntl.flock(handle, fcntl.LOCK_EX)
     return handle
 
@@ -60,7 +60,8 @@ def cmd_up(args) -> int:
     elif args.hosts:
         inv, source_label = inventory.generated(args.hosts), f"--hosts {args.hosts}"
     else:
-        inv, source_label = inventory.load(paths.DEFAULT_INVENTORY), str(paths.DEFAULT_INVENTORY.relative_to(paths.REPO))
+        inv = inventory.load(paths.DEFAULT_INVENTORY)
+        source_label = str(paths.DEFAULT_INVENTORY.relative_to(paths.REPO))
     names = inventory.host_names(inv)
     started = time.monotonic()
     _ensure_ssh_key()
@@ -202,7 +203,8 @@ def parser() -> argparse.ArgumentParser:
     which = up.add_mutually_exclusive_group()
     which.add_argument("--hosts", type=int, metavar="N", help="boot lab1..labN (lab1: job server and web)")
     which.add_argument("--inventory", metavar="FILE", help="boot every host this inventory names")
-    up.add_argument("--out", metavar="FILE", help=f"inventory to write (default {paths.DEFAULT_OUT.relative_to(paths.REPO)})")
+    up.add_argument("--out", metavar="FILE",
+                    help=f"inventory to write (default {paths.DEFAULT_OUT.relative_to(paths.REPO)})")
     up.set_defaults(func=cmd_up)
     down = sub.add_parser("down", help="remove hosts (all by default): processes, disks, namespaces, cgroups")
     down.add_argument("names", nargs="*")

@@ -1,4 +1,5 @@
 """Booting, finding, powering off and removing lab hosts: systemd-nspawn on an overlay of the golden image."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -68,10 +69,8 @@ def _empty_cgroups(name: str) -> None:
         if not pids:
             break
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         time.sleep(0.1)
     for group in _cgroups(name):
         if group.exists():
@@ -143,7 +142,7 @@ def start(name: str) -> None:
     for group in groups:
         group.mkdir(parents=True, exist_ok=True)
     base = paths.host_dir(name)
-    log = open(base / "console.log", "ab")
+    log = open(base / "console.log", "ab")  # noqa: SIM115 - nspawn writes to it for the host's whole life
 
     def enter_own_cgroup():
         for group in groups:
@@ -151,9 +150,11 @@ def start(name: str) -> None:
 
     cmd = ["systemd-nspawn", "-b", "-D", str(_merged(name)), "--register=no", "--keep-unit", "-M", name,
            "--console=passive", "--resolv-conf=off", "--timezone=off", "--link-journal=no",
+           # nftables on the job server: the host has its own network namespace, so this is its own.
+           "--capability=CAP_NET_ADMIN",
            f"--network-namespace-path=/run/netns/{paths.host_netns(name)}"]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                            start_new_session=True, preexec_fn=enter_own_cgroup)
+                            start_new_session=True, preexec_fn=enter_own_cgroup)  # noqa: PLW1509 - no threads here
     (base / "nspawn.pid").write_text(str(proc.pid))
 
 
@@ -168,7 +169,7 @@ def wait_booted(name: str, timeout: float = BOOT_TIMEOUT) -> str:
         pid = init_pid(name)
         if pid:
             proc = subprocess.run(["nsenter", "-t", str(pid), "-a", "systemctl", "is-system-running"],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, check=False)
             state = proc.stdout.strip() or proc.stderr.strip()
             if state in ("running", "degraded"):
                 return state

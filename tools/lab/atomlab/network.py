@@ -82,7 +82,11 @@ def plug(name: str) -> str:
     run(["ip", "-n", paths.LAB_NETNS, "link", "del", outer], check=False, quiet=True)
     run(["ip", "netns", "add", ns])
     run(["ip", "-n", ns, "link", "set", "lo", "up"])
-    run(["ip", "-n", paths.LAB_NETNS, "link", "add", outer, "type", "veth", "peer", "name", "eth0", "netns", ns])
+    # The MAC follows from the address: a host re-created at the same address has the same MAC, so no
+    # neighbour cache (the bridge's or another host's) ever holds a stale entry for it.
+    mac = f"02:00:0a:e7:00:{int(octet):02x}"
+    run(["ip", "-n", paths.LAB_NETNS, "link", "add", outer, "type", "veth", "peer", "name", "eth0",
+         "address", mac, "netns", ns])
     run(["ip", "-n", paths.LAB_NETNS, "link", "set", outer, "master", paths.BRIDGE, "up"])
     run(["ip", "-n", ns, "addr", "add", address + "/24", "dev", "eth0"])
     run(["ip", "-n", ns, "link", "set", "eth0", "up"])

@@ -9,7 +9,7 @@ class LabError(Exception):
 
 def run(args, check=True, capture=False, input_text=None, quiet=False):
     """Run args; raise LabError naming the command and its stderr on failure."""
-    proc = subprocess.run(
+    proc = subprocess.run(  # noqa: PLW1510 - the return code is checked below, with the message
         args,
         input=input_text,
         text=True,
