@@ -1,0 +1,327 @@
+"""Filters of the atom_worker role: the host's model of AtoM sites, pools and units.
+
+Plain Python (stdlib only). The role feeds its variables in, gets back one normalised model, asserts
+the model in tasks/preflight.yml, renders templates/ from it and writes /etc/atom-worker/sites.json.
+The filters never raise on bad input: they keep what they cannot normalise so that the preflight
+asserts can name the variable and what is allowed.
+"""
+
+import hashlib
+import ipaddress
+
+UMBRELLA_TARGET = "atom-workers.target"
+DEFAULT_SITE = "default"
+DEFAULT_POOL = "default"
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+ANY_ADDRESSES = ("", "0.0.0.0", "::", "*")
+
+
+def _int(value):
+    """An int when the value is one (or a string of one), else the value unchanged."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return value
+    return value
+
+
+def _names(value):
+    """A list of names from a list or a comma-separated string; anything else is kept as it is."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, (list, tuple)):
+        return [str(part).strip() for part in value]
+    return value
+
+
+def unit_prefix(site, pool):
+    """`atom-worker` for the default pool of the default site, else `atom-worker-<site>-<pool>`."""
+    if site == DEFAULT_SITE and pool == DEFAULT_POOL:
+        return "atom-worker"
+    return f"atom-worker-{site}-{pool}"
+
+
+def site_target(site):
+    """The target grouping a site's units: the umbrella target for the default site."""
+    if site == DEFAULT_SITE:
+        return UMBRELLA_TARGET
+    return f"atom-workers-{site}.target"
+
+
+def is_loopback(address):
+    address = str(address).strip().strip("[]")
+    if address.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_port(address, port):
+    address = str(address)
+    if ":" in address and not address.startswith("["):
+        address = f"[{address}]"  # IPv6 literal
+    return f"{address}:{port}"
+
+
+def atom_worker_gearman_servers(hostvars, group_hosts, inventory_hostname):
+    """`host:port` of every job server in the group, as this worker host must reach it.
+
+    A job server on this very host that listens on loopback or on every address is reached at
+    127.0.0.1 (not `localhost`: gearmand may miss ::1). Another host listening on every address is
+    reached at its inventory address (`ansible_host`, else its name). Loopback on another host is
+    kept as it is and refused by the preflight.
+    """
+    servers = []
+    for host in group_hosts or []:
+        hv = hostvars[host]
+        listen = str(
+            hv.get("gearman_job_server_listen_address", "127.0.0.1") or ""
+        ).strip()
+        port = hv.get("gearman_job_server_port", 4730)
+        if host == inventory_hostname and (
+            listen in ANY_ADDRESSES or is_loopback(listen)
+        ):
+            address = "127.0.0.1"
+        elif listen in ANY_ADDRESSES:
+            address = hv.get("ansible_host", host)
+        else:
+            address = listen
+        servers.append(_host_port(address, port))
+    return servers
+
+
+def atom_worker_prefix(realpath, workers_key):
+    """AtoM's function-name prefix: md5(realpath(root) . workers_key)."""
+    data = ("{}{}".format(realpath, workers_key or "")).encode("utf-8")
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _pool(raw, index, site, cfg, var):
+    raw = raw if isinstance(raw, dict) else {"name": raw}
+    name = raw.get("name", DEFAULT_POOL if index == 0 else None)
+    is_default = name == DEFAULT_POOL
+    instances_default = cfg.get("instances", 1) if is_default else 1
+    pool = {
+        "name": name,
+        "var": var,
+        "instances": _int(raw.get("instances", instances_default)),
+        "types": _names(raw.get("types", cfg.get("types", []) if is_default else [])),
+        "abilities": _names(
+            raw.get("abilities", cfg.get("abilities", []) if is_default else [])
+        ),
+        "max_job_count": _int(
+            raw.get("max_job_count", cfg.get("max_job_count", 0) if is_default else 0)
+        ),
+        "max_mem_usage": _int(
+            raw.get("max_mem_usage", cfg.get("max_mem_usage", 0) if is_default else 0)
+        ),
+        "unknown_keys": sorted(
+            set(raw)
+            - {
+                "name",
+                "instances",
+                "types",
+                "abilities",
+                "max_job_count",
+                "max_mem_usage",
+            }
+        ),
+    }
+    pool["recycle"] = bool(
+        (isinstance(pool["max_job_count"], int) and pool["max_job_count"] > 0)
+        or (isinstance(pool["max_mem_usage"], int) and pool["max_mem_usage"] > 0)
+    )
+    valid_name = isinstance(name, str) and isinstance(site["name"], str)
+    prefix = unit_prefix(site["name"], name) if valid_name else None
+    instances = pool["instances"] if isinstance(pool["instances"], int) else 0
+    pool.update(
+        {
+            "site": site["name"],
+            "pool": name,
+            "unit_prefix": prefix,
+            "unit_template": f"{prefix}@.service" if prefix else None,
+            "units": [f"{prefix}@{n}.service" for n in range(1, instances + 1)]
+            if prefix
+            else [],
+            "unit_glob": f"{prefix}@*.service" if prefix else None,
+            "root": site["root"],
+            "user": site["user"],
+            "group": site["group"],
+            "target": site["target"],
+        }
+    )
+    return pool
+
+
+def atom_worker_model(cfg):
+    """Normalise the role's variables (given as one dict, keys without the `atom_worker_` prefix).
+
+    Returns {"sites": [...], "pools": [...], "targets": [...]}; every pool carries what its unit
+    template needs (see templates/README.md, context `unit`).
+    """
+    raw_sites = cfg.get("sites") or []
+    if not raw_sites:
+        raw_sites = [
+            {
+                "name": DEFAULT_SITE,
+                "root": cfg.get("root"),
+                "workers_key": cfg.get("workers_key", ""),
+                "pools": [{"name": DEFAULT_POOL}] + list(cfg.get("pools") or []),
+                "_var": "atom_worker_root",
+                "_pools_var": "atom_worker_pools",
+            }
+        ]
+    sites, pools = [], []
+    for s_index, given in enumerate(raw_sites):
+        raw = given if isinstance(given, dict) else {"name": given}
+        var = raw.get("_var", f"atom_worker_sites[{s_index}]")
+        name = raw.get("name")
+        root = raw.get("root", cfg.get("root"))
+        site = {
+            "name": name,
+            "var": var,
+            "root": str(root).rstrip("/") or "/" if isinstance(root, str) else root,
+            "workers_key": ""
+            if raw.get("workers_key") is None
+            else raw.get("workers_key", ""),
+            "user": raw.get("user", cfg.get("user", "www-data")),
+            "group": raw.get("group", cfg.get("group", "www-data")),
+            "gearman_servers": list(
+                raw.get("gearman_servers") or cfg.get("gearman_servers") or []
+            ),
+            "target": site_target(name) if isinstance(name, str) else None,
+            "unknown_keys": sorted(
+                set(raw)
+                - {
+                    "name",
+                    "root",
+                    "workers_key",
+                    "user",
+                    "group",
+                    "gearman_servers",
+                    "pools",
+                    "_var",
+                    "_pools_var",
+                }
+            ),
+        }
+        raw_pools = raw.get("pools") or [{"name": DEFAULT_POOL}]
+        pools_var = raw.get("_pools_var")
+        site_pools = []
+        for p_index, raw_pool in enumerate(raw_pools):
+            if pools_var:
+                # Simple mode: the default pool comes from atom_worker_instances & co, the others
+                # from atom_worker_pools (shifted by one).
+                p_var = (
+                    "atom_worker_instances"
+                    if p_index == 0
+                    else f"{pools_var}[{p_index - 1}]"
+                )
+            else:
+                p_var = f"{var}.pools[{p_index}]"
+            pool = _pool(raw_pool, p_index, site, cfg, p_var)
+            site_pools.append(pool)
+        site["pools"] = [p["name"] for p in site_pools]
+        sites.append(site)
+        pools.extend(site_pools)
+    targets = [
+        {
+            "name": UMBRELLA_TARGET,
+            "description": "AtoM workers (every site on this host)",
+            "part_of": "",
+            "wanted_by": "multi-user.target",
+        }
+    ]
+    for site in sites:
+        if site["target"] and site["target"] != UMBRELLA_TARGET:
+            targets.append(
+                {
+                    "name": site["target"],
+                    "description": "AtoM workers of site {}".format(site["name"]),
+                    "part_of": UMBRELLA_TARGET,
+                    "wanted_by": UMBRELLA_TARGET,
+                }
+            )
+    return {"sites": sites, "pools": pools, "targets": targets}
+
+
+def atom_worker_units(pools, common):
+    """Each pool merged with the settings all units share (restart policy, hardening, ...)."""
+    out = []
+    for pool in pools:
+        unit = dict(common)
+        unit.update(pool)
+        rw = [
+            d if str(d).startswith("/") else "{}/{}".format(pool["root"], d)
+            for d in common.get("read_write_dirs", [])
+        ]
+        unit["read_write_paths"] = [f"-{p}" for p in rw]
+        home = str(pool["root"]).startswith(("/home/", "/root/", "/run/user/"))
+        unit["protect_home"] = "read-only" if home else "yes"
+        out.append(unit)
+    return out
+
+
+def atom_worker_state(model, realpaths, units, meta):
+    """The document written to /etc/atom-worker/sites.json (schema: roles/atom_worker/README.md)."""
+    by_site = {}
+    for unit in units:
+        by_site.setdefault(unit["site"], []).append(
+            {
+                "name": unit["name"],
+                "unit_template": unit["unit_template"],
+                "units": list(unit["units"]),
+                "instances": unit["instances"],
+                "types": list(unit["types"]),
+                "abilities": list(unit["abilities"]),
+                "max_job_count": unit["max_job_count"],
+                "max_mem_usage": unit["max_mem_usage"],
+                "recycling": bool(unit["recycle"]),
+            }
+        )
+    sites = []
+    for site in model["sites"]:
+        realpath = realpaths.get(site["name"]) or site["root"]
+        sites.append(
+            {
+                "name": site["name"],
+                "root": site["root"],
+                "realpath": realpath,
+                "workers_key": site["workers_key"],
+                "prefix": atom_worker_prefix(realpath, site["workers_key"]),
+                "gearman_servers": list(site["gearman_servers"]),
+                "target": site["target"],
+                "user": site["user"],
+                "group": site["group"],
+                "pools": by_site.get(site["name"], []),
+            }
+        )
+    return {
+        "schema": meta.get("schema", 1),
+        "manager": meta.get("manager", "systemd"),
+        "target": UMBRELLA_TARGET,
+        "unit_dir": meta.get("unit_dir", "/etc/systemd/system"),
+        "recycle_helper": meta.get("recycle_helper"),
+        "sites": sites,
+    }
+
+
+class FilterModule:
+    def filters(self):
+        return {
+            "atom_worker_model": atom_worker_model,
+            "atom_worker_units": atom_worker_units,
+            "atom_worker_state": atom_worker_state,
+            "atom_worker_gearman_servers": atom_worker_gearman_servers,
+            "atom_worker_prefix": atom_worker_prefix,
+            "atom_worker_is_loopback": is_loopback,
+        }

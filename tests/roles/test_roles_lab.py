@@ -1,0 +1,299 @@
+"""The roles on real systemd: a job server, a worker host with the AtoM stand-in, and an outsider.
+
+Run inside the lab network: tools/lab/lab exec -- .venv/bin/pytest tests/roles
+The tests share the hosts and run in file order; each one leaves the hosts converged to the defaults
+(plus what it says).
+"""
+
+import hashlib
+
+import pytest
+from conftest import ATOM_ROOT
+
+pytestmark = pytest.mark.timeout(900)
+
+GM, W1, OUT = "r-gm", "r-w1", "r-out"
+INVENTORY = {
+    "all": {
+        "children": {
+            "gearman_job_servers": {
+                "hosts": {
+                    GM: {"gearman_job_server_listen_address": "{{ ansible_host }}"}
+                }
+            },
+            "atom_workers": {"hosts": {W1: None}},
+            "atom_standin": {"children": {"atom_workers": None}},
+            "outsiders": {"hosts": {OUT: None}},
+        }
+    }
+}
+PREFIX = hashlib.md5(ATOM_ROOT.encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def lab(make_lab):
+    lab = make_lab(INVENTORY)
+    lab.converge()
+    return lab
+
+
+def gm_address(lab):
+    return lab.run(GM, "hostname -I").stdout.split()[0]
+
+
+def can_connect(lab, host, address, port=4730):
+    code = (
+        f"import socket; s=socket.socket(); s.settimeout(3); "
+        f"print(s.connect_ex(('{address}', {port})))"
+    )
+    return lab.run(host, f'python3 -c "{code}"').stdout.strip() == "0"
+
+
+def snapshot(lab, host):
+    """Checksums of everything the roles write on a host, and the workers' PIDs."""
+    return lab.run(
+        host,
+        "md5sum /etc/systemd/system/atom-worker* /etc/systemd/system/atom-workers* "
+        "/etc/atom-worker/sites.json /etc/default/gearman-job-server "
+        f"{ATOM_ROOT}/config/*.yml 2>/dev/null; "
+        "systemctl show -p MainPID 'atom-worker*@*' 2>/dev/null; true",
+    ).stdout
+
+
+def test_converged_worker_runs_registered_and_processes_a_job(lab):
+    unit = lab.show(
+        W1,
+        "atom-worker@1.service",
+        "ActiveState",
+        "User",
+        "Restart",
+        "RestartUSec",
+        "StartLimitBurst",
+        "StartLimitIntervalUSec",
+        "After",
+        "Wants",
+        "NRestarts",
+    )
+    assert unit["ActiveState"] == "active"
+    assert unit["User"] == "www-data"
+    assert unit["Restart"] == "on-failure"
+    assert unit["RestartUSec"] == "30s"
+    assert unit["StartLimitBurst"] == "3"
+    assert unit["StartLimitIntervalUSec"] == "1d"
+    assert "network-online.target" in unit["After"].split()
+    ids = lab.submit(W1, "arFindingAidJob", 1)
+    lab.wait_for(
+        lambda: (
+            ids[0]
+            in {e["id"] for e in lab.events(W1, "job") if e["status"] == "completed"}
+        ),
+        timeout=30,
+        what="the job to complete",
+    )
+    status = lab.run(GM, f"gearadmin -h {gm_address(lab)} --status").stdout
+    assert f"{PREFIX}-arFindingAidJob" in status
+
+
+def test_second_run_changes_nothing(lab):
+    result = lab.converge()
+    assert result.changed() == 0, result
+
+
+def test_security_exposure_is_at_most_3(lab):
+    out = lab.run(
+        W1, "systemd-analyze security atom-worker@1.service --no-pager | tail -1"
+    ).stdout
+    score = float(out.split("exposure level for atom-worker@1.service:")[1].split()[0])
+    assert score <= 3.0, out
+
+
+def test_allowlist_admits_workers_and_refuses_others(lab):
+    address = gm_address(lab)
+    rules = lab.run(GM, "nft list table inet atom_gearman").stdout
+    assert "tcp dport != 4730 accept" in rules
+    assert can_connect(lab, W1, address)
+    assert not can_connect(lab, OUT, address)
+    # gearmand listens on the inventory address only
+    assert f"{address}:4730" in lab.run(GM, "ss -Hltn sport = :4730").stdout
+
+
+@pytest.mark.parametrize(
+    "extra_vars, needle",
+    [
+        ({"atom_worker_instances": -1}, "atom_worker_instances"),
+        ({"gearman_job_server_port": "abc"}, "gearman_job_server_port"),
+        ({"atom_worker_manager": "runit"}, "atom_worker_manager"),
+        (
+            {"atom_worker_pools": [{"name": "serial", "instances": 1}]},
+            "atom_worker_pools[0]",
+        ),
+    ],
+    ids=["instances-1", "port-abc", "unknown-manager", "pool-without-types"],
+)
+def test_bad_values_fail_before_any_change(lab, extra_vars, needle):
+    before = {h: snapshot(lab, h) for h in (GM, W1)}
+    result = lab.converge(extra_vars, check=False)
+    assert result.returncode != 0
+    assert needle in result.stdout, result
+    assert result.changed() == 0, result
+    assert {h: snapshot(lab, h) for h in (GM, W1)} == before
+
+
+def test_config_change_clears_cache_once_then_restarts_once(lab):
+    lab.converge({"atom_worker_instances": 2})
+    mark = len(lab.record(W1))
+    pids = {
+        u: lab.show(W1, u, "MainPID")["MainPID"]
+        for u in ("atom-worker@1.service", "atom-worker@2.service")
+    }
+    lab.converge({"atom_worker_instances": 2, "atom_worker_workers_key": "site-a"})
+    new = lab.record(W1)[mark:]
+    kinds = [e["event"] for e in new if e["event"] in ("cc", "start")]
+    assert kinds == ["cc", "start", "start"], new
+    for unit, pid in pids.items():
+        assert lab.show(W1, unit, "MainPID")["MainPID"] != pid
+    assert (
+        "workers_key: 'site-a'" in lab.run(W1, f"cat {ATOM_ROOT}/config/app.yml").stdout
+    )
+    key_prefix = hashlib.md5(f"{ATOM_ROOT}site-a".encode()).hexdigest()
+    assert key_prefix in lab.run(W1, "cat /etc/atom-worker/sites.json").stdout
+    again = lab.converge(
+        {"atom_worker_instances": 2, "atom_worker_workers_key": "site-a"}
+    )
+    assert again.changed() == 0, again
+    assert [
+        e for e in lab.record(W1)[mark + len(new) :] if e["event"] in ("cc", "start")
+    ] == []
+    lab.converge()
+
+
+def test_scale_4_2_3_leaves_exactly_those_instances(lab):
+    for n in (4, 2, 3):
+        lab.converge({"atom_worker_instances": n})
+        wanted = [f"atom-worker@{i}.service" for i in range(1, n + 1)]
+        assert lab.units(W1, "atom-worker@*") == wanted
+        assert lab.units(W1, "atom-worker@*", state="active") == wanted
+        assert lab.wanted(W1) == wanted
+    lab.converge()
+    assert lab.units(W1, "atom-worker@*") == ["atom-worker@1.service"]
+
+
+def test_recycling_worker_processes_10_jobs_without_failing(lab):
+    pools = [
+        {"name": "recycle", "instances": 1, "types": ["general"], "max_job_count": 1}
+    ]
+    lab.converge({"atom_worker_instances": 0, "atom_worker_pools": pools})
+    unit = "atom-worker-default-recycle@1.service"
+    started = lab.show(W1, unit, "ExecMainStartTimestampMonotonic", "ActiveState")
+    assert started["ActiveState"] == "active"
+    mark = len(lab.record(W1))
+    ids = lab.submit(W1, "arFindingAidJob", 10)
+    lab.wait_for(
+        lambda: (
+            set(ids)
+            <= {
+                e["id"]
+                for e in lab.events(W1, "job", mark)
+                if e["status"] == "completed"
+            }
+        ),
+        timeout=60,
+        what="10 jobs through a recycling worker",
+    )
+    exits = [e for e in lab.events(W1, "exit", mark) if e["code"] == 111]
+    assert len(exits) >= 9
+    after = lab.show(
+        W1,
+        unit,
+        "ExecMainStartTimestampMonotonic",
+        "ActiveState",
+        "NRestarts",
+        "Result",
+    )
+    assert after["ActiveState"] == "active"
+    assert after["NRestarts"] == "0"
+    assert after["Result"] == "success"
+    assert (
+        after["ExecMainStartTimestampMonotonic"]
+        == started["ExecMainStartTimestampMonotonic"]
+    )
+    lab.converge()
+    assert lab.units(W1, "atom-worker-*") == []
+    assert (
+        lab.run(
+            W1,
+            "ls /etc/systemd/system/atom-worker-default-recycle@.service",
+            check=False,
+        ).returncode
+        != 0
+    )
+
+
+def test_crash_loop_fails_after_exactly_3_starts(lab):
+    unit = "atom-worker@1.service"
+    lab.converge({"atom_worker_restart_sec": 1})
+    lab.control(W1, crash_at_start=1)
+    mark = len(lab.record(W1))
+    try:
+        # A deliberate restart (reset-failed first, as the roles and the CLI do), then the worker crashes
+        # at every start: systemd gives up after StartLimitBurst=3 starts.
+        lab.run(W1, f"systemctl reset-failed {unit}; systemctl restart {unit}")
+        lab.wait_for(
+            lambda: lab.show(W1, unit, "ActiveState")["ActiveState"] == "failed",
+            timeout=60,
+            what="the crash-looping worker to fail",
+        )
+        lab.run(W1, "sleep 3")
+        starts = lab.events(W1, "start", mark)
+        assert len(starts) == 3, starts
+        assert lab.show(W1, unit, "ActiveState")["ActiveState"] == "failed"
+        assert "Start request repeated too quickly" in lab.journal(W1, unit)
+    finally:
+        lab.control(W1)
+    # A converge is a deliberate start too: it resets the failed state and the worker runs again.
+    lab.converge()
+    assert lab.show(W1, unit, "ActiveState")["ActiveState"] == "active"
+
+
+def test_queued_jobs_survive_a_gearmand_restart(lab):
+    address = gm_address(lab)
+    lab.run(W1, "systemctl stop atom-workers.target")
+    assert lab.units(W1, "atom-worker@*", state="active") == []
+    mark = len(lab.record(W1))
+    function = f"{PREFIX}-arFindingAidJob"
+    # Queued straight to gearmand (AtoM's web app would refuse with no worker available).
+    php = (
+        f"<?php $c = new GearmanClient(); $c->addServer('{address}', 4730);\n"
+        f"for ($i = 0; $i < 100; $i++) {{\n"
+        f"  $c->doBackground('{function}', json_encode(['id' => 'q'.$i, 'name' => 'q']));\n"
+        "  if ($c->returnCode() != GEARMAN_SUCCESS) { exit(1); } }\n"
+    )
+    lab.run(W1, f"cat > /tmp/queue100.php <<'EOF'\n{php}EOF\nphp /tmp/queue100.php")
+    assert (
+        f"{function}\t100\t0\t0"
+        in lab.run(GM, f"gearadmin -h {address} --status").stdout
+    )
+    lab.run(GM, "systemctl restart gearman-job-server.service")
+    assert (
+        f"{function}\t100\t0\t0"
+        in lab.run(GM, f"gearadmin -h {address} --status").stdout
+    )
+    lab.run(
+        W1,
+        "systemctl reset-failed 'atom-worker@*'; systemctl start atom-workers.target",
+    )
+    expected = {f"q{i}" for i in range(100)}
+    lab.wait_for(
+        lambda: (
+            expected
+            <= {
+                e["id"]
+                for e in lab.events(W1, "job", mark)
+                if e["status"] == "completed"
+            }
+        ),
+        timeout=120,
+        what="the 100 queued jobs",
+    )
+    done = [e["id"] for e in lab.events(W1, "job", mark) if e["id"] in expected]
+    assert len(done) == 100  # each exactly once
