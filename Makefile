@@ -40,7 +40,7 @@ demo: lab
 	@echo "== converging the lab with site.yml"
 	$(LAB) exec -- $(BIN)/ansible-playbook site.yml
 	@echo "== the workers, a job submitted and completed"
-	$(LAB) exec -- tools/demo-status
+	$(LAB) exec -- $(BIN)/python tools/demo_status.py
 
 lint: venv
 	@echo "== lint: yamllint, ansible-lint (production profile), ruff"
