@@ -76,10 +76,12 @@ class LabHosts:
     def boot(self, host: str) -> None:
         lab("boot", host)
 
-    def playbook(self, playbook: str, *extra: str, extra_vars: dict | None = None, timeout=900) -> PlaybookResult:
+    def playbook(self, playbook: str, *extra: str, extra_vars: dict | None = None, timeout=900,
+                 with_cli=False) -> PlaybookResult:
+        """Run a playbook; site.yml's atom-workerctl install is off unless asked (it builds pystemd each time)."""
         args = [str(VENV_BIN / "ansible-playbook"), "-i", str(self.inventory), str(REPO / playbook), *extra]
-        if extra_vars:
-            args += ["-e", yaml.safe_dump(extra_vars, default_flow_style=True).strip()]
+        extra_vars = {"atom_workerctl_enabled": with_cli, **(extra_vars or {})}
+        args += ["-e", yaml.safe_dump(extra_vars, default_flow_style=True).strip()]
         env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0",
                "ANSIBLE_NOCOLOR": "1"}
         return PlaybookResult(subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,

@@ -50,13 +50,22 @@ def show_workers(inventory: dict, workers: list[str]) -> None:
         section(f"{host}: worker units")
         has_cli = ssh(inventory, host, "command -v atom-workerctl", check=False).returncode == 0
         command = "atom-workerctl status" if has_cli else (
-            "systemctl list-units --all --no-pager --plain 'atom-worker*' 'atom-workers*'")
+            "systemctl list-units --all --no-pager --plain --no-legend 'atom-worker*' 'atom-workers*'")
         print(ssh(inventory, host, command, check=False).stdout.rstrip())
+
+
+def host_address(inventory: dict, host: str) -> str:
+    for group in (inventory["all"].get("children") or {}).values():
+        host_vars = ((group or {}).get("hosts") or {}).get(host)
+        if host_vars and "ansible_host" in host_vars:
+            return host_vars["ansible_host"]
+    return host
 
 
 def show_gearmand(inventory: dict, job_server: str) -> None:
     section(f"{job_server}: gearmand's view (FUNCTION  QUEUED  RUNNING  AVAILABLE WORKERS)")
-    print(ssh(inventory, job_server, "gearadmin --status").stdout.rstrip())
+    # gearmand listens on the host's lab address, not on localhost.
+    print(ssh(inventory, job_server, f"gearadmin -h {host_address(inventory, job_server)} --status").stdout.rstrip())
 
 
 def submit_and_follow(inventory: dict, web: str, workers: list[str]) -> int:

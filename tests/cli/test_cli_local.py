@@ -1,0 +1,430 @@
+"""atom-workerctl on this machine (no systemd here): YAML, AtoM config, the model, the gearman client
+against a real gearmand with real stand-in workers, registration from /proc, the journal parser, and
+the CLI's errors. The commands on real systemd units are in test_cli_lab.py.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "tests"))
+
+import standin  # noqa: E402
+from atom_workerctl import atomconfig, gearman, journal, miniyaml, model, snapshot  # noqa: E402
+from atom_workerctl.backend import UnitState  # noqa: E402
+from atom_workerctl.errors import ConfigError, GearmanError, NoSuchError  # noqa: E402
+
+CLI = [sys.executable, "-m", "atom_workerctl"]
+ENV = {**os.environ, "PYTHONPATH": str(REPO / "tools")}
+
+
+def cli(*args, config=None, timeout=30):
+    cmd = [*CLI, *(["--config", str(config)] if config else []), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, check=False)
+
+
+# -- miniyaml --------------------------------------------------------------------------------------------------
+YAML_CASES = [
+    "all:\n  servers:\n    default: 127.0.0.1:4730\n",
+    "all:\n  servers: {default: '10.0.0.1:4730', b: \"h:1\"}\n  key: ''\n",
+    "a:\n- 1\n- two\n-   - x\n    - y\nb: [1, [2, 3], {c: d}]\n",
+    "a: |\n  line one\n  line two\nb: >-\n  folded\n  text\nc: ~\nd: yes\ne: -12\n",
+    "# comment\n---\nk: 'it''s # not a comment'  # a comment\nm: \"tab\\tand \\u00e9\"\n",
+    "list:\n  - name: a\n    v: 1\n  - name: b\n    v: [x, y]\n",
+    "plain: a multi\n  line scalar\nnext: 1\n",
+]
+
+
+@pytest.mark.parametrize("text", YAML_CASES)
+def test_miniyaml_reads_what_pyyaml_reads(text):
+    assert miniyaml.loads(text) == yaml.safe_load(text)
+
+
+def test_miniyaml_agrees_with_pyyaml_on_the_repository_yaml():
+    files = [f for f in glob.glob(str(REPO / "**" / "*.yml"), recursive=True) if "/.venv/" not in f]
+    compared = 0
+    for path in files:
+        text = Path(path).read_text()
+        try:
+            expected = yaml.safe_load(text)
+            got = miniyaml.loads(text, path)
+        except yaml.YAMLError:
+            continue
+        except miniyaml.YamlError:
+            continue  # refused with a line number (anchors, tags): never a wrong answer
+        if _has_float(expected):
+            continue  # floats stay strings here, as PHP's (string) cast would print them
+        compared += 1
+        assert got == expected, path
+    assert compared > 20
+
+
+def _has_float(value):
+    if isinstance(value, float):
+        return True
+    if isinstance(value, dict):
+        return any(_has_float(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_float(v) for v in value)
+    return False
+
+
+@pytest.mark.parametrize("text, line", [
+    ("a: 1\n b: 2\n", 2), ("a: &x 1\n", 1), ("a: 'open\n", 1), ("a:\n\t- 1\n", 2), ("a: [1, 2\n", 1),
+])
+def test_miniyaml_refuses_with_the_line(text, line):
+    with pytest.raises(miniyaml.YamlError) as err:
+        miniyaml.loads(text, "f.yml")
+    assert err.value.lineno == line
+    assert str(err.value).startswith(f"f.yml:{line}:")
+
+
+# -- AtoM configuration ---------------------------------------------------------------------------------------
+@pytest.fixture()
+def root(tmp_path):
+    return standin.make_root(tmp_path / "atom", servers=[("127.0.0.1", 4730), ("gm2", 4731)], workers_key="k1")
+
+
+def test_site_config_prefix_servers_and_abilities(root):
+    cfg = atomconfig.SiteConfig(str(root))
+    assert cfg.prefix == hashlib.md5((os.path.realpath(root) + "k1").encode()).hexdigest()
+    assert cfg.prefix + "-" == standin.function_prefix(root, "k1")
+    assert cfg.servers == ["127.0.0.1:4730", "gm2:4731"]
+    assert cfg.server_keys["127.0.0.1:4730"] == "default"
+    assert cfg.abilities(["move", "file_import"], []) == ["arObjectMoveJob", "arFileImportJob"]
+    assert cfg.abilities([], ["arFindingAidJob"]) == ["arFindingAidJob"]
+    assert set(cfg.all_classes()) == set(standin.KNOWN_CLASSES)
+
+
+def test_site_config_agrees_with_the_standin(root):
+    """The stand-in's own reader (standin:config) says the same servers and prefix."""
+    out = json.loads(standin.symfony(root, "standin:config", check=True).stdout)
+    cfg = atomconfig.SiteConfig(str(root))
+    assert out["job_prefix"] == cfg.prefix + "-"
+    assert out["servers"] == cfg.servers
+    assert out["workers_key"] == cfg.workers_key
+
+
+def test_symlinked_root_uses_the_real_path(root, tmp_path):
+    link = tmp_path / "current"
+    link.symlink_to(root)
+    cfg = atomconfig.SiteConfig(str(link))
+    assert cfg.realpath == str(root.resolve())
+    assert cfg.prefix == atomconfig.job_prefix(str(root.resolve()), "k1")
+
+
+def test_env_sections_and_php_casts(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "gearman.yml").write_text("all:\n  servers: 'a:1,b'\nworker:\n  servers: c:2\n")
+    (tmp_path / "config" / "app.yml").write_text("all:\n  workers_key: 12\nprod:\n  workers_key: web\n")
+    cfg = atomconfig.SiteConfig(str(tmp_path))
+    assert cfg.servers == ["c:2"]          # the worker environment wins over all
+    assert cfg.workers_key == "12"          # an integer key, as PHP casts it
+
+
+@pytest.mark.parametrize("text", ["all:\n  servers: [\n", "all: {servers: {}}\n", "all:\n  other: 1\n"])
+def test_malformed_gearman_yml_is_a_config_error(tmp_path, text):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "gearman.yml").write_text(text)
+    (tmp_path / "config" / "app.yml").write_text("all:\n  workers_key: ''\n")
+    with pytest.raises(ConfigError) as err:
+        atomconfig.SiteConfig(str(tmp_path))
+    assert "gearman.yml" in str(err.value)
+
+
+# -- the host model -------------------------------------------------------------------------------------------
+def sites_json(tmp_path, root="/usr/share/nginx/atom", servers=("127.0.0.1:4730",), pools=None):
+    pools = pools or [{"name": "default", "unit_template": "atom-worker@.service", "instances": 2,
+                       "units": ["atom-worker@1.service", "atom-worker@2.service"], "types": [], "abilities": []},
+                      {"name": "serial", "unit_template": "atom-worker-default-serial@.service", "instances": 1,
+                       "units": ["atom-worker-default-serial@1.service"], "types": ["move"], "abilities": []}]
+    data = {"schema": 1, "manager": "systemd", "target": "atom-workers.target", "sites": [{
+        "name": "default", "root": str(root), "realpath": os.path.realpath(root), "workers_key": "",
+        "prefix": atomconfig.job_prefix(os.path.realpath(root), ""),
+        "gearman_servers": list(servers), "target": "atom-workers.target", "user": "www-data", "group": "www-data",
+        "pools": pools}]}
+    path = tmp_path / "sites.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_model_selection(tmp_path):
+    host = model.load(str(sites_json(tmp_path)))
+    assert host.expected_units() == ["atom-worker@1.service", "atom-worker@2.service",
+                                     "atom-worker-default-serial@1.service"]
+    assert model.select(host, []).units == host.expected_units()
+    assert model.select(host, ["2"]).units == ["atom-worker@2.service"]
+    assert model.select(host, ["atom-worker-default-serial@1"]).units == ["atom-worker-default-serial@1.service"]
+    assert model.select(host, ["atom-worker@*"]).units == ["atom-worker@1.service", "atom-worker@2.service"]
+    assert model.select(host, [], pool="serial").units == ["atom-worker-default-serial@1.service"]
+    assert model.select(host, ["1"], pool="serial").units == ["atom-worker-default-serial@1.service"]
+    assert host.pool_of("atom-worker@7.service").name == "default"
+    for bad in (["nginx"], ["atom-worker-other-x@1"], ["zz*"]):
+        with pytest.raises(NoSuchError):
+            model.select(host, bad)
+    with pytest.raises(NoSuchError):
+        model.select(host, [], site="nope")
+
+
+@pytest.mark.parametrize("text, words", [
+    ("{", "malformed JSON"), ("[]", "not an object"), ('{"schema": 9, "sites": []}', "schema 9"),
+    ('{"sites": [{"name": "x"}]}', "root"), ('{"sites": [{"name": "x", "root": "/r", "pools": [{}]}]}', "name"),
+])
+def test_malformed_sites_json(tmp_path, text, words):
+    path = tmp_path / "sites.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        model.load(str(path))
+    assert words in str(err.value)
+
+
+# -- the gearman admin client against a real gearmand ---------------------------------------------------------
+@pytest.fixture()
+def gearmand():
+    with standin.Gearmand() as server:
+        yield server
+
+
+def test_gearman_status_and_workers_with_real_workers(gearmand, tmp_path):
+    root = standin.make_root(tmp_path / "atom", servers=[gearmand.server])
+    worker = standin.start_worker(root, "--types=general,move")
+    try:
+        worker.wait_for_message("Running worker")
+        prefix = standin.function_prefix(root)
+        standin.wait_until(lambda: gearmand_status_has(gearmand, prefix + "arObjectMoveJob"))
+        view = gearman.query(f"127.0.0.1:{gearmand.port}")
+        assert view.reachable, view.error
+        assert view.functions[prefix + "arFindingAidJob"].available == 1
+        local = view.local_workers()
+        assert len(local) == 1 and set(local[0].functions) == {prefix + "arFindingAidJob", prefix + "arObjectMoveJob"}
+        assert local[0].ip == "127.0.0.1"
+    finally:
+        worker.stop()
+
+
+def gearmand_status_has(server, function):
+    return standin.gearman_status(*server.server).get(function, (0, 0, 0))[2] > 0
+
+
+def test_gearman_errors_are_clear():
+    port = standin.free_port()
+    view = gearman.query(f"127.0.0.1:{port}")
+    assert not view.reachable and "connection refused" in view.error
+    with pytest.raises(GearmanError) as err:
+        gearman.GearmanAdmin("nohost.invalid:4730").connect()
+    assert "cannot resolve" in str(err.value)
+    with pytest.raises(GearmanError):
+        gearman.GearmanAdmin("a:b")
+
+
+def test_gearman_read_timeout_and_refusal():
+    import socket
+    import threading
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    port = silent.getsockname()[1]
+    view = gearman.query(f"127.0.0.1:{port}", read_timeout=0.3)
+    assert "within 0.3 s" in view.error
+    silent.close()
+
+    refusing = socket.socket()
+    refusing.bind(("127.0.0.1", 0))
+    refusing.listen()
+
+    def answer():
+        conn, _ = refusing.accept()
+        conn.recv(100)
+        conn.sendall(b"ERR UNKNOWN_COMMAND Unknown+server+command\n")
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    view = gearman.query(f"127.0.0.1:{refusing.getsockname()[1]}")
+    assert "refused `status`" in view.error
+    refusing.close()
+
+
+# -- registration: real workers, their sockets in /proc, gearmand's lines -------------------------------------
+class FakeBackend:
+    def __init__(self, states):
+        self.states = states
+
+    def units(self, names, glob):
+        return {n: self.states[n] for n in list(names) + [u for u in self.states if glob and u not in names]}
+
+    def pids(self, state):
+        from atom_workerctl.backend import _process_tree
+
+        return _process_tree(state.main_pid) if state.main_pid else []
+
+
+def test_registration_from_proc_and_gearmand(gearmand, tmp_path):
+    root = standin.make_root(tmp_path / "atom", servers=[gearmand.server])
+    config = sites_json(tmp_path, root=root, servers=[f"127.0.0.1:{gearmand.port}"])
+    host = model.load(str(config))
+    prefix = standin.function_prefix(root)
+    w1 = standin.start_worker(root)
+    w2 = standin.start_worker(root, "--types=move")
+    try:
+        for w in (w1, w2):
+            w.wait_for_message("Running worker")
+        standin.wait_until(lambda: gearmand_status_has(gearmand, prefix + "arFindingAidJob")
+                           and gearmand_status_has(gearmand, prefix + "arObjectMoveJob"))
+        states = {
+            "atom-worker@1.service": UnitState("atom-worker@1.service", load_state="loaded", active_state="active",
+                                               sub_state="running", main_pid=w1.pid, since_usec=1),
+            "atom-worker@2.service": UnitState("atom-worker@2.service", load_state="loaded", active_state="inactive",
+                                               sub_state="dead"),
+            "atom-worker-default-serial@1.service": UnitState(
+                "atom-worker-default-serial@1.service", load_state="loaded", active_state="active",
+                sub_state="running", main_pid=w2.pid, since_usec=2),
+        }
+        snap = standin.wait_until(lambda: _registered(snapshot.take(host, FakeBackend(states))), timeout=10)
+        one = snap.instances["atom-worker@1.service"]
+        assert one.connected == [f"127.0.0.1:{gearmand.port}"]
+        assert snap.instances["atom-worker@2.service"].registered is False
+        serial = snap.instances["atom-worker-default-serial@1.service"]
+        assert serial.registered is True
+        # The workers_key changes: the running workers now hold the old prefix, which nobody expects.
+        standin.set_workers_key(root, "changed")
+        snap = snapshot.take(host, FakeBackend(states))
+        assert snap.instances["atom-worker@1.service"].registered is False
+        from atom_workerctl import cmd_doctor
+
+        codes = {f.code for f in cmd_doctor.diagnose(snap)}
+        assert {"prefix_mismatch", "no_worker_for_job"} <= codes
+        mismatch = next(f for f in cmd_doctor.diagnose(snap) if f.code == "prefix_mismatch")
+        assert any("workers_key" in e for e in mismatch.evidence)
+        assert "atom-workerctl restart --rolling --site default" in mismatch.fix
+    finally:
+        w1.stop()
+        w2.stop()
+
+
+def _registered(snap):
+    insts = snap.instances
+    ok = insts["atom-worker@1.service"].registered and insts["atom-worker-default-serial@1.service"].registered
+    return snap if ok else None
+
+
+def test_doctor_names_an_unreachable_gearmand(tmp_path):
+    port = standin.free_port()
+    root = standin.make_root(tmp_path / "atom", servers=[("127.0.0.1", port)])
+    host = model.load(str(sites_json(tmp_path, root=root, servers=[f"127.0.0.1:{port}"])))
+    states = {u: UnitState(u, load_state="loaded", active_state="active", sub_state="running", main_pid=os.getpid())
+              for u in host.expected_units()}
+    from atom_workerctl import cmd_doctor
+
+    findings = cmd_doctor.diagnose(snapshot.take(host, FakeBackend(states)))
+    assert findings[0].code == "gearmand_unreachable"
+    assert "config/gearman.yml all.servers.default" in findings[0].evidence[0]
+    assert findings[0].fix[0].startswith("systemctl start gearman-job-server")
+
+
+# -- start limit ---------------------------------------------------------------------------------------------
+def _state(**kw):
+    base = dict(load_state="loaded", active_state="failed", sub_state="failed", result="exit-code", n_restarts=3,
+                start_limit_burst=3, start_limit_interval_usec=86400 * 10**6, restart="on-failure",
+                exit_code="exited", exit_status=1)
+    base.update(kw)
+    return UnitState("atom-worker@1.service", **base)
+
+
+def test_start_limit_detection():
+    assert _state().start_limit()[0]                                  # systemd 252: Result stays exit-code
+    assert _state(result="start-limit-hit", n_restarts=0).start_limit()[0]
+    assert not _state(restart="no").start_limit()[0]                  # no restart was due
+    assert not _state(start_limit_burst=0).start_limit()[0]           # limit off
+    assert not _state(restart_prevent=(1,)).start_limit()[0]          # RestartPreventExitStatus=1
+    assert not _state(active_state="activating", sub_state="auto-restart", n_restarts=1).start_limit()[0]
+    assert _state(active_state="activating", sub_state="auto-restart", n_restarts=1).crash_looping()
+    assert not _state(active_state="active", sub_state="running", result="success", n_restarts=0).crash_looping()
+
+
+# -- journal ----------------------------------------------------------------------------------------------------
+def test_journal_lines_are_tagged():
+    units = {"atom-worker@1.service"}
+    own = json.dumps({"_SYSTEMD_UNIT": "atom-worker@1.service", "MESSAGE": "PID 7", "__REALTIME_TIMESTAMP": "5",
+                      "_PID": "7", "PRIORITY": "6"})
+    about = json.dumps({"_SYSTEMD_UNIT": "init.scope", "UNIT": "atom-worker@1.service",
+                        "MESSAGE": "atom-worker@1.service: Start request repeated too quickly.",
+                        "__REALTIME_TIMESTAMP": "6"})
+    raw = json.dumps({"_SYSTEMD_UNIT": "atom-worker@1.service", "MESSAGE": [104, 105, 255],
+                      "__REALTIME_TIMESTAMP": "7"})
+    other = json.dumps({"_SYSTEMD_UNIT": "cron.service", "MESSAGE": "x", "__REALTIME_TIMESTAMP": "8"})
+    a, b, c = (journal.parse_line(x, units) for x in (own, about, raw))
+    assert (a.instance, a.source, a.pid, a.message) == ("atom-worker@1", "worker", 7, "PID 7")
+    assert (b.instance, b.source) == ("atom-worker@1", "systemd")
+    assert c.message == "hi\ufffd"
+    assert journal.parse_line(other, units) is None
+    assert journal.parse_line("not json", units) is None
+    assert a.as_dict()["time"] == "1970-01-01T00:00:00.000005Z"
+    cmd = journal.command(["atom-worker@1.service"], lines=5, follow=True)
+    assert cmd[:3] == ["journalctl", "-o", "json"] and "-f" in cmd and cmd[-2:] == ["-u", "atom-worker@1.service"]
+
+
+# -- the command line ----------------------------------------------------------------------------------------
+def test_help_lists_commands_and_examples():
+    out = cli("--help").stdout
+    for word in ("status", "reset", "restart", "scale", "logs", "doctor", "completion", "examples:", "exit codes"):
+        assert word in out
+    for command in ("status", "reset", "restart", "scale", "logs", "doctor"):
+        assert "example" in cli(command, "--help").stdout
+
+
+def test_bash_completion_is_valid_bash(tmp_path):
+    script = cli("completion", "bash").stdout
+    assert "complete -F _atom_workerctl atom-workerctl" in script
+    path = tmp_path / "c.sh"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)], check=False).returncode == 0
+
+
+def test_completion_words_from_sites_json(tmp_path):
+    config = sites_json(tmp_path)
+    assert cli("_complete", "instances", config=config).stdout.split() == [
+        "atom-worker@1", "atom-worker@2", "atom-worker-default-serial@1"]
+    assert cli("_complete", "pools", config=config).stdout.split() == ["default", "serial"]
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["status"], 1, "does not exist"),
+    (["--config", "{bad}", "status"], 1, "malformed JSON"),
+    (["--config", "{good}", "status", "nginx"], 4, "no such instance"),
+    (["--config", "{good}", "status", "--site", "nope"], 4, "no such site"),
+    (["--config", "{good}", "scale", "2", "--pool", "nope"], 4, "no such pool"),
+    (["--config", "{good}", "status"], 1, "D-Bus"),          # this machine has no systemd
+    (["--config", "{good}", "restart", "--rolling"], 1, "D-Bus"),
+])
+def test_errors_are_one_line_with_an_exit_code(tmp_path, args, code, words):
+    good = sites_json(tmp_path)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    args = [a.format(bad=bad, good=good) for a in args]
+    env = {**ENV, "ATOM_WORKERCTL_CONFIG": str(tmp_path / "missing.json")}
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=30, check=False)
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert words in lines[0] and lines[0].startswith("atom-workerctl: ")
+
+
+def test_status_imports_stay_small():
+    """Start-up is most of `status`'s cost: no lxml, no pystemd wrappers, no dataclasses, no yaml."""
+    code = ("import sys; sys.argv=['x','--config','/nonexistent','status'];"
+            "from atom_workerctl import cli; cli.main(['--config','/nonexistent','status']);"
+            "print(' '.join(sorted(sys.modules)))")
+    mods = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
+                          check=False).stdout.split()
+    for heavy in ("lxml", "lxml.etree", "pystemd.systemd1", "yaml", "dataclasses", "jinja2"):
+        assert heavy not in mods

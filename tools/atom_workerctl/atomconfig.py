@@ -1,0 +1,197 @@
+"""What an AtoM site's own configuration says: job servers, worker types, workers_key, the job prefix.
+
+AtoM (Symfony 1.x) merges `config/NAME.yml` and `apps/qubit/config/NAME.yml`, then the sections
+`default`, `all` and the environment's own, later winning (array_replace_recursive). The worker runs in
+environment `worker` here, as the stand-in does. Function names are
+`md5(realpath(root) . workers_key) . '-' . JobClass`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from .errors import ConfigError
+
+DEFAULT_PORT = 4730
+WORKER_ENV = "worker"
+APP = "qubit"
+
+
+def job_prefix(realpath: str, workers_key: str) -> str:
+    """md5(realpath(root) . workers_key), without the trailing '-'."""
+    return hashlib.md5((realpath + workers_key).encode()).hexdigest()
+
+
+def php_string(value) -> str:
+    """(string) $value, as PHP casts a YAML scalar."""
+    if value is None or value is False:
+        return ""
+    if value is True:
+        return "1"
+    if isinstance(value, (dict, list)):
+        return ""  # AtoM ignores a non-scalar workers_key
+    return str(value)
+
+
+def _replace_recursive(base: dict, other: dict) -> dict:
+    out = dict(base)
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _replace_recursive(out[key], value)
+        elif isinstance(value, list) and isinstance(out.get(key), (list, dict)):
+            # array_replace_recursive on lists replaces by index
+            current = out[key] if isinstance(out[key], list) else list(out[key].values())
+            merged = list(current)
+            for i, item in enumerate(value):
+                if i < len(merged):
+                    merged[i] = item
+                else:
+                    merged.append(item)
+            out[key] = merged
+        else:
+            out[key] = value
+    return out
+
+
+def read_config(root: str, name: str, env: str = WORKER_ENV) -> tuple[dict, list[str]]:
+    """The merged configuration NAME for env, and the files it came from."""
+    from . import miniyaml
+
+    merged: dict = {}
+    files = []
+    for rel in ("config", f"apps/{APP}/config"):
+        path = os.path.join(root, rel, f"{name}.yml")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            raise ConfigError(f"cannot read {path}: permission denied", hint="run as root") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from None
+        files.append(path)
+        try:
+            data = miniyaml.loads(text, path)
+        except miniyaml.YamlError as exc:
+            raise ConfigError(f"malformed YAML in {exc}") from None
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise ConfigError(f"malformed {path}: the top level is not a mapping")
+        merged = _replace_recursive(merged, data)
+    if not files:
+        raise ConfigError(f"{os.path.join(root, 'config', name + '.yml')} does not exist",
+                          hint="is the site's root right in sites.json?")
+    config: dict = {}
+    for section in ("default", "all", env):
+        value = merged.get(section)
+        if isinstance(value, dict):
+            config = _replace_recursive(config, value)
+    return config, files
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """'host:port', 'host', '[v6]:port' -> (host, port), as AtoM's Net_Gearman reads them."""
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"bad server {text!r}")
+        host, rest = text[1:end], text[end + 1:]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"bad server {text!r}")
+        port = rest[1:] if rest else str(DEFAULT_PORT)
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, str(DEFAULT_PORT)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad server {text!r}")
+    return host, int(port)
+
+
+def format_server(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class SiteConfig:
+    """The parts of a site's AtoM configuration the CLI needs, read fresh from disk."""
+
+    __slots__ = ("root", "realpath", "workers_key", "prefix", "servers", "server_keys", "worker_types",
+                 "files", "cache_stale")
+
+    def __init__(self, root: str):
+        self.root = root
+        self.realpath = os.path.realpath(root)
+        gearman, gfiles = read_config(root, "gearman")
+        app, afiles = read_config(root, "app")
+        self.files = gfiles + afiles
+        self.workers_key = php_string(app.get("workers_key"))
+        self.prefix = job_prefix(self.realpath, self.workers_key)
+        raw = gearman.get("servers")
+        if isinstance(raw, str):
+            entries = [(str(i), s) for i, s in enumerate(raw.split(","))]
+        elif isinstance(raw, dict):
+            entries = [(str(k), php_string(v)) for k, v in raw.items()]
+        elif isinstance(raw, list):
+            entries = [(str(i), php_string(v)) for i, v in enumerate(raw)]
+        else:
+            raise ConfigError(f"no servers in {gfiles[0]} (all: servers: {{default: host:port}})")
+        self.servers: list[str] = []
+        self.server_keys: dict[str, str] = {}
+        for key, entry in entries:
+            if not entry.strip():
+                continue
+            try:
+                host, port = parse_server(entry)
+            except ValueError:
+                raise ConfigError(f"{gfiles[0]}: servers.{key}: {entry!r} is not host:port") from None
+            name = format_server(host, port)
+            self.servers.append(name)
+            self.server_keys[name] = key
+        if not self.servers:
+            raise ConfigError(f"no servers in {gfiles[0]}")
+        types = gearman.get("worker_types")
+        self.worker_types: dict[str, list[str]] = {}
+        if isinstance(types, dict):
+            for name, classes in types.items():
+                if isinstance(classes, list):
+                    self.worker_types[name] = [php_string(c) for c in classes if php_string(c)]
+                elif classes is not None:
+                    self.worker_types[name] = [php_string(classes)]
+        self.cache_stale = _cache_stale(root, self.files)
+
+    def abilities(self, types: list[str], abilities: list[str]) -> list[str]:
+        """The classes a worker with --types/--abilities registers (arGearman::getAbilities)."""
+        if abilities:
+            chosen = abilities
+        elif types:
+            chosen = []
+            for t in types:
+                chosen += self.worker_types.get(t, [])
+        else:
+            chosen = [c for classes in self.worker_types.values() for c in classes]
+        seen: list[str] = []
+        for c in chosen:
+            if c not in seen:
+                seen.append(c)
+        return seen
+
+    def all_classes(self) -> list[str]:
+        return self.abilities([], [])
+
+
+def _cache_stale(root: str, files: list[str]) -> bool:
+    """True when Symfony's config cache is older than a YAML file (AtoM then still uses the cache)."""
+    base = os.path.join(root, "cache", APP, WORKER_ENV, "config")
+    try:
+        cached = [os.stat(os.path.join(base, f"config_{name}.yml.php")).st_mtime for name in ("app", "gearman")
+                  if os.path.exists(os.path.join(base, f"config_{name}.yml.php"))]
+        if not cached:
+            return False
+        newest_yaml = max(os.stat(f).st_mtime for f in files)
+    except OSError:
+        return False
+    return min(cached) < newest_yaml

@@ -1,0 +1,273 @@
+"""Command line: argparse, dispatch, and the one rule for errors (one line on stderr, never a traceback).
+
+Start-up time matters (`status` is run in loops and benchmarked): this module imports only argparse and
+the standard library; each command imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+PROG = "atom-workerctl"
+
+DESCRIPTION = """\
+See and fix the AtoM job workers of this host: systemd instances (pystemd over D-Bus), the job
+server's view (gearmand's admin protocol) and their journal. The host's sites, pools and instances
+come from /etc/atom-worker/sites.json, written by the atom_worker role.
+"""
+
+EXAMPLES = """\
+examples:
+  atom-workerctl status                     every instance, and gearmand's view of each site's jobs
+  atom-workerctl status --json | jq .summary
+  atom-workerctl doctor                     why "No Gearman worker available..."? evidence and fixes
+  atom-workerctl reset                      reset-failed + start every instance that is down, wait
+  atom-workerctl logs -f                    follow every instance's journal, merged, tagged
+  atom-workerctl restart --rolling          one at a time, each registered again before the next
+  atom-workerctl scale 4                    run atom-worker@1..4 now (until the next site.yml run)
+  source <(atom-workerctl completion bash)  shell completion
+
+exit codes (as systemctl's): 0 ok; 3 some instance not active (status), faults found (doctor), or a
+wait that did not end registered; 4 no such site, pool or instance; 1 any other error; 2 usage.
+"""
+
+COMMAND_HELP = {
+    "status": ("show instances, their state and gearmand's view",
+               ("examples:\n  atom-workerctl status\n  atom-workerctl status atom-worker@2 --no-gearman\n"
+               "  atom-workerctl status --pool serial --json\n\n"
+               "exit codes: 0 all selected instances active, 3 some not active, 4 no such instance, 1 error.\n"
+               "The --json schema is documented in tools/atom_workerctl/README.md (\"schema\": 1).")),
+    "reset": ("reset-failed and start the instances that are down, then wait until registered",
+              ("examples:\n  atom-workerctl reset                 every instance that is down\n"
+              "  atom-workerctl reset atom-worker@2\n  atom-workerctl reset --pool serial --no-wait\n\n"
+              "Exit 0 when every instance it started is active and registered with gearmand, 3 otherwise.")),
+    "restart": ("restart instances (reset-failed first); --rolling: one at a time",
+                ("examples:\n  atom-workerctl restart --rolling     no job type ever loses its last worker\n"
+                "  atom-workerctl restart atom-worker@1\n  atom-workerctl restart --site archive --rolling\n\n"
+                "Every restart resets the instance's failed state and start-limit counter first, so deliberate\n"
+                "restarts never use up the start limit (StartLimitBurst) meant for crash loops.")),
+    "scale": ("run instances 1..N of a pool now (enable+start), stop and disable the rest",
+              ("examples:\n  atom-workerctl scale 4                the default pool\n"
+              "  atom-workerctl scale 2 --pool serial\n  atom-workerctl scale 0 --pool reports --site archive\n\n"
+              "A runtime change: it is written to sites.json, and the next site.yml run returns the pool to the\n"
+              "inventory's size (atom_worker_instances / the pool's instances). Set it there to keep it.")),
+    "logs": ("the journal of the instances, merged in time order and tagged by instance",
+             ("examples:\n  atom-workerctl logs                   the last 50 lines of every instance\n"
+             "  atom-workerctl logs -f                follow, across restarts\n"
+             "  atom-workerctl logs -n 200 atom-worker@2\n  atom-workerctl logs --since '1 hour ago' --json")),
+    "doctor": ("find the usual faults, with evidence and the command that fixes each",
+               ("Checks: the site's config files; gearmand reachable (address from config/gearman.yml); every job\n"
+               "type has an available worker; workers registered under the site's prefix\n"
+               "md5(realpath(root) . workers_key); start limit used up; crash loops; instances down, not\n"
+               "enabled or not registered; unit files changed but not reloaded.\n\n"
+               "examples:\n  atom-workerctl doctor\n  atom-workerctl doctor --json | jq '.findings[].code'\n\n"
+               "exit codes: 0 healthy (warnings allowed), 3 faults found, 1 error.")),
+    "daemon-reload": ("make systemd reread changed unit files (Manager.Reload)",
+                      "example:\n  atom-workerctl daemon-reload && atom-workerctl restart --rolling"),
+    "completion": ("print a shell completion script",
+                   ("examples:\n  source <(atom-workerctl completion bash)\n"
+                   "  atom-workerctl completion bash > /etc/bash_completion.d/atom-workerctl")),
+}
+
+
+def _common(json_opt: bool = True) -> argparse.ArgumentParser:
+    """Options every command accepts after its name (defaults suppressed: the main parser's win)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                   help="the host model (default: /etc/atom-worker/sites.json or $ATOM_WORKERCTL_CONFIG)")
+    p.add_argument("--gearman-timeout", metavar="S", type=float, default=argparse.SUPPRESS,
+                   help="connect and read timeout for gearmand, seconds (default 2)")
+    if json_opt:
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="machine-readable output on stdout")
+    return p
+
+
+def _selection(p: argparse.ArgumentParser, all_opt: bool = False) -> None:
+    p.add_argument("instances", nargs="*", metavar="INSTANCE",
+                   help="atom-worker@1, atom-worker-default-serial@2 (.service optional), a glob, "
+                        "or N for atom-worker@N")
+    p.add_argument("--site", metavar="SITE", help="only this site's instances")
+    p.add_argument("--pool", metavar="POOL", help="only this pool's instances")
+    if all_opt:
+        p.add_argument("--all", action="store_true", help="every instance (the default without INSTANCE)")
+
+
+def _wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-wait", action="store_true", help="do not wait until registered with gearmand")
+    p.add_argument("--wait-timeout", metavar="S", type=float, default=60.0,
+                   help="give up waiting after S seconds (default 60)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--config", metavar="PATH", default=None,
+                        help="the host model (default: /etc/atom-worker/sites.json or $ATOM_WORKERCTL_CONFIG)")
+    parser.add_argument("--gearman-timeout", metavar="S", type=float, default=2.0,
+                        help="connect and read timeout for gearmand, seconds (default 2)")
+    parser.add_argument("--json", action="store_true", default=False, help="machine-readable output on stdout")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, json_opt: bool = True) -> argparse.ArgumentParser:
+        short, epilog = COMMAND_HELP[name]
+        return sub.add_parser(name, help=short, description=short[0].upper() + short[1:] + ".", epilog=epilog,
+                              parents=[_common(json_opt)], formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = add("status")
+    _selection(p)
+    p.add_argument("--no-gearman", action="store_true", help="do not ask gearmand (systemd's view only)")
+
+    p = add("reset")
+    _selection(p, all_opt=True)
+    _wait(p)
+
+    p = add("restart")
+    _selection(p)
+    p.add_argument("--rolling", action="store_true",
+                   help="one instance at a time, each registered with gearmand again before the next")
+    _wait(p)
+
+    p = add("scale")
+    p.add_argument("count", metavar="N", type=int, help="instances to run: 1..N")
+    p.add_argument("--pool", metavar="POOL", help="the pool (default: default)")
+    p.add_argument("--site", metavar="SITE", help="the pool's site (default: default)")
+    _wait(p)
+
+    p = add("logs")
+    _selection(p)
+    p.add_argument("-f", "--follow", action="store_true", help="keep following (across restarts)")
+    p.add_argument("-n", "--lines", metavar="N", type=int, help="the last N lines (default 50; 10 with -f)")
+    p.add_argument("--since", metavar="TIME", help="journalctl's --since ('1 hour ago', '2024-05-01 10:00')")
+    p.add_argument("--until", metavar="TIME", help="journalctl's --until")
+
+    add("doctor")
+    add("daemon-reload", json_opt=False)
+
+    p = add("completion", json_opt=False)
+    p.add_argument("shell", choices=["bash", "zsh"], help="the shell")
+
+    hidden = sub.add_parser("_complete", parents=[_common(False)])  # used by the completion script
+    hidden.add_argument("what", choices=["instances", "pools", "sites"])
+    # Keep `_complete` out of the help's command list.
+    sub._choices_actions = [a for a in sub._choices_actions if a.dest != "_complete"]
+    return parser
+
+
+def _debug() -> bool:
+    return bool(os.environ.get("ATOM_WORKERCTL_DEBUG"))
+
+
+def fail(message: str, code: int) -> int:
+    sys.stderr.write(f"{PROG}: {message}\n")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import EXIT_ERROR, WorkerctlError
+
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return dispatch(args)
+    except WorkerctlError as exc:
+        if _debug():
+            raise
+        return fail(f"error: {exc}", exc.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return 130
+    except BrokenPipeError:
+        # Silence the flush at exit: the reader went away (`| head`).
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        return 0
+    except PermissionError as exc:
+        if _debug():
+            raise
+        return fail(f"error: permission denied: {exc.filename or exc} (run as root)", EXIT_ERROR)
+    except OSError as exc:
+        if _debug():
+            raise
+        return fail(f"error: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", EXIT_ERROR)
+    except Exception as exc:
+        if _debug():
+            raise
+        return fail(f"internal error: {type(exc).__name__}: {exc} (ATOM_WORKERCTL_DEBUG=1 shows the traceback)",
+                    EXIT_ERROR)
+
+
+def dispatch(args) -> int:
+    if args.command == "completion":
+        from .completion import script
+
+        sys.stdout.write(script(build_parser(), args.shell))
+        return 0
+    from . import model
+
+    if args.command == "_complete":
+        return _complete(args)
+    host = model.load(args.config)
+    # Unknown sites, pools and instances fail (exit 4) before anything talks to systemd.
+    if args.command == "scale":
+        site = args.site or ("default" if any(s.name == "default" for s in host.sites) else None)
+        host.pool(args.pool or "default", site)
+    elif hasattr(args, "instances"):
+        model.select(host, [n for n in args.instances if not any(c in n for c in "*?[")], args.site, args.pool)
+    if args.command == "logs":
+        from . import cmd_logs
+        from .errors import ManagerError
+
+        try:
+            backend = _backend(host)
+        except ManagerError:
+            backend = None  # the journal does not need D-Bus; stray instances are just not listed
+        return cmd_logs.run(args, host, backend)
+    backend = _backend(host)
+    try:
+        if args.command == "status":
+            from . import cmd_status
+
+            return cmd_status.run(args, host, backend)
+        if args.command == "doctor":
+            from . import cmd_doctor
+
+            return cmd_doctor.run(args, host, backend)
+        from . import cmd_actions
+
+        return {"reset": cmd_actions.reset, "restart": cmd_actions.restart, "scale": cmd_actions.scale,
+                "daemon-reload": cmd_actions.daemon_reload}[args.command](args, host, backend)
+    finally:
+        backend.close()
+
+
+def _backend(host):
+    from .backend import open_backend
+
+    return open_backend(host.manager)
+
+
+def _complete(args) -> int:
+    from . import model
+
+    try:
+        host = model.load(args.config)
+    except Exception:
+        return 0
+    if args.what == "instances":
+        words = [model.short(u) for u in host.expected_units()]
+    elif args.what == "pools":
+        words = sorted({p.name for p in host.pools()})
+    else:
+        words = [s.name for s in host.sites]
+    sys.stdout.write("\n".join(words) + ("\n" if words else ""))
+    return 0

@@ -1,0 +1,367 @@
+"""`atom-workerctl doctor`: name the cause of "No Gearman worker available..." and the other usual faults.
+
+Each finding has a code, a severity (`fault` makes the exit code 3; `warning` does not), what it is
+about, the evidence read from the host, and the command that fixes it. Exit 0 only when healthy.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from . import model
+from .errors import EXIT_NOT_ACTIVE, EXIT_OK
+from .render import Out, ago, dump_json, iso
+from .snapshot import Snapshot, hostname, take
+
+FAULT, WARNING = "fault", "warning"
+# Causes before their symptoms: an unreachable gearmand or a wrong prefix explains "no worker for job".
+ORDER = ["config_unreadable", "gearmand_unreachable", "prefix_mismatch", "unit_changed_not_reloaded",
+         "start_limit_hit", "crash_loop", "unit_missing", "instance_down", "not_registered", "no_worker_for_job"]
+
+
+class Finding:
+    def __init__(self, code: str, severity: str, subject: str, summary: str, evidence: list[str], fix: list[str]):
+        self.code, self.severity, self.subject, self.summary = code, severity, subject, summary
+        self.evidence, self.fix = evidence, fix
+
+    def as_dict(self) -> dict:
+        return {"code": self.code, "severity": self.severity, "subject": self.subject, "summary": self.summary,
+                "evidence": self.evidence, "fix": self.fix}
+
+
+def is_local(host: str) -> bool:
+    """Whether an address (or name) is this host's: binding to it succeeds only here."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, _, _, _, addr in infos:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((addr[0], 0))
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _server_fix(server: str) -> list[str]:
+    from .atomconfig import parse_server
+
+    host, port = parse_server(server)
+    if is_local(host):
+        return ["systemctl start gearman-job-server   # gearmand runs on this host",
+                f"ss -ltnp 'sport = :{port}'   # then check it listens on {host}"]
+    return [f"on {host}: systemctl start gearman-job-server (or check `systemctl status gearman-job-server`)",
+            f"on {host}: check the allowlist admits this host: nft list table inet atom_gearman"]
+
+
+def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None) -> list[Finding]:
+    findings: list[Finding] = []
+    journal_lines = journal_lines or {}
+    host = snap.host
+
+    # -- the sites' own configuration ------------------------------------------------------------------------
+    for sv in snap.sites:
+        site = sv.site
+        if sv.config_error:
+            findings.append(Finding("config_unreadable", FAULT, f"site {site.name}",
+                                    "the site's AtoM configuration cannot be read",
+                                    [sv.config_error],
+                                    [("fix the file named above, then: atom-workerctl restart --rolling "
+                                     f"--site {site.name}")]))
+            continue
+        cfg = sv.config
+        if site.gearman_servers and sorted(site.gearman_servers) != sorted(cfg.servers):
+            findings.append(Finding(
+                "servers_differ", WARNING, f"site {site.name}",
+                "config/gearman.yml names other job servers than the role installed",
+                [f"config/gearman.yml all.servers: {', '.join(cfg.servers)}",
+                 f"{host.path}: {', '.join(site.gearman_servers)}"],
+                [("run site.yml again (the atom_worker role writes all.servers), or correct config/gearman.yml; "
+                 "then: php symfony cc && atom-workerctl restart --rolling")]))
+
+    # -- gearmand -----------------------------------------------------------------------------------------------
+    reported = set()
+    for sv in snap.sites:
+        for server in sv.servers:
+            view = snap.gearman.get(server)
+            if view is None or view.reachable or server in reported:
+                continue
+            reported.add(server)
+            key = sv.config.server_keys.get(server) if sv.config else None
+            where = f"config/gearman.yml all.servers.{key}" if key is not None else "sites.json gearman_servers"
+            findings.append(Finding(
+                "gearmand_unreachable", FAULT, f"gearmand {server}",
+                f"gearmand {server} is unreachable: workers cannot register and AtoM cannot submit jobs",
+                [f"connect to {server} (from {where} of site {sv.site.name}): {view.error}"],
+                _server_fix(server)))
+
+    # -- instances ----------------------------------------------------------------------------------------------
+    prefix_findings = _prefix_findings(snap)
+    # Instances of a site whose workers run under an old prefix are "not registered" because of it.
+    mismatched = {f.subject.removeprefix("site ") for f in prefix_findings}
+    for unit, inst in snap.instances.items():
+        s = inst.state
+        short = model.short(unit)
+        logs = journal_lines.get(unit, [])
+        tail = _journal_evidence(logs)
+        if not inst.expected:
+            if s.active_state in ("active", "activating", "failed"):
+                findings.append(Finding(
+                    "stray_instance", WARNING, short,
+                    f"{short} is {s.active_state} but no pool of {host.path} expects it",
+                    [f"{short}: {s.active_state} ({s.sub_state}), {s.unit_file_state or 'not enabled'}"],
+                    [f"atom-workerctl scale N --pool {inst.pool.name}" if inst.pool else
+                     f"systemctl disable --now {unit}"]))
+            continue
+        hit, reason = s.start_limit()
+        if hit:
+            findings.append(Finding(
+                "start_limit_hit", FAULT, short,
+                f"{short} used up its start limit and stays down until it is reset",
+                [f"{short}: {s.active_state} since {ago(s.since_usec, snap.taken_at)}, {reason}"] + tail,
+                [f"atom-workerctl logs -n 30 {short}   # the cause, first",
+                 f"atom-workerctl reset {short}"]))
+            continue
+        if s.crash_looping():
+            left = max(s.start_limit_burst - s.n_restarts - 1, 0)
+            findings.append(Finding(
+                "crash_loop", FAULT, short,
+                f"{short} is crash-looping: {s.n_restarts} automatic restart{'s' if s.n_restarts != 1 else ''} "
+                f"since the last reset",
+                [f"{short}: {s.active_state} ({s.sub_state}), Result={s.result}, NRestarts={s.n_restarts}, "
+                 f"StartLimitBurst={s.start_limit_burst}: " +
+                 (f"{left} more failure{'s' if left != 1 else ''} and it stays down" if s.start_limit_burst
+                  else "no start limit")] + tail,
+                [f"atom-workerctl logs -n 50 {short}   # find why it exits",
+                 f"atom-workerctl restart {short}   # once fixed (also resets the counter)"]))
+            continue
+        if not s.active:
+            if s.load_state != "loaded":
+                findings.append(Finding(
+                    "unit_missing", FAULT, short, f"{short} cannot be loaded ({s.load_state})",
+                    [f"{short}: LoadState={s.load_state}"],
+                    ["run site.yml again (it installs the unit files)"]))
+                continue
+            findings.append(Finding(
+                "instance_down", FAULT, short, f"{short} is not running",
+                [(f"{short}: {s.active_state} ({s.sub_state}) since {ago(s.since_usec, snap.taken_at)}, "
+                 f"Result={s.result}")] + tail,
+                [f"atom-workerctl reset {short}"]))
+            continue
+        if inst.pool is not None and snap.gearman and inst.registered is False and \
+                inst.pool.site.name not in mismatched:
+            sv = snap.site_view(inst.pool.site)
+            up = [x for x in sv.servers if snap.gearman.get(x) and snap.gearman[x].reachable]
+            if up:
+                findings.append(Finding(
+                    "not_registered", FAULT, short,
+                    f"{short} runs but is not registered with gearmand",
+                    [(f"{short}: active since {ago(s.since_usec, snap.taken_at)}, connected to: "
+                     f"{', '.join(inst.connected) if inst.connected else 'no job server'}; reachable job servers: "
+                     f"{', '.join(up)}")],
+                    [f"atom-workerctl restart {short}"]))
+    for unit, inst in snap.instances.items():
+        if inst.expected and inst.state.load_state == "loaded" and not inst.state.enabled and inst.pool:
+            findings.append(Finding(
+                "not_enabled", WARNING, model.short(unit),
+                f"{model.short(unit)} is not enabled: it will not start at boot",
+                [f"{model.short(unit)}: UnitFileState={inst.state.unit_file_state or '(none)'}"],
+                [f"atom-workerctl scale {len(inst.pool.units)} --pool {inst.pool.name} --site {inst.pool.site.name}"]))
+    stale = sorted(u for u, i in snap.instances.items() if i.state.need_reload)
+    if stale:
+        findings.append(Finding(
+            "unit_changed_not_reloaded", FAULT, ", ".join(model.short(u) for u in stale),
+            "unit files changed on disk but systemd still runs the old ones",
+            [f"{model.short(u)}: NeedDaemonReload=yes" for u in stale],
+            ["atom-workerctl daemon-reload", "atom-workerctl restart --rolling   # to run the new unit"]))
+
+    # -- functions at gearmand ----------------------------------------------------------------------------------
+    findings += _function_findings(snap)
+    findings += prefix_findings
+    findings.sort(key=lambda f: (f.severity != FAULT, ORDER.index(f.code) if f.code in ORDER else len(ORDER)))
+    return findings
+
+
+def _journal_evidence(entries) -> list[str]:
+    """systemd's word on the start limit (or its last line), and the worker's last distinct lines."""
+    out = []
+    systemd = [e for e in entries if e.source == "systemd"]
+    limit = [e for e in systemd if "repeated too quickly" in e.message]
+    if limit:
+        out.append(f"journal (systemd): {limit[-1].message}")
+    elif systemd:
+        out.append(f"journal (systemd): {systemd[-1].message}")
+    last: list[str] = []
+    for e in reversed([e for e in entries if e.source == "worker"]):
+        if e.message not in last:
+            last.insert(0, e.message)
+        if len(last) == 2:
+            break
+    out += [f"journal (worker): {m}" for m in last]
+    return out
+
+
+def _pool_jobs(pool) -> str:
+    return f"{pool.label()} ({', '.join(pool.types or pool.abilities or ['every job'])})"
+
+
+def _function_findings(snap: Snapshot) -> list[Finding]:
+    """Job types with no available worker at any reachable server, grouped by the pools meant to take them."""
+    findings = []
+    for sv in snap.sites:
+        if sv.config is None:
+            continue
+        up = [s for s in sv.servers if snap.gearman.get(s) and snap.gearman[s].reachable]
+        if not up:
+            continue  # gearmand_unreachable says it all
+        takers: dict[str, list] = {}
+        for pv in sv.pools:
+            for cls in pv.classes:
+                takers.setdefault(cls, []).append(pv)
+        groups: dict[tuple, list[tuple[str, str, int]]] = {}
+        for cls in sv.config.all_classes():
+            func = f"{sv.prefix}-{cls}"
+            available = queued = 0
+            for s in up:
+                fs = snap.gearman[s].functions.get(func)
+                if fs:
+                    available += fs.available
+                    queued += fs.queued
+            if not available:
+                key = tuple(pv.pool.label() for pv in takers.get(cls, []))
+                groups.setdefault(key, []).append((cls, func, queued))
+        for key, jobs in groups.items():
+            pools = [pv for pv in sv.pools if pv.pool.label() in key]
+            classes = [j[0] for j in jobs]
+            evidence = [f"gearmand {', '.join(up)}: {func}: 0 available workers"
+                        + (f", {queued} job{'s' if queued != 1 else ''} waiting" if queued else "")
+                        for _, func, queued in jobs[:3]]
+            if len(jobs) > 3:
+                evidence.append(f"... and {len(jobs) - 3} more job types: {', '.join(classes[3:])}")
+            subject = f"site {sv.site.name}: " + (classes[0] if len(classes) == 1 else f"{len(classes)} job types")
+            if not pools:
+                findings.append(Finding(
+                    "no_pool_for_job", WARNING, subject,
+                    f"no worker anywhere takes {', '.join(classes)}, and no pool on this host is meant to",
+                    evidence + ["pools here: " + ", ".join(_pool_jobs(p.pool) for p in sv.pools)],
+                    [("add the job types to a pool's types or abilities in the inventory and run site.yml "
+                     "(unless another host's workers are meant to take them)")]))
+                continue
+            fixes = []
+            for pv in pools:
+                insts = snap.of_pool(pv.pool)
+                down = [i for i in insts if not i.state.active]
+                evidence.append(f"pool {pv.pool.label()}: " + (", ".join(
+                    f"{model.short(i.state.unit)} {i.state.active_state}" +
+                    (" (start limit hit)" if i.state.start_limit()[0] else "") for i in insts) or "0 instances"))
+                if not insts:
+                    fixes.append(f"atom-workerctl scale 1 --pool {pv.pool.name} --site {sv.site.name}")
+                elif down:
+                    fixes.append(f"atom-workerctl reset --pool {pv.pool.name} --site {sv.site.name}")
+                else:
+                    fixes.append(f"atom-workerctl restart --rolling --pool {pv.pool.name} --site {sv.site.name}")
+            more = f" (and {len(classes) - 1} more job type{'s' if len(classes) > 2 else ''})" \
+                if len(classes) > 1 else ""
+            findings.append(Finding(
+                "no_worker_for_job", FAULT, subject,
+                f'AtoM fails with "No Gearman worker available that can handle the job {classes[0]}."{more}',
+                evidence, list(dict.fromkeys(fixes))))
+    return findings
+
+
+def _prefix_findings(snap: Snapshot) -> list[Finding]:
+    """Worker connections from this host registered under a prefix that no site here expects."""
+    findings = []
+    live = {sv.prefix: sv for sv in snap.sites if sv.config}
+    seen: dict[tuple[str, str], list] = {}
+    for server, view in snap.gearman.items():
+        if not view.reachable:
+            continue
+        for line in view.local_workers():
+            prefixes = {f.split("-", 1)[0] for f in line.functions if "-" in f}
+            for prefix in prefixes - set(live):
+                if len(prefix) == 32:
+                    seen.setdefault((server, prefix), []).append(line)
+    for (server, prefix), lines in seen.items():
+        example = next(f for f in lines[0].functions if f.startswith(prefix))
+        # Which site was it? The one that recorded this prefix at install time, if any.
+        owner = next((sv for sv in snap.sites if sv.site.prefix == prefix), None)
+        if owner is None and len(snap.sites) == 1:
+            owner = snap.sites[0]
+        evidence = [(f"gearmand {server}: {len(lines)} worker connection{'s' if len(lines) != 1 else ''} from "
+                    f"this host ({lines[0].ip}) registered under {prefix} (e.g. {example})")]
+        fixes = []
+        subject = f"prefix {prefix}"
+        if owner is not None and owner.config is not None:
+            cfg = owner.config
+            subject = f"site {owner.site.name}"
+            evidence.append(f"site {owner.site.name} expects md5('{cfg.realpath}' . '{cfg.workers_key}') = "
+                            f"{cfg.prefix}")
+            if owner.site.realpath and owner.site.realpath != cfg.realpath:
+                evidence.append(f"{owner.site.root} now resolves to {cfg.realpath}; it was "
+                                f"{owner.site.realpath} when the role installed the site: the release symlink "
+                                "moved and the workers still run the old release")
+            if owner.site.workers_key != cfg.workers_key and owner.site.prefix == prefix:
+                evidence.append(f"workers_key in config/app.yml is now '{cfg.workers_key}' (it was "
+                                f"'{owner.site.workers_key}'): changed without restarting the workers")
+            if cfg.cache_stale:
+                evidence.append("Symfony's config cache is older than config/*.yml: AtoM still uses the cache")
+                fixes.append(f"cd {owner.site.root} && runuser -u {owner.site.user} -- php symfony cc")
+            fixes.append(f"atom-workerctl restart --rolling --site {owner.site.name}")
+        else:
+            fixes.append("atom-workerctl restart --rolling")
+        findings.append(Finding(
+            "prefix_mismatch", FAULT, subject,
+            "workers are registered under another job prefix than the site's: AtoM submits jobs nobody takes",
+            evidence, fixes))
+    return findings
+
+
+def run(args, host: model.Host, backend) -> int:
+    snap = take(host, backend, timeout=args.gearman_timeout)
+    troubled = [u for u, i in snap.instances.items()
+                if not i.state.active or i.state.n_restarts or i.state.start_limit()[0]]
+    journal_lines: dict[str, list] = {}
+    if troubled:
+        try:
+            from . import journal
+
+            for entry in journal.read(troubled, lines=20 * len(troubled)):
+                journal_lines.setdefault(entry.unit, []).append(entry)
+        except Exception as exc:
+            journal_lines = {}
+            journal_error = str(exc)
+        else:
+            journal_error = None
+    else:
+        journal_error = None
+    findings = diagnose(snap, journal_lines)
+    faults = [f for f in findings if f.severity == FAULT]
+    code = EXIT_NOT_ACTIVE if faults else EXIT_OK
+    if args.json:
+        dump_json({"schema": 1, "command": "doctor", "host": hostname(), "time": iso(snap.taken_at * 1e6),
+                   "healthy": not faults, "exit_code": code, "findings": [f.as_dict() for f in findings]})
+        return code
+    out = Out()
+    warnings = len(findings) - len(faults)
+    if not findings:
+        n = sum(1 for i in snap.instances.values() if i.expected)
+        out.line(out.paint("healthy", "green") + f": {n} instance{'s' if n != 1 else ''} active and registered, "
+                 f"{len(snap.gearman)} job server{'s' if len(snap.gearman) != 1 else ''} reachable")
+        return code
+    out.line(f"{hostname()}: {len(faults)} fault{'s' if len(faults) != 1 else ''}, "
+             f"{warnings} warning{'s' if warnings != 1 else ''}")
+    for f in findings:
+        out.line()
+        mark = out.paint("FAULT", "red") if f.severity == FAULT else out.paint("WARNING", "yellow")
+        out.line(f"{mark} [{f.code}] {f.summary}")
+        for e in f.evidence:
+            out.line(f"  evidence: {e}")
+        for fix in f.fix:
+            out.line("  fix:      " + out.paint(fix, "bold"))
+    if journal_error:
+        out.line()
+        out.line(f"(journal not read: {journal_error})")
+    return code

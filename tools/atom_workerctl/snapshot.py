@@ -1,0 +1,219 @@
+"""One look at the whole host: every instance's state, each site's configuration and gearmand's view.
+
+`status`, `doctor` and the waits of `reset`/`restart`/`scale` all read the host through `take()`.
+
+Registration. gearmand's `workers` lists one line per connection (its IP and the functions it
+registered), but not the port, so a line cannot be tied to an instance. We tie them in two steps:
+- an instance is *connected* to a server when one of its processes has an ESTABLISHED TCP connection
+  to it (procnet.py, from /proc; needs root);
+- each line from this host's address is given to the pool whose expected function set is the
+  smallest one containing the line's functions; a pool's connected instances are *registered* at a
+  server when that server lists at least as many lines for the pool as it has connected instances.
+Pools with the same function set are counted together. Lines that fit no pool of any site here (an
+old prefix: workers_key changed, release symlink moved) are given to the longest-running instances,
+which started before the change. Without root, connections are unknown and a pool counts as
+registered when its lines at least match its active instances. When a worker names its process in
+its client id (net_gearman, AtoM's own library, sends `pid_<PID>_<uniqid>`), the line is tied to the
+instance exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from . import model
+from .atomconfig import SiteConfig
+from .backend import UnitState
+from .errors import ConfigError, WorkerctlError
+from .gearman import ServerView, query_all
+
+
+class PoolView:
+    def __init__(self, pool: model.Pool):
+        self.pool = pool
+        self.classes: list[str] = []
+        self.functions: frozenset[str] = frozenset()
+        self.lines: dict[str, int] = {}       # server -> lines of this pool's function set from this host
+        self.connected: dict[str, int] = {}   # server -> instances connected
+
+
+class SiteView:
+    def __init__(self, site: model.Site):
+        self.site = site
+        self.config: SiteConfig | None = None
+        self.config_error: str | None = None
+        self.servers: list[str] = list(site.gearman_servers)
+        self.pools: list[PoolView] = [PoolView(p) for p in site.pools]
+
+    @property
+    def prefix(self) -> str:
+        return self.config.prefix if self.config else self.site.prefix
+
+
+class InstanceView:
+    def __init__(self, state: UnitState, pool: model.Pool | None, expected: bool):
+        self.state = state
+        self.pool = pool
+        self.expected = expected
+        self.connected: list[str] | None = []      # servers it holds a connection to (None: unknown)
+        self.per_server: dict[str, bool | None] = {}
+        self.pids: list[int] = []
+        self.registered: bool | None = False       # at every reachable server (None: cannot tell)
+
+
+class Snapshot:
+    def __init__(self, host: model.Host):
+        self.host = host
+        self.taken_at = time.time()
+        self.sites: list[SiteView] = [SiteView(s) for s in host.sites]
+        self.instances: dict[str, InstanceView] = {}
+        self.gearman: dict[str, ServerView] = {}
+        self.gearman_queried = False
+
+    def site_view(self, site: model.Site) -> SiteView:
+        return next(v for v in self.sites if v.site is site)
+
+    def pool_view(self, pool: model.Pool) -> PoolView:
+        return next(pv for pv in self.site_view(pool.site).pools if pv.pool is pool)
+
+    def strays(self) -> list[InstanceView]:
+        return [i for i in self.instances.values() if not i.expected]
+
+    def of_pool(self, pool: model.Pool) -> list[InstanceView]:
+        return [self.instances[u] for u in pool.units if u in self.instances]
+
+
+def read_site_configs(snap: Snapshot) -> None:
+    for sv in snap.sites:
+        try:
+            sv.config = SiteConfig(sv.site.root)
+        except WorkerctlError as exc:
+            sv.config_error = str(exc)
+            continue
+        sv.servers = list(sv.config.servers)
+        for pv in sv.pools:
+            pv.classes = sv.config.abilities(pv.pool.types, pv.pool.abilities)
+            pv.functions = frozenset(f"{sv.config.prefix}-{c}" for c in pv.classes)
+
+
+def take(host: model.Host, backend, *, units: list[str] | None = None, gearman: bool = True,
+         configs: bool = True, connections: bool = True, timeout: float | None = None) -> Snapshot:
+    """Read the host. `units` limits the instances read (default: every expected and loaded one)."""
+    snap = Snapshot(host)
+    expected = host.expected_units()
+    names = expected if units is None else units
+    states = backend.units(names, model.UNIT_GLOB if units is None else "")
+    expected_set = set(expected)
+    for unit, state in states.items():
+        pool = host.pool_of(unit)
+        inst = InstanceView(state, pool, unit in expected_set)
+        # An inactive instance nobody expects is only the residue of a stop: leave it out.
+        if not inst.expected and units is None and state.active_state == "inactive" and not state.job:
+            continue
+        snap.instances[unit] = inst
+    if configs:
+        read_site_configs(snap)
+    if gearman:
+        servers = list(dict.fromkeys(s for sv in snap.sites for s in sv.servers))
+        kw = {} if timeout is None else {"connect_timeout": timeout, "read_timeout": timeout}
+        snap.gearman = query_all(servers, **kw)
+        snap.gearman_queried = True
+        link(snap, backend, connections)
+    else:
+        for inst in snap.instances.values():
+            inst.connected = None
+            inst.registered = None
+    return snap
+
+
+def _client_pid(client_id: str) -> int | None:
+    """net_gearman's workers identify as `pid_<PID>_<uniqid>` (php-gearman's send no id: `-`)."""
+    if client_id.startswith("pid_"):
+        digits = client_id[4:].split("_", 1)[0]
+        if digits.isdigit():
+            return int(digits)
+    return None
+
+
+def link(snap: Snapshot, backend, connections: bool = True) -> None:
+    """Tie instances to gearmand's worker lines (see the module's docstring)."""
+    from .procnet import Connections
+
+    for sv in snap.sites:
+        finder = Connections(sv.servers) if connections else None
+        for pv in sv.pools:
+            for inst in snap.of_pool(pv.pool):
+                inst.pids = backend.pids(inst.state) if inst.state.main_pid else []
+                if finder is None:
+                    inst.connected = None
+                else:
+                    inst.connected = finder.of(inst.pids) if inst.pids else []
+    servers = list(dict.fromkeys(s for sv in snap.sites for s in sv.servers))
+    for server in servers:
+        view = snap.gearman.get(server)
+        if view is None or not view.reachable:
+            continue
+        users = [pv for sv in snap.sites if server in sv.servers for pv in sv.pools]
+        members = {id(pv): [i for i in snap.of_pool(pv.pool) if i.state.active] for pv in users}
+        pool_of = {id(i): pv for pv in users for i in members[id(pv)]}
+        owner_of_pid = {pid: i for pv in users for i in members[id(pv)] for pid in i.pids}
+        sets = {pv.functions for pv in users if pv.functions}
+        counts = dict.fromkeys(sets, 0)
+        foreign = 0
+        exact: set[int] = set()
+        for line in view.local_workers():
+            funcs = set(line.functions)
+            fits = [fs for fs in sets if funcs <= fs]
+            best = min(fits, key=len) if fits else None
+            owner = owner_of_pid.get(_client_pid(line.client_id))
+            if owner is not None:  # exact: the line names its process
+                exact.add(id(owner))
+                owner.per_server[server] = best is not None and best == pool_of[id(owner)].functions
+            elif best is None:
+                foreign += 1
+            else:
+                counts[best] += 1
+
+        def talks(inst, server=server) -> bool:
+            return inst.connected is None or server in inst.connected
+
+        # Lines under a prefix no site expects come from processes started before the configuration
+        # changed, so they belong to the longest-running instances.
+        candidates = sorted((i for pv in users for i in members[id(pv)] if id(i) not in exact and talks(i)),
+                            key=lambda i: i.state.since_usec)
+        stale = {id(i) for i in candidates[:foreign]}
+        for inst in candidates[:foreign]:
+            inst.per_server[server] = False
+        for fs in sets:
+            pvs = [pv for pv in users if pv.functions == fs]
+            rest = [i for pv in pvs for i in members[id(pv)] if id(i) not in exact and id(i) not in stale
+                    and talks(i)]
+            enough = counts[fs] >= len(rest)
+            for pv in pvs:
+                pv.lines[server] = counts[fs]
+                pv.connected[server] = sum(1 for i in members[id(pv)] if i.connected and server in i.connected)
+            for inst in rest:
+                inst.per_server[server] = True if enough else None
+    for sv in snap.sites:
+        reachable = [s for s in sv.servers if snap.gearman.get(s) is not None and snap.gearman[s].reachable]
+        for pv in sv.pools:
+            for inst in snap.of_pool(pv.pool):
+                if not inst.state.active or not reachable:
+                    inst.registered = False
+                    continue
+                if not pv.functions:
+                    inst.registered = None  # the site's configuration could not be read
+                    continue
+                values = [inst.per_server.get(s, False) for s in reachable]
+                inst.registered = False if False in values else (None if None in values else True)
+
+
+def hostname() -> str:
+    return os.uname().nodename
+
+
+def require_config(sv: SiteView) -> SiteConfig:
+    if sv.config is None:
+        raise ConfigError(sv.config_error or f"site {sv.site.name}: configuration not read")
+    return sv.config
