@@ -14,12 +14,19 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 LAB = REPO / "tools" / "lab" / "lab"
 VENV_BIN = REPO / ".venv" / "bin"
+# Where lab hosts get the AtoM stand-in (site.yml installs it at the role's default AtoM root).
+ATOM_ROOT = "/usr/share/nginx/atom"
 RECAP = re.compile(r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+unreachable=(?P<unreachable>\d+)"
                    r"\s+failed=(?P<failed>\d+)\s+skipped=(?P<skipped>\d+)\s+rescued=(?P<rescued>\d+)")
 
 
 def in_lab_network() -> bool:
     return bool(os.environ.get("ATOM_LAB_ROOT_PID"))
+
+
+def still_in_lab_network() -> bool:
+    """This process's network namespace is the lab's current one (not one a full `lab down` dropped)."""
+    return os.stat("/run/netns/atomlab").st_ino == os.stat("/proc/self/ns/net").st_ino
 
 
 def lab(*args: str, check=True, timeout=600) -> subprocess.CompletedProcess:
@@ -57,6 +64,7 @@ class LabHosts:
         # Not a skip: a lab test that cannot reach its hosts has failed, and says how to run it.
         assert in_lab_network(), "lab tests run inside the lab network: tools/lab/lab exec -- pytest ..."
         lab("up", "--inventory", str(self.source), "--out", str(self.inventory))
+        assert still_in_lab_network(), "the lab network was re-created under this run: its hosts are out of reach"
         return self
 
     def down(self) -> None:
@@ -86,6 +94,10 @@ class LabHosts:
                "ANSIBLE_NOCOLOR": "1"}
         return PlaybookResult(subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
                                            check=False))
+
+
+def repo_path(*parts: str) -> Path:
+    return REPO.joinpath(*parts)
 
 
 def _host_names(group: dict | None) -> set[str]:

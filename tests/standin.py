@@ -21,9 +21,11 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Self
+
+from polling import wait_until
 
 STANDIN_SRC = Path(__file__).resolve().parent / "fixtures" / "atom"
 RECORD = "log/standin-record.jsonl"
@@ -322,18 +324,6 @@ def gearman_status(host: str, port: int) -> dict[str, tuple[int, int, int]]:
         if len(cols) == 4:
             out[cols[0]] = (int(cols[1]), int(cols[2]), int(cols[3]))
     return out
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10, interval: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something true; return that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout}s: {predicate}")
-        time.sleep(interval)
 
 
 class Gearmand:

@@ -12,7 +12,8 @@ import threading
 import time
 
 import pytest
-from conftest import ATOM_ROOT, StatusSampler
+from gearman_sampler import StatusSampler
+from labhosts import ATOM_ROOT
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -4,7 +4,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from labhosts import LAB, LabHosts, lab
+from labhosts import LAB, LabHosts, lab, still_in_lab_network
 
 STATE = Path("/var/lib/atom-lab")
 INVENTORY = {"all": {"hosts": {"t-lab-a": None, "t-lab-b": None}}}
@@ -88,6 +88,8 @@ def test_down_removes_host_namespace_mount_and_cgroup(tmp_path):
     assert "t-lab-gone" not in Path("/proc/mounts").read_text()
     assert not Path("/sys/fs/cgroup/systemd/atom-lab/t-lab-gone").exists()
     assert "t-lab-gone" not in lab("status").stdout
+    # Removing named hosts never removes the lab network that this run (inside `lab exec`) lives in.
+    assert still_in_lab_network()
 
 
 def test_lab_errors_are_one_line_without_traceback():

@@ -6,12 +6,11 @@ Host names start with `r-` (the roles' tests), then the module's own prefix.
 
 import json
 import os
-import time
 
 import pytest
-from labhosts import REPO, LabHosts
+from labhosts import ATOM_ROOT, LabHosts
+from polling import wait_until
 
-ATOM_ROOT = "/usr/share/nginx/atom"
 RECORD = f"{ATOM_ROOT}/log/standin-record.jsonl"
 # The playbook the lab tests converge with (site.yml; overridable to try a variant).
 PLAYBOOK = os.environ.get("ATOM_ROLES_PLAYBOOK", "site.yml")
@@ -58,14 +57,7 @@ class Lab:
         return sorted(out.split())
 
     def wait_for(self, predicate, timeout=60, interval=0.5, what="condition"):
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-            time.sleep(interval)
+        return wait_until(predicate, timeout, interval, what)
 
     # -- the stand-in ------------------------------------------------------------------------------------
     def record(self, host, root=ATOM_ROOT):
@@ -114,7 +106,3 @@ def make_lab(tmp_path_factory):
     if not os.environ.get("ATOM_KEEP_LAB"):
         for hosts in booted:
             hosts.down()
-
-
-def repo_path(*parts):
-    return REPO.joinpath(*parts)

@@ -8,7 +8,7 @@ The tests share the hosts and run in file order; each one leaves the hosts conve
 import hashlib
 
 import pytest
-from conftest import ATOM_ROOT
+from labhosts import ATOM_ROOT
 
 pytestmark = pytest.mark.timeout(900)
 

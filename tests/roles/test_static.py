@@ -9,7 +9,7 @@ import sys
 import jinja2
 import pytest
 import yaml
-from conftest import repo_path
+from labhosts import repo_path
 
 ROLES = ["atom_worker", "gearman_job_server"]
 VENV = repo_path(".venv", "bin")

@@ -18,11 +18,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jinja2
 import pytest
+from polling import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "roles" / "atom_worker" / "files" / "atom-worker-policy"
@@ -195,14 +195,7 @@ files = {self.conf_dir}/*.conf
     # -- looking -----------------------------------------------------------------------------------
     def wait(self, predicate, timeout, what):
         """Poll PREDICATE (a safety net against hangs, not a timing assertion)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}\n{self.diagnostics()}")
-            time.sleep(0.05)
+        return wait_until(predicate, timeout, 0.05, what, details=self.diagnostics)
 
     def info(self, namespec):
         return self.rpc.call("supervisor.getProcessInfo", namespec)

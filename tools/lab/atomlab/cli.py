@@ -99,7 +99,9 @@ def cmd_down(args) -> int:
             raise LabError(f"no lab host named {name}")
         hosts.remove(name)
         progress(f"{name} removed")
-    if not hosts.known_hosts():
+    # Only a full `lab down` removes the network: commands running inside `lab exec` (a test run that
+    # removes its own hosts) stay in the lab namespace, and a new one would leave them cut off.
+    if not args.names and not hosts.known_hosts():
         # Nothing left: also clear what a crashed run may have left behind.
         for ns in Path("/run/netns").glob("atomlab-*") if Path("/run/netns").exists() else []:
             run(["ip", "netns", "del", ns.name], check=False)
