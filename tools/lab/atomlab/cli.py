@@ -167,10 +167,14 @@ def cmd_boot(args) -> int:
 def cmd_exec(args) -> int:
     if not args.command:
         raise LabError("usage: lab exec -- COMMAND [ARGS...]")
-    if not network.netns_exists(paths.LAB_NETNS) or not paths.SSH_KEY.exists():
-        with _lock():  # the lab network and key, so that what runs inside can boot hosts itself
+    control_hosts = Path("/etc/netns", paths.LAB_NETNS, "hosts")
+    if not network.netns_exists(paths.LAB_NETNS) or not paths.SSH_KEY.exists() or not control_hosts.exists():
+        # The lab network, key and hosts file, so that what runs inside can boot hosts itself and reach
+        # them by name: ip netns exec binds the hosts file only if it exists when the command starts.
+        with _lock():
             _ensure_ssh_key()
             network.ensure_bridge()
+            network.write_control_hosts(hosts.running_hosts())
     # Stay alive as the parent: commands inside may need our (the machine's) mount namespace, see above.
     env = {**os.environ, ROOT_PID_ENV: str(os.getpid())}
     proc = subprocess.Popen(["ip", "netns", "exec", paths.LAB_NETNS, *args.command], env=env)
