@@ -6,9 +6,10 @@ Registration. gearmand's `workers` lists one line per connection (its IP and the
 registered), but not the port, so a line cannot be tied to an instance. We tie them in two steps:
 - an instance is *connected* to a server when one of its processes has an ESTABLISHED TCP connection
   to it (procnet.py, from /proc; needs root);
-- each line from this host's address is given to the pool whose expected function set is the
-  smallest one containing the line's functions; a pool's connected instances are *registered* at a
-  server when that server lists at least as many lines for the pool as it has connected instances.
+- each line from this host's address that carries exactly a pool's expected function set is given to
+  that pool (a line with only part of a set is a worker still registering: it counts for nothing yet);
+  a pool's connected instances are *registered* at a server when that server lists at least as many
+  lines for the pool as it has connected instances.
 Pools with the same function set are counted together. Lines that fit no pool of any site here (an
 old prefix: workers_key changed, release symlink moved) are given to the longest-running instances,
 which started before the change. Without root, connections are unknown and a pool counts as
@@ -165,15 +166,17 @@ def link(snap: Snapshot, backend, connections: bool = True) -> None:
         for line in view.local_workers():
             funcs = set(line.functions)
             fits = [fs for fs in sets if funcs <= fs]
-            best = min(fits, key=len) if fits else None
+            # A worker registers its abilities one by one: only a line with the pool's whole function set
+            # counts, or a rolling restart would move on while the new worker still lacks some of them.
+            complete = [fs for fs in fits if funcs == fs]
             owner = owner_of_pid.get(_client_pid(line.client_id))
             if owner is not None:  # exact: the line names its process
                 exact.add(id(owner))
-                owner.per_server[server] = best is not None and best == pool_of[id(owner)].functions
-            elif best is None:
+                owner.per_server[server] = funcs == pool_of[id(owner)].functions
+            elif complete:
+                counts[complete[0]] += 1
+            elif not fits:
                 foreign += 1
-            else:
-                counts[best] += 1
 
         def talks(inst, server=server) -> bool:
             return inst.connected is None or server in inst.connected
