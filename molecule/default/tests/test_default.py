@@ -2,11 +2,24 @@
 
 import hashlib
 import json
+import os
 import time
 
 import pytest
+import testinfra
+from testinfra.utils.ansible_runner import AnsibleRunner
 
 ROOT = "/usr/share/nginx/atom"
+
+
+def hosts_in(group):
+    """The scenario's hosts in an inventory group: each test runs on exactly those (none is skipped)."""
+    return AnsibleRunner(os.environ["MOLECULE_INVENTORY_FILE"]).get_hosts(group)
+
+
+def other(name):
+    """A host of the scenario, through molecule's inventory."""
+    return testinfra.get_host(f"ansible://{name}", ansible_inventory=os.environ["MOLECULE_INVENTORY_FILE"])
 
 
 def _show(host, unit, *props):
@@ -20,10 +33,10 @@ def _journal_on_failure(host, unit):
     return host.run(f"journalctl --no-pager -n 50 -u {unit}").stdout
 
 
+@pytest.mark.parametrize("name", hosts_in("atom_workers"))
 @pytest.mark.parametrize("unit", ["atom-worker@1.service"])
-def test_worker_unit_properties(host, unit):
-    if "atom_workers" not in host.ansible.get_variables().get("group_names", []):
-        pytest.skip("not a worker host")
+def test_worker_unit_properties(name, unit):
+    host = other(name)
     props = _show(
         host,
         unit,
@@ -67,9 +80,9 @@ def test_files_owners_and_modes(host):
         assert queue.exists and queue.user == "gearman"
 
 
-def test_gearmand_listens_on_its_address_behind_the_allowlist(host):
-    if "gearman_job_servers" not in host.ansible.get_variables().get("group_names", []):
-        pytest.skip("not a job server")
+@pytest.mark.parametrize("name", hosts_in("gearman_job_servers"))
+def test_gearmand_listens_on_its_address_behind_the_allowlist(name):
+    host = other(name)
     address = host.ansible.get_variables()["ansible_host"]
     assert host.socket(f"tcp://{address}:4730").is_listening
     assert not host.socket("tcp://0.0.0.0:4730").is_listening
@@ -79,9 +92,9 @@ def test_gearmand_listens_on_its_address_behind_the_allowlist(host):
     assert host.service("atom-gearman-firewall.service").is_enabled
 
 
-def test_a_job_round_trip(host):
-    if "atom_workers" not in host.ansible.get_variables().get("group_names", []):
-        pytest.skip("not a worker host")
+@pytest.mark.parametrize("name", hosts_in("atom_workers"))
+def test_a_job_round_trip(name):
+    host = other(name)
     job_id = host.check_output(
         f"cd {ROOT} && runuser -u www-data -- php symfony standin:submit --class=arFindingAidJob --count=1"
     ).strip()

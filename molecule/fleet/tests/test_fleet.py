@@ -7,6 +7,7 @@ import time
 
 import pytest
 import testinfra
+from testinfra.utils.ansible_runner import AnsibleRunner
 
 ROOT = "/usr/share/nginx/atom"
 PREFIX = hashlib.md5(ROOT.encode()).hexdigest()
@@ -14,13 +15,14 @@ JOBS, WEB, WORKERS = "f-mol-jobs", "f-mol-web", ["f-mol-w1", "f-mol-w2"]
 INSTANCES = 2
 
 
+def hosts_in(group):
+    """The scenario's hosts in an inventory group: each test runs on exactly those (none is skipped)."""
+    return AnsibleRunner(os.environ["MOLECULE_INVENTORY_FILE"]).get_hosts(group)
+
+
 def other(name):
     """Another host of the scenario, through molecule's inventory."""
     return testinfra.get_host(f"ansible://{name}", ansible_inventory=os.environ["MOLECULE_INVENTORY_FILE"])
-
-
-def groups(host):
-    return host.ansible.get_variables().get("group_names", [])
 
 
 def jobs_address():
@@ -31,9 +33,9 @@ def gearadmin(option):
     return other(JOBS).check_output(f"gearadmin -h {jobs_address()} {option}")
 
 
-def test_workers_run_and_point_at_the_job_server(host):
-    if "atom_workers" not in groups(host):
-        pytest.skip("not a worker host")
+@pytest.mark.parametrize("name", hosts_in("atom_workers"))
+def test_workers_run_and_point_at_the_job_server(name):
+    host = other(name)
     for i in range(1, INSTANCES + 1):
         unit = f"atom-worker@{i}.service"
         assert host.service(unit).is_running, host.run(f"journalctl --no-pager -n 40 -u {unit}").stdout
@@ -43,17 +45,15 @@ def test_workers_run_and_point_at_the_job_server(host):
     assert f"default: {jobs_address()}:4730" in host.file(f"{ROOT}/config/gearman.yml").content_string
 
 
-def test_web_node_points_at_the_job_server_and_runs_no_worker(host):
-    if "atom_web" not in groups(host):
-        pytest.skip("not a web node")
+@pytest.mark.parametrize("name", hosts_in("atom_web"))
+def test_web_node_points_at_the_job_server_and_runs_no_worker(name):
+    host = other(name)
     assert f"default: {jobs_address()}:4730" in host.file(f"{ROOT}/config/gearman.yml").content_string
     assert not host.file("/etc/atom-worker/sites.json").exists
     assert host.run("systemctl list-units --all --plain --no-legend 'atom-worker*'").stdout.strip() == ""
 
 
-def test_gearmand_lists_every_worker_of_every_host(host):
-    if "gearman_job_servers" not in groups(host):
-        pytest.skip("not a job server")
+def test_gearmand_lists_every_worker_of_every_host():
     status = {line.split("\t")[0]: line.split("\t") for line in gearadmin("--status").splitlines() if "\t" in line}
     assert status[f"{PREFIX}-arFindingAidJob"][3] == str(INSTANCES * len(WORKERS)), status
     workers = [line.split() for line in gearadmin("--workers").splitlines() if f"{PREFIX}-" in line]
@@ -62,9 +62,9 @@ def test_gearmand_lists_every_worker_of_every_host(host):
         assert sum(1 for w in workers if w[1] == address) == INSTANCES, (name, workers)
 
 
-def test_allowlist_admits_the_web_and_worker_hosts_only(host):
-    if "gearman_job_servers" not in groups(host):
-        pytest.skip("not a job server")
+@pytest.mark.parametrize("name", hosts_in("gearman_job_servers"))
+def test_allowlist_admits_the_web_and_worker_hosts_only(name):
+    host = other(name)
     rules = host.check_output("nft list table inet atom_gearman")
     for name in [WEB, *WORKERS]:
         assert other(name).ansible.get_variables()["ansible_host"] in rules, (name, rules)
@@ -72,9 +72,9 @@ def test_allowlist_admits_the_web_and_worker_hosts_only(host):
     assert host.socket(f"tcp://{jobs_address()}:4730").is_listening
 
 
-def test_a_job_from_the_web_node_completes_on_a_worker_host(host):
-    if "atom_web" not in groups(host):
-        pytest.skip("not a web node")
+@pytest.mark.parametrize("name", hosts_in("atom_web"))
+def test_a_job_from_the_web_node_completes_on_a_worker_host(name):
+    host = other(name)
     ids = host.check_output(
         f"cd {ROOT} && runuser -u www-data -- php symfony standin:submit --class=arFindingAidJob --count=4"
     ).split()
