@@ -38,6 +38,25 @@ def _why_failed(inst) -> str | None:
     return None
 
 
+def _gearmand_counts_pool(snap: Snapshot, inst) -> bool:
+    """gearmand's own `status` agrees: every function of the pool has at least as many available workers
+    as the pool has active instances here. A second check beside the per-connection one, because a
+    rolling restart must not move on while a new worker still lacks some of its functions."""
+    pv = snap.pool_view(inst.pool)
+    site = next((sv for sv in snap.sites if pv in sv.pools), None)
+    # Instances still registered under an old prefix (registered False) do not serve these functions.
+    active = sum(1 for i in snap.of_pool(inst.pool) if i.state.active and i.registered is not False)
+    for server in site.servers if site else []:
+        view = snap.gearman.get(server)
+        if view is None or not view.reachable:
+            continue
+        for function in pv.functions:
+            status = view.functions.get(function)
+            if status is None or status.available < active:
+                return False
+    return True
+
+
 def wait_registered(host: model.Host, backend, units: list[str], timeout: float, out: Out,
                     progress: bool = True, gearman_timeout: float | None = None,
                     label: str = "registered with gearmand") -> WaitResult:
@@ -63,7 +82,7 @@ def wait_registered(host: model.Host, backend, units: list[str], timeout: float,
             if why and time.monotonic() - started > 1.0:
                 result.failed[unit] = why
                 continue
-            if inst.state.active and inst.registered is True:
+            if inst.state.active and inst.registered is True and _gearmand_counts_pool(snap, inst):
                 result.registered.append(unit)
                 continue
             if inst.state.active and inst.registered is None and inst.pool is not None:

@@ -58,7 +58,9 @@ def _cgroup_pids(name: str) -> list[int]:
     pids = []
     for group in _cgroups(name):
         for procs in group.rglob("cgroup.procs") if group.exists() else []:
-            pids += [int(p) for p in procs.read_text().split()]
+            # nspawn creates and removes sub-groups while a host boots or stops: one may vanish here.
+            with contextlib.suppress(FileNotFoundError):
+                pids += [int(p) for p in procs.read_text().split()]
     return sorted(set(pids))
 
 
