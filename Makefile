@@ -8,7 +8,7 @@ LAB := tools/lab/lab
 STAMPS := build
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv wheel lab demo test lint pytest molecule clean bench-cli
+.PHONY: help deps venv wheel lab demo test lint pytest molecule clean bench-cli bench-ops bench-fleet
 help:
 	@echo "make demo   boot the lab, converge it with site.yml, show the workers and a completed job"
 	@echo "make test   lint, pytest (stand-in, lab, roles, CLI), Molecule"
@@ -72,3 +72,9 @@ clean:
 
 bench-cli: venv wheel
 	$(LAB) exec -- $(BIN)/python bench/cli/bench.py
+
+bench-ops: venv wheel
+	$(LAB) exec -- $(BIN)/python bench/ops/run.py
+
+bench-fleet: venv wheel
+	$(LAB) exec -- $(BIN)/python bench/fleet/run.py

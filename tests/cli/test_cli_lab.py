@@ -22,6 +22,7 @@ TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 
 from labhosts import REPO, VENV_BIN, LabHosts  # noqa: E402
+from polling import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -334,3 +335,76 @@ def test_errors_are_one_readable_line(host):
     proc = host.sh("runuser -u nobody -- atom-workerctl status --no-gearman --json", check=False)
     assert proc.returncode == 0, proc.stderr                    # reading needs no privilege
     assert json.loads(proc.stdout)["summary"]["active"] == 2
+
+
+def submit(host, cls="arFindingAidJob", check=True):
+    """Submit a job as AtoM's web app does (standin:submit): its id, or the failed process."""
+    proc = host.sh(f"cd {ROOT} && runuser -u www-data -- php symfony standin:submit --class={cls}", check=False)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout.split()[0]
+    return proc
+
+
+def completed(host, job_id):
+    out = host.sh(f"cat {ROOT}/log/standin-record.jsonl").stdout
+    return any(e.get("id") == job_id and e.get("event") == "job" and e.get("status") == "completed"
+               for e in map(json.loads, filter(str.strip, out.splitlines())))
+
+
+def test_doctor_no_worker_registered_for_a_job_type(host):
+    """The 500 itself: no instance registered for the functions, AtoM refuses the job, doctor names why."""
+    host.sh(f"systemctl stop {W1} {W2}")
+    try:
+        refused = submit(host, check=False)
+        assert refused.returncode == 1
+        assert "No Gearman worker available that can handle the job arFindingAidJob." in refused.stdout + refused.stderr
+        code, data = host.doctor()
+        findings = {f["code"]: f for f in data["findings"]}
+        assert code == 3 and "no_worker_for_job" in findings, data
+        finding = findings["no_worker_for_job"]
+        assert 'No Gearman worker available that can handle the job' in finding["summary"]
+        assert any("0 available workers" in e for e in finding["evidence"])
+        assert any(f"{W1} inactive" in e and f"{W2} inactive" in e for e in finding["evidence"])
+        assert finding["fix"] == ["atom-workerctl reset --pool default --site default"]
+        proc = run_fix(host, finding["fix"][0])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    finally:
+        host.sh(f"systemctl start {W1} {W2}")
+    host.wait_doctor(lambda c, d: c == 0, timeout=60, what="doctor healthy after the printed fix")
+    job = submit(host)
+    wait_until(lambda: completed(host, job), timeout=60, what=f"job {job} completed after the fix")
+
+
+def test_doctor_release_symlink_moved(host):
+    """A deploy repoints the release symlink; running workers keep the old release's job prefix."""
+    releases = "/srv/atom-releases"
+    host.sh(f"mkdir -p {releases} && mv {ROOT} {releases}/r1 && ln -s {releases}/r1 {ROOT}")
+    try:
+        # site.yml sees the release moved (realpath differs from sites.json): it restarts the workers on r1.
+        pids = host.sh(f"systemctl show -p MainPID --value {W1} {W2}").stdout.split()
+        result = host.hosts.playbook("site.yml")
+        assert result.returncode == 0, result
+        assert host.sh(f"systemctl show -p MainPID --value {W1} {W2}").stdout.split() != pids
+        host.wait_doctor(lambda c, d: c == 0, timeout=60, what="healthy on release r1")
+        # The deploy: a new release beside it, the symlink moved, the workers not restarted.
+        host.sh(f"cp -a {releases}/r1 {releases}/r2 && ln -sfn {releases}/r2 {ROOT}")
+        code, data = host.doctor()
+        codes = [f["code"] for f in data["findings"]]
+        assert code == 3 and codes[0] == "prefix_mismatch" and "no_worker_for_job" in codes, data
+        finding = data["findings"][0]
+        assert any(f"{ROOT} now resolves to {releases}/r2; it was {releases}/r1" in e and "release symlink moved" in e
+                   for e in finding["evidence"]), finding
+        assert finding["fix"][-1] == "atom-workerctl restart --rolling --site default"
+        for fix in finding["fix"]:
+            assert run_fix(host, fix).returncode == 0
+        host.wait_doctor(lambda c, d: c == 0, timeout=60, what="doctor healthy after the printed fixes")
+        job = submit(host)
+        wait_until(lambda: completed(host, job), timeout=60, what=f"job {job} completed by the r2 workers")
+        assert f"{releases}/r2" in host.sh(f"readlink -f /proc/$(systemctl show -p MainPID --value {W1})/cwd").stdout
+    finally:
+        # Back to one real directory, as the role installed it, and workers that run from it.
+        # (site.yml restarts the workers again: the root's real path changed back.)
+        host.sh(f"if [ -L {ROOT} ]; then r=$(readlink -f {ROOT}) && rm {ROOT} && mv $r {ROOT} && rm -rf {releases}; fi")
+        assert host.hosts.playbook("site.yml").returncode == 0
+    host.wait_doctor(lambda c, d: c == 0, timeout=60, what="healthy again in the original layout")

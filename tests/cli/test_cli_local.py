@@ -428,3 +428,118 @@ def test_status_imports_stay_small():
                           check=False).stdout.split()
     for heavy in ("lxml", "lxml.etree", "pystemd.systemd1", "yaml", "dataclasses", "jinja2"):
         assert heavy not in mods
+
+
+# -- fleet options (cmd_fleet.py, fleet_ssh.py): parsing, inventories, unreachable hosts ------------------------
+FAKE_SSH = r'''#!/usr/bin/env python3
+# Stands in for ssh: the host name before `--` picks the behaviour.
+import json, sys, time
+host = sys.argv[sys.argv.index("--") - 1]
+if host == "down":
+    sys.stderr.write("ssh: connect to host down port 22: No route to host\n")
+    sys.exit(255)
+if host == "slow":
+    time.sleep(60)
+if host == "nocli":
+    sys.stderr.write("bash: line 1: atom-workerctl: command not found\n")
+    sys.exit(127)
+print(json.dumps({"schema": 1, "host": host, "exit_code": 0, "argv": sys.argv[-1],
+                  "summary": {"instances": 2, "active": 2, "not_active": 0, "registered": 2},
+                  "sites": []}))
+'''
+
+
+def fleet_env(tmp_path):
+    ssh = tmp_path / "fake-ssh"
+    ssh.write_text(FAKE_SSH)
+    ssh.chmod(0o755)
+    return {**ENV, "ATOM_WORKERCTL_SSH": str(ssh)}
+
+
+def test_fleet_options_are_not_passed_to_the_hosts():
+    from atom_workerctl import cli as cli_mod
+    from atom_workerctl import cmd_fleet
+
+    parser = cli_mod.build_parser()
+    longs = cli_mod._long_options(parser)
+    cases = [
+        (["-i", "inv.yml", "status", "--json"], ["status"]),
+        (["--inv=inv.yml", "--lim", "w1", "status", "--pool", "p"], ["status", "--pool", "p"]),
+        (["-Hw1", "-H", "root@w2", "--parallel", "3", "restart", "--rolling", "--host-timeout=9"],
+         ["restart", "--rolling"]),
+        (["-H", "w1", "logs", "-f", "-n", "5", "--", "atom-worker@1"],
+         ["logs", "-f", "-n", "5", "--", "atom-worker@1"]),
+        (["-i", "inv", "--group", "g", "scale", "3", "--pool", "serial"], ["scale", "3", "--pool", "serial"]),
+    ]
+    for argv, remote in cases:
+        parser.parse_args(argv)  # every case is valid for the parser itself
+        assert cmd_fleet.remote_argv(argv, longs) == ["atom-workerctl", "--json", *remote], argv
+
+
+def test_fleet_hosts_from_an_inventory_ansible_and_the_fallback_reader_agree(tmp_path):
+    from atom_workerctl import fleet_ssh
+
+    inventory = str(REPO / "inventory" / "examples" / "fleet.yml")
+    for limit, names in [(None, ["worker1", "worker2", "worker3"]), ("worker1:worker3", ["worker1", "worker3"]),
+                         ("all:!worker2", ["worker1", "worker3"]), ("*3:worker2", ["worker2", "worker3"]),
+                         ("atom_workers:&worker2", ["worker2"])]:
+        ansible = fleet_ssh.from_inventory(inventory, limit, "atom_workers")
+        ours = fleet_ssh._from_yaml(inventory, limit, "atom_workers")
+        assert [t.name for t in ansible] == [t.name for t in ours] == names, limit
+        assert [t.address for t in ansible] == [t.address for t in ours]
+    # Connection variables become ssh options; templated ones are refused for that host only.
+    target = fleet_ssh.target_from_vars("w", {"ansible_host": "10.0.0.5", "ansible_user": "ops", "ansible_port": 2222,
+                                              "ansible_ssh_private_key_file": "/k", "ansible_become": True,
+                                              "ansible_ssh_common_args": "-o ProxyJump=bastion"})
+    argv = target.ssh_argv(["atom-workerctl", "--json", "status"], 5)
+    assert argv[-3:] == ["10.0.0.5", "--", "sudo -n atom-workerctl --json status"]
+    for pair in (["-p", "2222"], ["-i", "/k"], ["-l", "ops"], ["-o", "ProxyJump=bastion"], ["-o", "BatchMode=yes"]):
+        assert any(argv[i:i + 2] == pair for i in range(len(argv))), (pair, argv)
+    assert "template" in fleet_ssh.target_from_vars("w", {"ansible_host": "{{ x }}"}).error
+
+
+def test_fleet_unreachable_slow_and_cli_less_hosts_are_reported_and_the_rest_answers(tmp_path):
+    env = fleet_env(tmp_path)
+    proc = subprocess.run([*CLI, "-H", "ok", "-H", "down", "-H", "slow", "-H", "nocli", "-H", "ops@ok2:2200",
+                           "--host-timeout", "2", "status", "--json"],
+                          capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert proc.returncode == 5, proc.stderr  # partial
+    data = json.loads(proc.stdout)
+    assert data["schema"] == 1 and data["mode"] == "fleet" and data["partial"] and data["exit_code"] == 5
+    assert list(data["hosts"]) == ["ok", "down", "slow", "nocli", "ok2"]
+    assert data["hosts"]["ok"]["argv"] == "atom-workerctl --json status"
+    assert data["fleet"]["ok2"] == {**data["fleet"]["ok2"], "user": "ops", "port": 2200, "reached": True}
+    assert "No route to host" in data["fleet"]["down"]["error"]
+    assert "no answer within 2 s" in data["fleet"]["slow"]["error"]
+    assert "not found on the host" in data["fleet"]["nocli"]["error"]
+    assert data["summary"]["unreachable"] == ["down", "slow", "nocli"]
+    assert data["fleet"]["ok"]["seconds"] < 2  # the slow host did not hold the others up
+    human = subprocess.run([*CLI, "-H", "ok", "-H", "down", "status", "--no-gearman"], capture_output=True,
+                           text=True, env=env, timeout=60, check=False)
+    assert human.returncode == 5 and "UNREACHABLE: ssh: connect to host down" in human.stdout, human.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["-H", "a", "--parallel", "0", "status"], "--parallel"),
+    (["-H", "a b", "status"], "expected [user@]host[:port]"),
+    (["-H", "a:x", "status"], "port must be a number"),
+    (["-l", "w1", "status"], "--limit needs --inventory"),
+    (["-i", "/nonexistent.yml", "status"], "no such file"),
+    (["-H", "a", "completion", "bash"], "not a fleet command"),
+])
+def test_fleet_bad_usage_is_one_line_exit_2(tmp_path, args, words):
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, env=fleet_env(tmp_path), timeout=30,
+                          check=False)
+    assert proc.returncode == 2 and not proc.stdout, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and lines[0].startswith("atom-workerctl: error: "), lines
+
+
+def test_fleet_code_is_not_imported_without_fleet_options():
+    code = ("import sys; from atom_workerctl import cli; cli.main(['--config','/nonexistent','status']);"
+            "print(' '.join(sorted(sys.modules)))")
+    mods = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
+                          check=False).stdout.split()
+    assert "atom_workerctl.cli" in mods
+    assert "atom_workerctl.cmd_fleet" not in mods and "atom_workerctl.fleet_ssh" not in mods
+    assert "concurrent.futures" not in mods

@@ -1,9 +1,9 @@
 """The process-manager interface every command talks to, and the state of one worker instance.
 
 A backend knows how to list instances and act on them; it knows nothing about sites, gearmand or
-output. systemd (systemd.py, pystemd over D-Bus) is the one implemented now; a supervisord backend
-(issue 6) implements the same methods over XML-RPC and fills the same UnitState fields, so every
-command and the `--json` schema stay the same.
+output. systemd (systemd.py, pystemd over D-Bus) and supervisord (supervisor.py, XML-RPC on its unix
+socket plus the atom-worker-policy listener's state file) implement the same methods and fill the same
+UnitState fields, so every command and the `--json` schema stay the same.
 
 Policy that lives here, once: every deliberate start or restart resets the instance's failed state and
 start-limit counter first (ARCHITECTURE section 2), so only crash loops ever spend the start limit.
@@ -29,7 +29,7 @@ class UnitState:
     __slots__ = ("unit", "load_state", "active_state", "sub_state", "result", "n_restarts", "since_usec",
                  "main_pid", "memory_bytes", "unit_file_state", "need_reload", "start_limit_burst",
                  "start_limit_interval_usec", "restart", "restart_usec", "restart_prevent", "exit_code",
-                 "exit_status", "job")
+                 "exit_status", "job", "limit_hit", "limit_reason", "namespec")
 
     def __init__(self, unit: str, **fields):
         self.unit = unit
@@ -51,6 +51,11 @@ class UnitState:
         self.exit_code = ""       # how the main process ended last: exited, killed, dumped ("" = unknown)
         self.exit_status: int | None = None
         self.job = ""             # a queued job (start, stop, restart) or ""
+        # A backend that knows whether the start limit is used up (supervisord: the policy listener's
+        # `failed`) sets these; None: derive it from the unit's state as on systemd (start_limit()).
+        self.limit_hit: bool | None = None
+        self.limit_reason: str | None = None
+        self.namespec = ""        # supervisord's group:process ("" on systemd)
         for key, value in fields.items():
             setattr(self, key, value)
 
@@ -77,6 +82,8 @@ class UnitState:
            crash loop. NRestarts (automatic restarts since the last reset) is given as evidence: a crash
            loop stops with NRestarts == StartLimitBurst.
         """
+        if self.limit_hit is not None:
+            return self.limit_hit, (self.limit_reason if self.limit_hit else None)
         burst, interval = self.start_limit_burst, self.start_limit_interval_usec
         if self.result == "start-limit-hit":
             return True, "Result=start-limit-hit"
@@ -162,13 +169,21 @@ def _process_tree(pid: int) -> list[int]:
     return out
 
 
-def open_backend(manager: str) -> Backend:
-    """The backend for the manager named in sites.json (imported only when needed)."""
+def open_backend(manager: str, host=None) -> Backend:
+    """The backend for the manager named in sites.json (imported only when needed).
+
+    The supervisord backend needs the host's model (sites.json's `supervisor` settings and the sites'
+    groups); without `host`, the model loaded last (model.load) is used."""
     if manager == "systemd":
         from .systemd import SystemdBackend
 
         return SystemdBackend()
+    if manager == "supervisor":
+        from . import model
+        from .supervisor import SupervisorBackend
+
+        return SupervisorBackend(host if host is not None else model.current())
     from .errors import ConfigError
 
-    raise ConfigError(f"process manager {manager!r} is not supported yet by atom-workerctl "
-                      "(supported: systemd)")
+    raise ConfigError(f"process manager {manager!r} is not supported by atom-workerctl "
+                      "(supported: systemd, supervisor)")

@@ -30,8 +30,15 @@ examples:
   atom-workerctl scale 4                    run atom-worker@1..4 now (until the next site.yml run)
   source <(atom-workerctl completion bash)  shell completion
 
+fleets (each host runs its own atom-workerctl over ssh; README: Fleets):
+  atom-workerctl -i inventory/prod.yml status          every host of atom_workers, gearmand's view merged
+  atom-workerctl -i inventory/prod.yml -l worker2 doctor
+  atom-workerctl -H root@worker1 -H worker2 logs -f    merged, tagged host/instance
+  atom-workerctl -i inventory/prod.yml restart --rolling   one host at a time
+
 exit codes (as systemctl's): 0 ok; 3 some instance not active (status), faults found (doctor), or a
-wait that did not end registered; 4 no such site, pool or instance; 1 any other error; 2 usage.
+wait that did not end registered; 4 no such site, pool or instance; 1 any other error; 2 usage;
+5 (fleet) some host not reached (unreachable, timed out): the others answered.
 """
 
 COMMAND_HELP = {
@@ -73,8 +80,20 @@ COMMAND_HELP = {
 }
 
 
+_COMMON: dict = {}
+
+
 def _common(json_opt: bool = True) -> argparse.ArgumentParser:
-    """Options every command accepts after its name (defaults suppressed: the main parser's win)."""
+    """Options every command accepts after its name (defaults suppressed: the main parser's win).
+
+    Built once per variant: argparse copies a parent's actions by reference, which costs less at start-up
+    than adding them to every command again."""
+    if json_opt not in _COMMON:
+        _COMMON[json_opt] = _make_common(json_opt)
+    return _COMMON[json_opt]
+
+
+def _make_common(json_opt: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
                    help="the host model (default: /etc/atom-worker/sites.json or $ATOM_WORKERCTL_CONFIG)")
@@ -83,7 +102,26 @@ def _common(json_opt: bool = True) -> argparse.ArgumentParser:
     if json_opt:
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="machine-readable output on stdout")
+        _fleet_options(p, suppress=True)
     return p
+
+
+def _fleet_options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """Fleet options: on the main parser (real defaults) and after each fleet command (defaults suppressed)."""
+    d = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
+    g = p.add_argument_group("fleet (run the command on many hosts over ssh; README: Fleets)")
+    g.add_argument("-i", "--inventory", metavar="FILE", default=d(None),
+                   help="an Ansible inventory: the hosts of its group atom_workers (see --group)")
+    g.add_argument("-l", "--limit", metavar="PATTERN", default=d(None),
+                   help="only these inventory hosts (Ansible's --limit pattern)")
+    g.add_argument("--group", metavar="GROUP", default=d(None),
+                   help="the inventory group to work on (default atom_workers)")
+    g.add_argument("-H", "--host", dest="hosts", metavar="[USER@]HOST[:PORT]", action="append", default=d([]),
+                   help="a host to work on (repeat for several), instead of --inventory")
+    g.add_argument("--parallel", metavar="N", type=int, default=d(10),
+                   help="hosts worked on at the same time (default 10)")
+    g.add_argument("--host-timeout", metavar="S", type=float, default=d(None),
+                   help="give up on a host after S seconds (default 30; reset/restart/scale 300)")
 
 
 def _selection(p: argparse.ArgumentParser, all_opt: bool = False) -> None:
@@ -113,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gearman-timeout", metavar="S", type=float, default=2.0,
                         help="connect and read timeout for gearmand, seconds (default 2)")
     parser.add_argument("--json", action="store_true", default=False, help="machine-readable output on stdout")
+    _fleet_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name: str, json_opt: bool = True) -> argparse.ArgumentParser:
@@ -160,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _long_options(parser: argparse.ArgumentParser) -> list[str]:
+    """Every long option of the parser and its commands (to resolve abbreviations as argparse does)."""
+    opts = set()
+    for action in parser._actions:
+        opts.update(o for o in action.option_strings if o.startswith("--"))
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                opts.update(o for a in sub._actions for o in a.option_strings if o.startswith("--"))
+    return sorted(opts)
+
+
 def _debug() -> bool:
     return bool(os.environ.get("ATOM_WORKERCTL_DEBUG"))
 
@@ -174,10 +224,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         parser = build_parser()
+        argv = sys.argv[1:] if argv is None else argv
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
             return 2
+        if getattr(args, "inventory", None) or getattr(args, "hosts", None) or getattr(args, "limit", None):
+            from . import cmd_fleet  # only now: the single-host path never imports the fleet code
+
+            return cmd_fleet.run(args, argv, _long_options(parser))
         return dispatch(args)
     except WorkerctlError as exc:
         if _debug():
@@ -253,7 +308,7 @@ def dispatch(args) -> int:
 def _backend(host):
     from .backend import open_backend
 
-    return open_backend(host.manager)
+    return open_backend(host.manager, host)
 
 
 def _complete(args) -> int:

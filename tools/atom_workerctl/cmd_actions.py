@@ -155,22 +155,36 @@ def scale(args, host: model.Host, backend) -> int:
     remove = [u for u in current if u not in target]
     remove.sort(key=lambda u: (model.instance_number(u) or 0, u))
     acted = []
+    supervisor = backend.name == "supervisor"
+    # supervisord: instances beyond the program's numprocs are added by raising numprocs (enable), and
+    # applying it (reload) restarts every process of the site's group; the stopped ones stay configured.
     changes = backend.enable(target) if target else []
     changes += backend.disable(remove) if remove else []
+    restarted: list[str] = []
     if changes:
         backend.reload()
+        if supervisor:
+            restarted = [u for p in pool.site.pools for u in (target if p is pool else p.units)]
+            out.line(f"supervisord: {'; '.join(changes)}; applied with `supervisorctl update`, which restarted "
+                     f"every worker of site {pool.site.name} (their restart budgets reset first)")
     states = backend.units(target + remove, "")
     for unit in target:
         if not states[unit].active:
             backend.start(unit)  # ResetFailedUnit, then StartUnit
-            out.line(f"{model.short(unit)}: enabled, reset-failed, started")
-            acted.append({"unit": unit, "did": ["enable", "reset-failed", "start"]})
+            out.line(f"{model.short(unit)}: {'' if supervisor else 'enabled, '}reset-failed, started")
+            acted.append({"unit": unit, "did": ["reset-failed", "start"] if supervisor
+                          else ["enable", "reset-failed", "start"]})
     for unit in remove:
         if states[unit].active_state != "inactive" or states[unit].job:
             backend.stop(unit)
         backend.reset_failed(unit)
-        out.line(f"{model.short(unit)}: stopped, disabled")
-        acted.append({"unit": unit, "did": ["stop", "disable", "reset-failed"]})
+        if supervisor:
+            out.line(f"{model.short(unit)}: stopped (it stays in supervisord's configuration: numprocs is not "
+                     "lowered, which would restart the whole site)")
+            acted.append({"unit": unit, "did": ["stop", "reset-failed"]})
+        else:
+            out.line(f"{model.short(unit)}: stopped, disabled")
+            acted.append({"unit": unit, "did": ["stop", "disable", "reset-failed"]})
     stopping = [a["unit"] for a in acted if "stop" in a["did"]]
     if stopping and not args.no_wait:
         _wait_stopped(backend, stopping, args.wait_timeout, out)
@@ -184,6 +198,7 @@ def scale(args, host: model.Host, backend) -> int:
     wait = None
     code = EXIT_OK
     starting = [a["unit"] for a in acted if "start" in a["did"]]
+    starting += [u for u in restarted if u not in starting]
     if starting and not args.no_wait:
         wait = wait_registered(host, backend, starting, args.wait_timeout, out, gearman_timeout=args.gearman_timeout)
         code = report(out, wait, err)
@@ -236,6 +251,13 @@ def _record(host: model.Host, pool: model.Pool, units: list[str]) -> dict:
 def daemon_reload(args, host: model.Host, backend) -> int:
     out, _ = _outs(args)
     backend.reload()
+    if backend.name == "supervisor":
+        groups = getattr(backend, "changed_groups", [])
+        out.line("supervisord: reread its configuration and updated " +
+                 (f"group{'s' if len(groups) != 1 else ''} {', '.join(groups)} (supervisorctl update: every "
+                  "process of a changed group was restarted, its restart budget reset first)" if groups
+                  else "nothing: the workers' groups did not change"))
+        return EXIT_OK
     out.line("reloaded the process manager's configuration (systemd daemon-reload); running workers keep their "
              "old settings until restarted: atom-workerctl restart --rolling")
     return EXIT_OK

@@ -15,7 +15,8 @@ from .snapshot import Snapshot, hostname, take
 
 FAULT, WARNING = "fault", "warning"
 # Causes before their symptoms: an unreachable gearmand or a wrong prefix explains "no worker for job".
-ORDER = ["config_unreadable", "gearmand_unreachable", "prefix_mismatch", "unit_changed_not_reloaded",
+ORDER = ["config_unreadable", "gearmand_unreachable", "prefix_mismatch", "restart_policy_down",
+         "unit_changed_not_reloaded",
          "start_limit_hit", "crash_loop", "unit_missing", "instance_down", "not_registered", "no_worker_for_job"]
 
 
@@ -45,12 +46,13 @@ def is_local(host: str) -> bool:
     return False
 
 
-def _server_fix(server: str) -> list[str]:
+def _server_fix(server: str, supervisor: bool = False) -> list[str]:
     from .atomconfig import parse_server
 
     host, port = parse_server(server)
     if is_local(host):
-        return ["systemctl start gearman-job-server   # gearmand runs on this host",
+        start = "service gearman-job-server start" if supervisor else "systemctl start gearman-job-server"
+        return [f"{start}   # gearmand runs on this host",
                 f"ss -ltnp 'sport = :{port}'   # then check it listens on {host}"]
     return [f"on {host}: systemctl start gearman-job-server (or check `systemctl status gearman-job-server`)",
             f"on {host}: check the allowlist admits this host: nft list table inet atom_gearman"]
@@ -60,6 +62,7 @@ def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None) -> li
     findings: list[Finding] = []
     journal_lines = journal_lines or {}
     host = snap.host
+    supervisor = host.manager == "supervisor"
 
     # -- the sites' own configuration ------------------------------------------------------------------------
     for sv in snap.sites:
@@ -95,7 +98,7 @@ def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None) -> li
                 "gearmand_unreachable", FAULT, f"gearmand {server}",
                 f"gearmand {server} is unreachable: workers cannot register and AtoM cannot submit jobs",
                 [f"connect to {server} (from {where} of site {sv.site.name}): {view.error}"],
-                _server_fix(server)))
+                _server_fix(server, supervisor)))
 
     # -- instances ----------------------------------------------------------------------------------------------
     prefix_findings = _prefix_findings(snap)
@@ -105,7 +108,7 @@ def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None) -> li
         s = inst.state
         short = model.short(unit)
         logs = journal_lines.get(unit, [])
-        tail = _journal_evidence(logs)
+        tail = _journal_evidence(logs, "log" if supervisor else "journal")
         if not inst.expected:
             if s.active_state in ("active", "activating", "failed"):
                 findings.append(Finding(
@@ -113,6 +116,7 @@ def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None) -> li
                     f"{short} is {s.active_state} but no pool of {host.path} expects it",
                     [f"{short}: {s.active_state} ({s.sub_state}), {s.unit_file_state or 'not enabled'}"],
                     [f"atom-workerctl scale N --pool {inst.pool.name}" if inst.pool else
+                     f"supervisorctl stop {s.namespec}" if supervisor and s.namespec else
                      f"systemctl disable --now {unit}"]))
             continue
         hit, reason = s.start_limit()
@@ -139,6 +143,16 @@ def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None) -> li
             continue
         if not s.active:
             if s.load_state != "loaded":
+                if supervisor:
+                    findings.append(Finding(
+                        "unit_missing", FAULT, short, f"supervisord has no process {short}",
+                        [f"{short}: not in supervisord's processes (getAllProcessInfo)"],
+                        [("atom-workerctl daemon-reload   # supervisorctl update for the workers' groups, if "
+                          "the configuration on disk has it"),
+                         f"atom-workerctl scale {len(inst.pool.units)} --pool {inst.pool.name} --site "
+                         f"{inst.pool.site.name}   # raises the program's numprocs" if inst.pool else
+                         "run site.yml again (it writes the supervisord configuration)"]))
+                    continue
                 findings.append(Finding(
                     "unit_missing", FAULT, short, f"{short} cannot be loaded ({s.load_state})",
                     [f"{short}: LoadState={s.load_state}"],
@@ -170,7 +184,16 @@ def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None) -> li
                 [f"{model.short(unit)}: UnitFileState={inst.state.unit_file_state or '(none)'}"],
                 [f"atom-workerctl scale {len(inst.pool.units)} --pool {inst.pool.name} --site {inst.pool.site.name}"]))
     stale = sorted(u for u, i in snap.instances.items() if i.state.need_reload)
-    if stale:
+    if stale and supervisor:
+        groups = sorted({i.state.namespec.split(":", 1)[0] for u, i in snap.instances.items()
+                         if i.state.need_reload and i.state.namespec})
+        findings.append(Finding(
+            "unit_changed_not_reloaded", FAULT, ", ".join(groups),
+            "the workers' supervisord configuration changed on disk but supervisord still runs the old one",
+            [f"supervisord reloadConfig (supervisorctl reread): group {g} changed" for g in groups],
+            [("atom-workerctl daemon-reload   # supervisorctl update of these groups: restarts their workers, "
+              "restart budgets reset first")]))
+    elif stale:
         findings.append(Finding(
             "unit_changed_not_reloaded", FAULT, ", ".join(model.short(u) for u in stale),
             "unit files changed on disk but systemd still runs the old ones",
@@ -184,22 +207,29 @@ def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None) -> li
     return findings
 
 
-def _journal_evidence(entries) -> list[str]:
-    """systemd's word on the start limit (or its last line), and the worker's last distinct lines."""
+def _journal_evidence(entries, label: str = "journal") -> list[str]:
+    """systemd's (or the supervisord policy listener's) word on the start limit (or its last line), and the
+    worker's last distinct lines."""
     out = []
     systemd = [e for e in entries if e.source == "systemd"]
     limit = [e for e in systemd if "repeated too quickly" in e.message]
+    policy = [e for e in entries if e.source == "supervisor"]
     if limit:
         out.append(f"journal (systemd): {limit[-1].message}")
     elif systemd:
         out.append(f"journal (systemd): {systemd[-1].message}")
+    hits = [e for e in policy if "start-limit-hit" in e.message]
+    if hits:
+        out.append(f"log (atom-worker-policy): {hits[-1].message}")
+    elif policy:
+        out.append(f"log (atom-worker-policy): {policy[-1].message}")
     last: list[str] = []
     for e in reversed([e for e in entries if e.source == "worker"]):
         if e.message not in last:
             last.insert(0, e.message)
         if len(last) == 2:
             break
-    out += [f"journal (worker): {m}" for m in last]
+    out += [f"{label} (worker): {m}" for m in last]
     return out
 
 
@@ -319,6 +349,45 @@ def _prefix_findings(snap: Snapshot) -> list[Finding]:
     return findings
 
 
+def _policy_findings(backend) -> list[Finding]:
+    """supervisord hosts: the atom-worker-policy listener must run, or no crashed worker is ever restarted
+    (and no start limit is kept)."""
+    from .supervisor import POLICY_GROUP, POLICY_PROCESS
+
+    info = backend.listener_info()
+    findings = []
+    if POLICY_GROUP in backend.changed_groups:
+        findings.append(Finding(
+            "unit_changed_not_reloaded", FAULT, POLICY_GROUP,
+            "the restart policy listener's configuration changed on disk but supervisord runs the old one",
+            [f"supervisord reloadConfig (supervisorctl reread): group {POLICY_GROUP} changed"],
+            ["atom-workerctl daemon-reload   # restarts the listener only; its state file keeps every budget"]))
+    if info is not None and info.get("statename") == "RUNNING":
+        return findings
+    state = info.get("statename") if info else "not configured"
+    evidence = [f"supervisord: {POLICY_PROCESS} is {state}"]
+    if info and info.get("spawnerr"):
+        evidence.append(f"spawn error: {info['spawnerr']}")
+    log_dir = backend.settings["log_dir"]
+    fixes = [f"tail -n 20 {log_dir}/atom-worker-policy.log   # why it stopped"]
+    fixes.append(f"supervisorctl start {POLICY_PROCESS}" if info else
+                 "run site.yml again (it installs the listener's configuration), then: atom-workerctl daemon-reload")
+    return [Finding("restart_policy_down", FAULT, POLICY_PROCESS,
+                    "the restart policy listener is not running: crashed workers stay down, no start limit is kept",
+                    evidence, fixes), *findings]
+
+
+def _read_logs(host: model.Host, backend, units: list[str]):
+    from . import journal
+
+    if host.manager == "supervisor":
+        from .cmd_logs import namespecs_of
+
+        return journal.read_files(backend.settings["log_dir"], units, namespecs_of(host, units, backend),
+                                  lines=20 * len(units))
+    return journal.read(units, lines=20 * len(units))
+
+
 def run(args, host: model.Host, backend) -> int:
     snap = take(host, backend, timeout=args.gearman_timeout)
     troubled = [u for u, i in snap.instances.items()
@@ -326,9 +395,7 @@ def run(args, host: model.Host, backend) -> int:
     journal_lines: dict[str, list] = {}
     if troubled:
         try:
-            from . import journal
-
-            for entry in journal.read(troubled, lines=20 * len(troubled)):
+            for entry in _read_logs(host, backend, troubled):
                 journal_lines.setdefault(entry.unit, []).append(entry)
         except Exception as exc:
             journal_lines = {}
@@ -338,6 +405,8 @@ def run(args, host: model.Host, backend) -> int:
     else:
         journal_error = None
     findings = diagnose(snap, journal_lines)
+    if backend.name == "supervisor":
+        findings = _policy_findings(backend) + findings
     faults = [f for f in findings if f.severity == FAULT]
     code = EXIT_NOT_ACTIVE if faults else EXIT_OK
     if args.json:
@@ -363,5 +432,5 @@ def run(args, host: model.Host, backend) -> int:
             out.line("  fix:      " + out.paint(fix, "bold"))
     if journal_error:
         out.line()
-        out.line(f"(journal not read: {journal_error})")
+        out.line(f"({'logs' if host.manager == 'supervisor' else 'journal'} not read: {journal_error})")
     return code

@@ -1,16 +1,25 @@
-"""`atom-workerctl logs`: the journal of the selected instances, merged in time order, tagged by instance."""
+"""`atom-workerctl logs`: the instances' logs, merged in time order and tagged by instance.
+
+systemd hosts: the journal (one journalctl process, journal.py). supervisord hosts: the log files in
+sites.json's `supervisor.log_dir` (`<instance>.log` and its rotations) and the atom-worker-policy
+listener's lines about each instance (journal.py's second half); -f follows them across rotation and
+restarts by polling.
+"""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 
 from . import journal, model
 from .errors import EXIT_OK, WorkerctlError
 
+FOLLOW_POLL = 0.25
 
-def run(args, host: model.Host, backend) -> int:
+
+def _units(args, host: model.Host, backend) -> list[str]:
     loaded = list(backend.units([], model.UNIT_GLOB)) if backend is not None else []
     sel = model.select(host, args.instances, args.site, args.pool, loaded=loaded)
     units = list(sel.units)
@@ -18,6 +27,13 @@ def run(args, host: model.Host, backend) -> int:
         units += [u for u in loaded if u not in units]
     if not units:
         raise WorkerctlError("no instance selected")
+    return units
+
+
+def run(args, host: model.Host, backend) -> int:
+    if host.manager == "supervisor":
+        return run_files(args, host, backend)
+    units = _units(args, host, backend)
     lines = args.lines
     if lines is None and not args.since:
         lines = 10 if args.follow else 50
@@ -55,3 +71,64 @@ def run(args, host: model.Host, backend) -> int:
         if line.startswith("Hint:") or "not seeing messages" in line:
             sys.stderr.write("note: " + line + " (run as root to see the workers' lines)\n")
     return EXIT_OK
+
+
+def namespecs_of(host: model.Host, units: list[str], backend=None) -> dict[str, str]:
+    """group:process -> unit (the policy listener names processes so). From supervisord when it answers,
+    else from the model (the group is the site's target without `.target`)."""
+    out = {}
+    states = {}
+    if backend is not None:
+        try:
+            states = backend.units(units, "")
+        except WorkerctlError:
+            states = {}
+    for unit in units:
+        ns = getattr(states.get(unit), "namespec", "")
+        if not ns:
+            pool = host.pool_of(unit)
+            group = pool.site.target.removesuffix(".target") if pool and pool.site.target else "atom-workers"
+            ns = f"{group}:{unit.removesuffix('.service')}"
+        out[ns] = unit
+    return out
+
+
+def run_files(args, host: model.Host, backend) -> int:
+    from .supervisor import settings_of
+
+    units = _units(args, host, backend)
+    log_dir = settings_of(host)["log_dir"]
+    lines = args.lines
+    if lines is None and not args.since:
+        lines = 10 if args.follow else 50
+    namespecs = namespecs_of(host, units, backend)
+    entries = journal.read_files(log_dir, units, namespecs, lines=lines, since=args.since, until=args.until)
+    out = sys.stdout
+
+    def write(batch) -> None:
+        for entry in batch:
+            out.write((json.dumps(entry.as_dict()) if args.json else entry.human()) + "\n")
+        out.flush()
+
+    sources = journal.file_sources(log_dir, units, namespecs) if args.follow else []
+    for src in sources:
+        src.start_following()  # before printing: nothing written meanwhile is lost
+    try:
+        write(entries)
+        if not args.follow:
+            return EXIT_OK
+        while True:
+            batch = []
+            for src in sources:
+                batch += src.poll()
+            batch.sort(key=lambda e: e.usec)
+            if batch:
+                write(batch)
+            time.sleep(FOLLOW_POLL)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    finally:
+        for src in sources:
+            src.close()

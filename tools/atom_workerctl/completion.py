@@ -50,8 +50,9 @@ def bash(parser: argparse.ArgumentParser) -> str:
     case "$prev" in
         --pool) COMPREPLY=( $(compgen -W "$(command {prog} _complete pools 2>/dev/null)" -- "$cur") ); return ;;
         --site) COMPREPLY=( $(compgen -W "$(command {prog} _complete sites 2>/dev/null)" -- "$cur") ); return ;;
-        --config) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
+        --config|-i|--inventory) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
         -n|--lines|--since|--until|--wait-timeout|--gearman-timeout) return ;;
+        -l|--limit|--group|-H|--host|--parallel|--host-timeout) return ;;
     esac
     cmd=""
     for ((i=1; i < COMP_CWORD; i++)); do

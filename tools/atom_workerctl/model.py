@@ -139,6 +139,14 @@ def short(unit: str) -> str:
     return unit.removesuffix(".service")
 
 
+_loaded: dict[str, Host] = {}
+
+
+def current() -> Host | None:
+    """The model load() read last (the supervisord backend's settings come from it)."""
+    return _loaded.get("last")
+
+
 def load(path: str | None = None) -> Host:
     path = path or os.environ.get("ATOM_WORKERCTL_CONFIG") or DEFAULT_CONFIG
     try:
@@ -157,7 +165,8 @@ def load(path: str | None = None) -> Host:
         raise ConfigError(f"malformed JSON in {path}: line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"malformed {path}: the top level is not an object")
-    return Host(raw, path)
+    host = _loaded["last"] = Host(raw, path)
+    return host
 
 
 def save(host: Host) -> None:

@@ -254,12 +254,32 @@ def atom_worker_model(cfg):
     return {"sites": sites, "pools": pools, "targets": targets}
 
 
+def atom_worker_moved_sites(realpath_results, previous_state):
+    """Sites whose root resolves elsewhere than the last run recorded in sites.json (a release symlink moved).
+
+    realpath_results: the `realpath -e ROOT` loop results (item.name, stdout); previous_state: the parsed
+    sites.json of the last run ({} on the first run, when nothing moved).
+    """
+    sites = (previous_state or {}).get("sites", [])
+    recorded = {s.get("name"): s.get("realpath") for s in sites if isinstance(s, dict)}
+    moved = []
+    for result in realpath_results:
+        name, now = result["item"]["name"], (result.get("stdout") or "").strip()
+        if now and recorded.get(name) and recorded[name] != now:
+            moved.append(name)
+    return moved
+
+
 def atom_worker_units(pools, common):
     """Each pool merged with the settings all units share (restart policy, hardening, ...)."""
     out = []
+    homes = common.get("homes") or {}
     for pool in pools:
-        unit = dict(common)
+        unit = {k: v for k, v in common.items() if k != "homes"}
         unit.update(pool)
+        # supervisord sets no HOME for `user=` (systemd does for User=): the programs get it from passwd.
+        if homes.get(pool.get("user")):
+            unit["home"] = homes[pool["user"]]
         rw = [
             d if str(d).startswith("/") else "{}/{}".format(pool["root"], d)
             for d in common.get("read_write_dirs", [])
@@ -305,7 +325,7 @@ def atom_worker_state(model, realpaths, units, meta):
                 "pools": by_site.get(site["name"], []),
             }
         )
-    return {
+    state = {
         "schema": meta.get("schema", 1),
         "manager": meta.get("manager", "systemd"),
         "target": UMBRELLA_TARGET,
@@ -313,14 +333,61 @@ def atom_worker_state(model, realpaths, units, meta):
         "recycle_helper": meta.get("recycle_helper"),
         "sites": sites,
     }
+    if state["manager"] == "supervisor":
+        # Where atom-workerctl finds supervisord, the programs and the listener (README: schema).
+        state["supervisor"] = dict(meta.get("supervisor") or {})
+    return state
+
+
+def supervisor_group(target):
+    """The supervisord group of a site: its systemd target without `.target`."""
+    return target[: -len(".target")] if target.endswith(".target") else target
+
+
+def atom_worker_supervisor_processes(units):
+    """One entry per worker process of the pools: `group:name` as supervisorctl names it, with its pool.
+
+    atom-worker@N.service is atom-workers:atom-worker@N; atom-worker-<site>-<pool>@N.service is
+    atom-workers-<site>:atom-worker-<site>-<pool>@N (templates/supervisor/atom-worker.conf.j2).
+    """
+    out = []
+    for unit in units:
+        instances = unit["instances"] if isinstance(unit["instances"], int) else 0
+        group = supervisor_group(unit["target"])
+        for n in range(1, instances + 1):
+            out.append(
+                {
+                    "namespec": f"{group}:{unit['unit_prefix']}@{n}",
+                    "group": group,
+                    "unit": f"{unit['unit_prefix']}@{n}.service",
+                    "site": unit["site"],
+                    "pool": unit["pool"],
+                    "recycle": bool(unit.get("recycle")),
+                }
+            )
+    return out
+
+
+def atom_worker_passwd_homes(lines):
+    """{user: home} from `getent passwd USER` lines (name:x:uid:gid:gecos:home:shell)."""
+    homes = {}
+    for line in lines or []:
+        fields = str(line).strip().split(":")
+        if len(fields) >= 7 and fields[5]:
+            homes[fields[0]] = fields[5]
+    return homes
 
 
 class FilterModule:
     def filters(self):
         return {
+            "atom_worker_moved_sites": atom_worker_moved_sites,
             "atom_worker_model": atom_worker_model,
             "atom_worker_units": atom_worker_units,
             "atom_worker_state": atom_worker_state,
+            "atom_worker_passwd_homes": atom_worker_passwd_homes,
+            "atom_worker_supervisor_processes": atom_worker_supervisor_processes,
+            "atom_worker_supervisor_group": supervisor_group,
             "atom_worker_gearman_servers": atom_worker_gearman_servers,
             "atom_worker_prefix": atom_worker_prefix,
             "atom_worker_is_loopback": is_loopback,

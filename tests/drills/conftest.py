@@ -1,0 +1,156 @@
+"""Helpers for the drills: real faults on lab hosts, and the stand-in's record to prove nothing was lost.
+
+Run inside the lab network: tools/lab/lab exec -- .venv/bin/pytest tests/drills
+Host names start with `d-`.
+"""
+
+import json
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from labhosts import ATOM_ROOT, LAB, LabHosts
+from polling import wait_until
+
+# Submits background jobs straight to gearmand (SUBMIT_JOB_BG of the binary protocol), as AtoM's web app
+# does, but without asking for available workers first: drills queue jobs while workers are away.
+# Usage on a host: python3 /root/gsubmit.py HOST PORT FUNCTION ID_PREFIX COUNT [PAYLOAD_JSON]
+# Prints the ids (ID_PREFIX0..), one a line. Stdlib only: lab hosts have python3 and nothing else.
+GSUBMIT = r'''
+import json, socket, struct, sys
+host, port, function, prefix, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+extra = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
+s = socket.create_connection((host, port), timeout=10)
+def read(n):
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            sys.exit("gearmand closed the connection")
+        buf += chunk
+    return buf
+for i in range(count):
+    job_id = f"{prefix}{i}"
+    data = b"\0".join([function.encode(), job_id.encode(),
+                       json.dumps({**extra, "id": job_id, "name": "drill"}).encode()])
+    s.sendall(b"\0REQ" + struct.pack(">II", 18, len(data)) + data)   # SUBMIT_JOB_BG
+    magic, kind, size = struct.unpack(">4sII", read(12))
+    read(size)
+    if kind != 8:                                                       # JOB_CREATED
+        sys.exit(f"gearmand answered packet type {kind} to job {job_id}")
+    print(job_id)
+'''
+
+
+class Drill:
+    """Booted and converged drill hosts plus the helpers every drill uses."""
+
+    def __init__(self, hosts: LabHosts):
+        self.hosts = hosts
+        generated = yaml.safe_load(hosts.inventory.read_text())
+        self.address = {}
+
+        def walk(group):
+            for name, hvars in ((group or {}).get("hosts") or {}).items():
+                if hvars and "ansible_host" in hvars:
+                    self.address[name] = hvars["ansible_host"]
+            for child in ((group or {}).get("children") or {}).values():
+                walk(child)
+
+        walk(generated["all"])
+
+    def run(self, host, command, check=True, timeout=120):
+        return self.hosts.run(host, command, check=check, timeout=timeout)
+
+    def converge(self, *extra, extra_vars=None, check=True):
+        result = self.hosts.playbook("site.yml", *extra, extra_vars=extra_vars)
+        if check:
+            assert result.returncode == 0, result
+        return result
+
+    def show(self, host, unit, *props):
+        out = self.run(host, f"systemctl show {unit} " + " ".join(f"-p {p}" for p in props)).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def record(self, host, root=ATOM_ROOT):
+        out = self.run(host, f"cat {root}/log/standin-record.jsonl 2>/dev/null || true").stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def completed(self, host, since=0):
+        """Job id -> how many times it completed, from the host's stand-in record."""
+        counts = {}
+        for event in self.record(host)[since:]:
+            if event.get("event") == "job" and event.get("status") == "completed":
+                counts[str(event["id"])] = counts.get(str(event["id"]), 0) + 1
+        return counts
+
+    def wait_all_completed(self, host, ids, since=0, timeout=180, what="the jobs"):
+        """Every id completed at least once (none missing); returns the counts."""
+        ids = set(ids)
+
+        def done():
+            counts = self.completed(host, since)
+            return counts if ids <= set(counts) else None
+
+        def missing():
+            counts = self.completed(host, since)
+            return f"missing {len(ids - set(counts))} of {len(ids)}: {sorted(ids - set(counts))[:10]}"
+
+        return wait_until(done, timeout, 0.5, what, details=missing)
+
+    def install_submitter(self, host):
+        self.run(host, f"cat > /root/gsubmit.py <<'EOF'\n{GSUBMIT}EOF")
+
+    def submit(self, host, server, function, prefix, count, **payload):
+        """Queue `count` background jobs on gearmand `server` (host:port as seen from `host`)."""
+        address, port = server.rsplit(":", 1)
+        args = [address, port, function, prefix, str(count)] + ([json.dumps(payload)] if payload else [])
+        out = self.run(host, "python3 /root/gsubmit.py " + " ".join(shlex.quote(a) for a in args)).stdout
+        ids = out.split()
+        assert len(ids) == count, out
+        return ids
+
+    def gearman_status(self, host, address="127.0.0.1"):
+        """gearmand `status` read on `host`: function -> (total, running, available)."""
+        out = self.run(host, f"gearadmin -h {address} --status").stdout
+        status = {}
+        for line in out.splitlines():
+            cols = line.split("\t")
+            if len(cols) == 4:
+                status[cols[0]] = tuple(int(c) for c in cols[1:])
+        return status
+
+    def control(self, host, **knobs):
+        if knobs:
+            self.run(host, f"echo {shlex.quote(json.dumps(knobs))} > {ATOM_ROOT}/standin/control.json")
+        else:
+            self.run(host, f"rm -f {ATOM_ROOT}/standin/control.json")
+
+    def journal(self, host, unit, since=""):
+        flag = f" --since=@{since}" if since else ""
+        return self.run(host, f"journalctl --no-pager -o cat -u '{unit}'{flag}", check=False).stdout
+
+    def lab_run_bg(self, host, *argv):
+        """A command inside a host, in the background (its stdout is piped)."""
+        return subprocess.Popen([str(LAB), "run", host, "--", *argv], stdout=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def make_drill(tmp_path_factory):
+    """Boot the hosts of an inventory (dict) for the whole module; remove them afterwards."""
+    booted = []
+
+    def make(inventory):
+        hosts = LabHosts(inventory, Path(tmp_path_factory.mktemp("drill")))
+        hosts.down()
+        hosts.up()
+        booted.append(hosts)
+        return Drill(hosts)
+
+    yield make
+    if not os.environ.get("ATOM_KEEP_LAB"):
+        for hosts in booted:
+            hosts.down()

@@ -1,0 +1,353 @@
+"""atom-workerctl's fleet mode from the control host (this test process), over ssh, on real systemd hosts:
+a job server and two worker hosts converged with site.yml, the CLI installed on the workers by the role.
+
+Run inside the lab network: tools/lab/lab exec -- .venv/bin/pytest tests/fleet/test_fleet_cli_lab.py
+The tests share the hosts and run in file order; each leaves both worker hosts up with 2 registered
+instances.
+"""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+import yaml
+from gearman_sampler import StatusSampler, admin, parse_status
+from labhosts import ATOM_ROOT, VENV_BIN, LabHosts
+from polling import wait_until
+
+pytestmark = pytest.mark.timeout(400)
+
+P = "fc-"
+JOBS, W1, W2 = f"{P}jobs", f"{P}w1", f"{P}w2"
+WORKERS = [W1, W2]
+CTL = [str(VENV_BIN / "atom-workerctl")]
+EXIT_PARTIAL = 5
+
+
+class Lab:
+    def __init__(self, hosts: LabHosts, generated: dict):
+        self.hosts = hosts
+        self.inventory = str(hosts.inventory)
+        self.address = {}
+        for group in generated["all"]["children"].values():
+            for name, hvars in ((group or {}).get("hosts") or {}).items():
+                self.address[name] = hvars["ansible_host"]
+        self.gearmand = (self.address[JOBS], 4730)
+        self.server = f"{self.address[JOBS]}:4730"
+        lab_vars = generated["all"]["vars"]
+        # `-H` hosts are reached with the user's own ssh settings; here, the lab's key.
+        self.env = {**os.environ, "NO_COLOR": "1", "ATOM_WORKERCTL_SSH_ARGS": " ".join(
+            ["-i", lab_vars["ansible_ssh_private_key_file"], lab_vars["ansible_ssh_common_args"]])}
+
+    def ctl(self, *args, timeout=240):
+        started = time.monotonic()
+        proc = subprocess.run([*CTL, *args], capture_output=True, text=True, env=self.env, timeout=timeout,
+                              check=False)
+        proc.seconds = time.monotonic() - started
+        return proc
+
+    def fleet(self, *args, timeout=240):
+        """`atom-workerctl -i INVENTORY ... --json`: (exit code, the JSON, the process)."""
+        proc = self.ctl("-i", self.inventory, *args, "--json", timeout=timeout)
+        assert proc.stdout.strip(), proc.stderr
+        data = json.loads(proc.stdout)
+        assert data["schema"] == 1 and data["mode"] == "fleet" and data["exit_code"] == proc.returncode, data
+        return proc.returncode, data, proc
+
+    def run(self, host, command, check=True):
+        return self.hosts.run(host, command, check=check)
+
+    def status(self):
+        return parse_status(admin(self.gearmand, "status"))
+
+    def worker_ips(self):
+        """gearmand's worker connections (with functions) per client address."""
+        out = {}
+        for line in admin(self.gearmand, "workers"):
+            head, _, funcs = line.partition(" :")
+            if funcs.split():
+                out[head.split()[1]] = out.get(head.split()[1], 0) + 1
+        return out
+
+    def functions(self):
+        return sorted(f for f in self.status() if f.count("-") == 1 and len(f.split("-")[0]) == 32)
+
+    def main_pids(self, host):
+        out = self.run(host, "systemctl show -p Id -p MainPID 'atom-worker*@*'").stdout
+        pids, unit = {}, None
+        for line in out.splitlines():
+            if line.startswith("Id="):
+                unit = line[3:]
+            elif line.startswith("MainPID=") and unit:
+                pids[unit] = line[8:]
+        return pids
+
+    def completed(self):
+        done = set()
+        for host in WORKERS:
+            out = self.run(host, f"cat {ATOM_ROOT}/log/standin-record.jsonl 2>/dev/null || true").stdout
+            done |= {e["id"] for e in map(json.loads, filter(None, out.splitlines()))
+                     if e.get("event") == "job" and e.get("status") == "completed"}
+        return done
+
+    def submit(self, cls, count, payload):
+        command = (f"cd {ATOM_ROOT} && runuser -u www-data -- php symfony standin:submit --class={cls} "
+                   f"--count={count} --payload={shlex.quote(json.dumps(payload))}")
+        return self.run(W1, command, check=False)
+
+    def all_registered(self):
+        """Both hosts' 2 instances registered, seen by gearmand (2 connections from each address)."""
+        ips = self.worker_ips()
+        return all(ips.get(self.address[h], 0) == 2 for h in WORKERS)
+
+
+def control_address(server):
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(server)
+        return probe.getsockname()[0]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    source = {"all": {"children": {
+        "gearman_job_servers": {"hosts": {JOBS: None},
+                                "vars": {"gearman_job_server_listen_address": "{{ ansible_host }}"}},
+        "atom_workers": {"hosts": {W1: None, W2: None}, "vars": {"atom_worker_instances": 2}},
+    }}}
+    hosts = LabHosts(source, tmp_path_factory.mktemp("fleet-cli"))
+    hosts.down()
+    hosts.up()
+    generated = yaml.safe_load(hosts.inventory.read_text())
+    jobs = generated["all"]["children"]["gearman_job_servers"]
+    address = jobs["hosts"][JOBS]["ansible_host"]
+    # The fleet's status asks gearmand from the control host: admit it (in the test's copy only).
+    jobs["vars"]["gearman_job_server_allowed_addresses"] = [control_address((address, 4730))]
+    hosts.inventory.write_text(yaml.safe_dump(generated, sort_keys=False))
+    try:
+        result = hosts.playbook("site.yml", with_cli=True)
+        assert result.returncode == 0, result
+        lab = Lab(hosts, generated)
+        wait_until(lab.all_registered, 60, 0.5, "every worker registered after the converge")
+        yield lab
+    finally:
+        if not os.environ.get("ATOM_KEEP_LAB"):
+            hosts.down()
+
+
+def test_status_over_the_inventory_and_over_named_hosts(lab):
+    code, data, _ = lab.fleet("status")
+    assert code == 0, data
+    assert list(data["hosts"]) == WORKERS  # the group atom_workers, not the job server
+    for host in WORKERS:
+        assert data["hosts"][host]["summary"]["active"] == 2 and data["hosts"][host]["summary"]["registered"] == 2
+        assert data["fleet"][host]["reached"] and not data["fleet"][host]["stands_out"], data["fleet"][host]
+    view = data["gearman"][lab.server]
+    assert view["reachable"] and view["connections"] == {W1: 2, W2: 2} and not view["other_connections"]
+    # The merged view is gearmand's own, split by host.
+    truth = lab.status()
+    functions = lab.functions()
+    assert len(functions) == 18
+    merged = {f["function"]: f for f in view["functions"]}
+    for name in functions:
+        assert merged[name]["available_workers"] == truth[name][2] == 4
+        assert merged[name]["by_host"] == {W1: 2, W2: 2}
+    # --limit, Ansible's pattern.
+    code, data, _ = lab.fleet("--limit", W2, "status")
+    assert code == 0 and list(data["hosts"]) == [W2]
+    assert data["gearman"][lab.server]["other_connections"] == [{"ip": lab.address[W1], "connections": 2}]
+    # -H, the human table.
+    proc = lab.ctl("-H", f"root@{W1}", "-H", W2, "status")
+    assert proc.returncode == 0, proc.stderr
+    assert "fleet: 2 hosts, 2 answered; 4 instances, 4 active, 4 registered" in proc.stdout, proc.stdout
+    assert "arFindingAidJob" in proc.stdout and f"{W1}:2 {W2}:2" in proc.stdout
+    # Bad input: one line, usage exit code, nothing run.
+    for args in (["-i", "/nonexistent.yml", "status"], ["-i", lab.inventory, "-H", W1, "status"],
+                 ["-l", W1, "status"], ["-H", W1, "completion", "bash"], ["-i", lab.inventory, "--group", "nope",
+                                                                        "status"]):
+        proc = lab.ctl(*args)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
+        assert proc.stderr.startswith("atom-workerctl: error: ") and not proc.stdout
+
+
+def test_a_host_whose_units_run_but_cannot_reach_gearmand_stands_out(lab):
+    # W2 can no longer send to the job server (a `prohibit` route: the worker hosts have no nftables);
+    # gearmand is restarted so that it drops every connection: W1's workers reconnect, W2's cannot.
+    lab.run(W2, f"ip route add prohibit {lab.address[JOBS]}/32")
+    try:
+        lab.run(JOBS, "systemctl restart gearman-job-server")
+        wait_until(lambda: lab.worker_ips() == {lab.address[W1]: 2}, 60, 0.5, "only W1's workers at gearmand")
+        code, data, _ = lab.fleet("status", "--gearman-timeout", "1")
+        assert code == 3, data["fleet"]
+        assert data["hosts"][W2]["summary"]["active"] == 2  # the units run ...
+        w2 = data["fleet"][W2]
+        assert w2["stands_out"] and w2["gearman_connections"] == {lab.server: 0}, w2  # ... with no connection
+        assert any("NO worker connection" in n for n in w2["notes"]), w2["notes"]
+        assert any("cannot reach gearmand" in n for n in w2["notes"]), w2["notes"]
+        assert not data["fleet"][W1]["stands_out"], data["fleet"][W1]
+        assert data["summary"]["hosts_standing_out"] == [W2]
+        human = lab.ctl("-i", lab.inventory, "status", "--gearman-timeout", "1")
+        assert human.returncode == 3
+        row = next(line for line in human.stdout.splitlines() if line.startswith(W2))
+        assert "NO worker connection" in row, human.stdout
+    finally:
+        lab.run(W2, f"ip route del prohibit {lab.address[JOBS]}/32", check=False)
+    wait_until(lab.all_registered, 60, 0.5, "W2's workers to reconnect on their own")
+    code, data, _ = lab.fleet("status")
+    assert code == 0 and not data["summary"]["hosts_standing_out"], data["summary"]
+
+
+def test_rolling_restart_over_the_fleet_keeps_a_worker_for_every_function(lab):
+    functions = lab.functions()
+    before = {h: lab.main_pids(h) for h in WORKERS}
+    sampler = StatusSampler(lab.gearmand, interval=0.1)
+    submitted, failures, done = [], [], threading.Event()
+
+    def submit_meanwhile():
+        while not done.is_set():
+            proc = lab.submit("arFindingAidJob", 2, {"sleep": 0.2})
+            (submitted.extend(proc.stdout.split()) if proc.returncode == 0 else failures.append(proc.stderr))
+
+    submitter = threading.Thread(target=submit_meanwhile, daemon=True)
+    sampler.start()
+    submitter.start()
+    try:
+        code, data, proc = lab.fleet("restart", "--rolling")
+    finally:
+        done.set()
+        submitter.join(30)
+        sampler.stop()
+    assert code == 0, proc.stderr
+    assert data["rolling"] and data["stopped_at"] is None and data["not_restarted"] == []
+    for host in WORKERS:
+        assert data["hosts"][host]["exit_code"] == 0
+        assert all(a["registered"] for a in data["hosts"][host]["actions"]), data["hosts"][host]
+    # One host at a time: W1's last line before W2's first.
+    lines = proc.stderr.splitlines()
+    assert max(i for i, ln in enumerate(lines) if ln.startswith(f"[{W1}]")) < \
+        min(i for i, ln in enumerate(lines) if ln.startswith(f"[{W2}]")), proc.stderr
+    after = {h: lab.main_pids(h) for h in WORKERS}
+    for host in WORKERS:
+        assert all(after[host][u] not in (pid, "0") for u, pid in before[host].items()), (before, after)
+    # gearmand every 100 ms: never fewer than all workers but one, for every function.
+    assert not sampler.errors, sampler.errors
+    assert len(sampler.samples) >= 20, len(sampler.samples)
+    lowest = sampler.minimum(functions)
+    assert min(lowest.values()) >= 3, lowest
+    assert not failures, failures[:3]
+    assert len(submitted) >= 4, submitted
+    wait_until(lambda: set(submitted) <= lab.completed(), 60, 0.5, f"the {len(submitted)} jobs submitted meanwhile")
+    print(f"fleet rolling restart: {proc.seconds:.1f} s, {len(sampler.samples)} samples, "
+          f"{len(submitted)} jobs, lowest available {min(lowest.values())}")
+
+
+def test_a_host_powered_off_mid_operation_is_reported_and_the_others_answer(lab):
+    # A rolling restart over the fleet; W2 goes down while W1 is being restarted. W1's workers take 3 s to
+    # start (the stand-in's start_delay), so W1's part lasts long enough for the power-off to land in it.
+    lab.run(W1, f"echo '{{\"start_delay\": 3}}' > {ATOM_ROOT}/standin/control.json")
+    rolling = subprocess.Popen([*CTL, "-i", lab.inventory, "--host-timeout", "60", "restart", "--rolling", "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=lab.env)
+    err_lines = []
+    reader = threading.Thread(target=lambda: err_lines.extend(ln.rstrip("\n") for ln in rolling.stderr), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: any(ln.startswith(f"[{W1}] [1/") for ln in err_lines), 60, 0.1,
+                   "W1's rolling restart to begin", details=lambda: "\n".join(err_lines))
+        lab.hosts.poweroff(W2)
+        status = lab.ctl("-i", lab.inventory, "--host-timeout", "10", "status", "--json")
+        out = rolling.stdout.read()
+        rolling.wait(180)
+        reader.join(10)
+        err = "\n".join(err_lines)
+    finally:
+        lab.run(W1, f"rm -f {ATOM_ROOT}/standin/control.json")
+        if rolling.poll() is None:
+            rolling.kill()
+    try:
+        # status: W2 reported, W1 answered, exit "partial".
+        assert status.returncode == EXIT_PARTIAL, status.stderr
+        data = json.loads(status.stdout)
+        assert data["partial"] and data["summary"]["unreachable"] == [W2]
+        assert not data["fleet"][W2]["reached"] and data["fleet"][W2]["error"], data["fleet"][W2]
+        assert "error" in data["hosts"][W2]
+        assert data["fleet"][W1]["reached"] and data["hosts"][W1]["summary"]["instances"] == 2
+        assert data["fleet"][W1]["seconds"] < 10  # it did not wait for W2
+        # The rolling restart: W1 done, W2 skipped and reported, exit "partial".
+        assert rolling.returncode == EXIT_PARTIAL, err
+        result = json.loads(out)
+        assert result["hosts"][W1]["exit_code"] == 0 and not result["fleet"][W2]["reached"], result["fleet"]
+        assert f"[{W2}] not reached, skipped" in err, err
+        # doctor over the fleet: the same.
+        proc = lab.ctl("-i", lab.inventory, "--host-timeout", "10", "doctor")
+        assert proc.returncode == EXIT_PARTIAL and f"{W1}: healthy" in proc.stdout, proc.stdout + proc.stderr
+        assert f"{W2}: not reached" in proc.stdout
+    finally:
+        lab.hosts.boot(W2)
+    wait_until(lab.all_registered, 120, 0.5, "W2's workers to register after its boot")
+
+
+def test_reset_scale_and_doctor_over_the_fleet(lab):
+    for host in WORKERS:
+        lab.run(host, "systemctl stop atom-worker@2.service")
+    code, data, _ = lab.fleet("doctor")
+    assert code == 3 and not data["healthy"]
+    for host in WORKERS:
+        assert "instance_down" in {f["code"] for f in data["hosts"][host]["findings"]}, data["hosts"][host]
+    code, data, proc = lab.fleet("reset")
+    assert code == 0, proc.stderr
+    for host in WORKERS:
+        assert [a["unit"] for a in data["hosts"][host]["actions"]] == ["atom-worker@2.service"]
+        assert data["hosts"][host]["wait"]["registered"] == ["atom-worker@2.service"]
+    assert lab.all_registered()
+    code, data, _ = lab.fleet("doctor")
+    assert code == 0 and data["healthy"], data
+    # scale: every host at once.
+    code, data, proc = lab.fleet("scale", "3")
+    assert code == 0, proc.stderr
+    assert all(data["hosts"][h]["to"] == 3 for h in WORKERS)
+    status = lab.status()
+    assert all(status[f][2] == 6 for f in lab.functions()), status
+    code, data, _ = lab.fleet("scale", "2")
+    assert code == 0
+    wait_until(lab.all_registered, 30, 0.5, "2 instances a host again")
+
+
+def test_logs_follow_merged_from_every_host(lab):
+    proc = subprocess.Popen([*CTL, "-i", lab.inventory, "logs", "-f", "-n", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=lab.env)
+    lines, seen = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if all(any(f" {h}/atom-worker@1: " in ln and "Running worker" in ln for ln in lines) for h in WORKERS):
+                seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        time.sleep(1.5)  # let both ssh sessions start following before the lines are made
+        for host in WORKERS:
+            lab.run(host, "systemctl restart atom-worker@1.service")
+        assert seen.wait(60), lines
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+    # systemd's own lines are tagged too; each host's lines in time order.
+    assert any(f" {W1}/atom-worker@1 [systemd]: " in ln for ln in lines), lines
+    for host in WORKERS:
+        stamps = [ln[:19] for ln in lines if f" {host}/" in ln]
+        assert stamps and stamps == sorted(stamps), lines
+    # Without -f: the last lines of every host, merged, as JSON with the host.
+    proc = lab.ctl("-i", lab.inventory, "logs", "-n", "5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    entries = [json.loads(ln) for ln in proc.stdout.splitlines()]
+    assert {e["host"] for e in entries} == set(WORKERS)
+    assert [e["usec"] for e in entries] == sorted(e["usec"] for e in entries)
+    wait_until(lab.all_registered, 60, 0.5, "the restarted workers to register")

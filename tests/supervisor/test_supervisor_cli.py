@@ -1,0 +1,319 @@
+"""atom-workerctl on a supervisord host, locally: a private supervisord (supervisor_harness) running the AtoM
+stand-in (real PHP worker, real gearmand) from templates/supervisor/, the atom-worker-policy listener with
+RestartSec=1, StartLimitIntervalSec=60, StartLimitBurst=3, and a sites.json with "manager": "supervisor".
+
+One supervisord for the module; the tests run in order and leave it as they found it (both instances of
+pool default active and registered), except the last two (config change, errors).
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import standin
+import supervisor_harness
+from standin import Gearmand, make_root
+from supervisor_harness import BURST, make_units, plain_env
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+
+from atom_workerctl import cmd_status, model, snapshot  # noqa: E402
+from atom_workerctl.backend import UnitState  # noqa: E402
+from atom_workerctl.journal import Entry  # noqa: E402
+
+pytestmark = pytest.mark.timeout(60)
+ENV = {**os.environ, "PYTHONPATH": str(REPO / "tools"), "NO_COLOR": "1"}
+UNIT1, UNIT2 = "atom-worker@1.service", "atom-worker@2.service"
+NS1, NS2 = "atom-workers:atom-worker@1", "atom-workers:atom-worker@2"
+
+
+class Lab:
+    def __init__(self, sv, gearmand, root, config):
+        self.sv, self.gearmand, self.root, self.config = sv, gearmand, root, config
+
+    def cli(self, *args, config=None, timeout=45, user=None):
+        cmd = [sys.executable, "-m", "atom_workerctl", "--config", str(config or self.config), *args]
+        if user is not None:
+            cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+        return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, check=False)
+
+    def status(self, *args):
+        result = self.cli("status", "--json", *args)
+        return result.returncode, json.loads(result.stdout)
+
+    def units(self, *args):
+        _, data = self.status(*args)
+        return {u["unit"]: u for s in data["sites"] for p in s["pools"] for u in p["units"]}
+
+    def registered(self, *units):
+        states = self.units()
+        return all(states[u]["active_state"] == "active" and states[u]["gearman"]["registered"] is True
+                   for u in units)
+
+
+def write_sites_json(path, sv, sites, units, root):
+    model_ = supervisor_harness.filters.atom_worker_model(
+        {"sites": sites, "user": "root", "group": "root", "gearman_servers": sites[0]["gearman_servers"]})
+    state = supervisor_harness.filters.atom_worker_state(model_, {"default": os.path.realpath(root)}, units,
+                                                         {"manager": "supervisor"})
+    state["supervisor"] = {"server_url": sv.url, "conf_file": str(sv.conf_dir / "atom-worker.conf"),
+                           "policy_conf_file": str(sv.conf_dir / "atom-worker-policy.conf"),
+                           "log_dir": str(sv.log_dir), "policy_command": str(supervisor_harness.POLICY),
+                           "policy_state_file": str(sv.state_file)}
+    path.write_text(json.dumps(state, indent=2))
+    return state
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    for tool in ("php", "gearmand", supervisor_harness.SUPERVISORD):
+        assert shutil.which(tool), f"missing {tool}: apt-get install supervisor php-cli php-gearman gearman-job-server"
+    base = tmp_path_factory.mktemp("svcli")
+    sockdir = Path(tempfile.mkdtemp(prefix="sv-"))
+    gearmand = Gearmand().start()
+    sv = supervisor_harness.Supervisord(base, sockdir)
+    try:
+        root = make_root(base / "standin", servers=[gearmand.server])
+        helper = base / "atom-worker-recycle"
+        helper.write_text(plain_env().get_template("atom-worker-recycle.j2").render())
+        helper.chmod(0o755)
+        server = f"{gearmand.server[0]}:{gearmand.server[1]}"
+        sites = [{"name": "default", "root": str(root), "gearman_servers": [server],
+                  "pools": [{"name": "default", "instances": 2, "types": ["general"]}]}]
+        units = make_units(root, [], php=shutil.which("php"), sites=sites, recycle_helper=str(helper))
+        config = base / "sites.json"
+        write_sites_json(config, sv, sites, units, root)
+        # Small log files, so that -f is seen to follow supervisord's own rotation.
+        sv.start(units, supervisor={"log_max_bytes": "2KB", "log_backups": 3}, wait_running=[NS1, NS2])
+        lab = Lab(sv, gearmand, root, config)
+        sv.wait(lambda: lab.registered(UNIT1, UNIT2), 30, "both workers registered")
+        yield lab
+    finally:
+        sv.stop()
+        gearmand.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+class FakeBackend:
+    """A systemd-shaped backend (no systemd here): the reference for the --json schema."""
+
+    name = "systemd"
+
+    def units(self, names, glob):
+        return {u: UnitState(u, load_state="loaded", active_state="active", sub_state="running",
+                             unit_file_state="enabled", main_pid=0) for u in names}
+
+    def pids(self, state):
+        return []
+
+
+def shape(value):
+    """The keys of every object, recursively (lists: the shape of their first element)."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shape(value[0])] if value and isinstance(value[0], (dict, list)) else []
+    return None
+
+
+def test_status_json_has_systemds_schema_and_both_workers_registered(lab):
+    code, data = lab.status()
+    assert code == 0
+    assert data["manager"] == "supervisor"
+    host = model.load(str(lab.config))
+    reference = cmd_status.snapshot_json(snapshot.take(host, FakeBackend(), timeout=2), host.expected_units(), 0)
+    assert shape(data) == shape(reference)
+    units = lab.units()
+    for unit, ns in ((UNIT1, NS1), (UNIT2, NS2)):
+        u = units[unit]
+        assert (u["active_state"], u["sub_state"], u["result"]) == ("active", "running", "success")
+        assert u["main_pid"] == lab.sv.info(ns)["pid"]
+        assert u["memory_bytes"] > 0 and u["since_usec"] > 0
+        assert u["enabled"] is True and u["need_daemon_reload"] is False
+        assert u["start_limit"] == {"burst": BURST, "interval_sec": 60, "hit": False, "reason": None}
+        assert u["gearman"]["registered"] is True
+    human = lab.cli("status")
+    assert human.returncode == 0, human.stderr
+    assert "(supervisor): 2 instances, 2 active" in human.stdout
+    assert human.stdout.count("registered") >= 2
+
+
+def test_restarts_reset_the_budget_first_and_rolling_restart_registers_each(lab):
+    pids = {ns: lab.sv.info(ns)["pid"] for ns in (NS1, NS2)}
+    for _ in range(BURST + 1):  # more deliberate restarts than the start limit allows
+        result = lab.cli("restart", "atom-worker@1", "--no-wait")
+        assert result.returncode == 0, result.stderr
+    lab.sv.wait(lambda: lab.registered(UNIT1), 30, "atom-worker@1 registered again")
+    entry = lab.sv.entry(NS1)
+    assert entry["failed"] is False and len(entry["starts"]) == 1 and entry["n_restarts"] == 0
+    rolling = lab.cli("restart", "--rolling", "--json")
+    assert rolling.returncode == 0, rolling.stderr
+    data = json.loads(rolling.stdout)
+    assert [a["unit"] for a in data["actions"]] == [UNIT1, UNIT2]
+    assert all(a["registered"] is True for a in data["actions"])
+    assert "[2/2] atom-worker@2: registered again" in rolling.stderr
+    assert all(lab.sv.info(ns)["pid"] != pids[ns] for ns in (NS1, NS2))
+    assert lab.registered(UNIT1, UNIT2)
+
+
+def test_logs_merged_json_and_follow_across_rotation_and_restarts(lab):
+    result = lab.cli("logs", "-n", "20", "--json")
+    assert result.returncode == 0, result.stderr
+    entries = [json.loads(line) for line in result.stdout.splitlines()]
+    assert 8 <= len(entries) <= 20  # two workers' start lines at least
+    last = [json.loads(line) for line in lab.cli("logs", "-n", "5", "--json").stdout.splitlines()]
+    assert last == entries[-5:]
+    assert set(entries[0]) == set(Entry(0, UNIT1, None, None, "worker", "").as_dict())
+    assert [e["usec"] for e in entries] == sorted(e["usec"] for e in entries)
+    assert {e["unit"] for e in entries} <= {UNIT1, UNIT2}
+    # The policy listener's lines about an instance are tagged as such.
+    policy = lab.cli("logs", "-n", "200", "atom-worker@1")
+    assert "atom-worker@1 [policy]: started" in policy.stdout
+    assert "atom-worker@2" not in policy.stdout
+
+    follow = subprocess.Popen([sys.executable, "-m", "atom_workerctl", "--config", str(lab.config), "logs", "-f",
+                               "-n", "1", "atom-worker@2"], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        # Its first line (the last one written) comes once it follows the files: nothing after is missed.
+        assert follow.stdout.readline().startswith(time.strftime("%Y-")), "logs -f printed nothing"
+        log = lab.sv.log_dir / "atom-worker@2.log"
+        inode = log.stat().st_ino
+        restarts = 0
+        while log.stat().st_ino == inode or restarts < 2:  # until supervisord rotated the file (2KB)
+            # Waiting until registered: the worker has written its start lines before the next stop.
+            assert lab.cli("restart", "atom-worker@2").returncode == 0
+            restarts += 1
+            assert restarts < 12, "the log was never rotated"
+    finally:
+        time.sleep(1)
+        follow.terminate()
+        out, _ = follow.communicate(timeout=10)
+    assert out.count("atom-worker@2: Job worker termination requested.") >= restarts
+    assert out.count("atom-worker@2 [policy]: started") >= restarts
+    assert "atom-worker@1" not in out
+
+
+def test_crash_loop_shows_the_start_limit_then_reset_brings_it_back(lab):
+    standin.write_control(lab.root, crash_at_start=1)
+    try:
+        assert lab.cli("restart", "atom-worker@1", "--no-wait").returncode == 0
+        lab.sv.wait(lambda: lab.units()[UNIT1]["start_limit"]["hit"], 30, "the start limit")
+    finally:
+        standin.clear_control(lab.root)
+    code, _ = lab.status()
+    u = lab.units()[UNIT1]
+    assert code == 3
+    assert (u["active_state"], u["result"], u["n_restarts"]) == ("failed", "start-limit-hit", BURST - 1)
+    assert u["exit"] == {"code": "exited", "status": 1}
+    human = lab.cli("status", "atom-worker@1", "--no-gearman")
+    assert human.returncode == 3 and "START LIMIT HIT" in human.stdout
+    doctor = lab.cli("doctor", "--json")
+    assert doctor.returncode == 3
+    finding = next(f for f in json.loads(doctor.stdout)["findings"] if f["code"] == "start_limit_hit")
+    assert finding["subject"] == "atom-worker@1"
+    assert "atom-workerctl reset atom-worker@1" in finding["fix"]
+    assert any("start-limit-hit" in e for e in finding["evidence"])
+    assert any("crash_at_start" in e for e in finding["evidence"])  # the worker's own last line
+
+    reset = lab.cli("reset", "atom-worker@1")
+    assert reset.returncode == 0, reset.stderr
+    assert "atom-worker@1: active and registered" in reset.stdout
+    assert lab.sv.entry(NS1)["failed"] is False
+    assert lab.status()[0] == 0
+
+
+def test_scale_grows_numprocs_and_shrinks_by_stopping(lab):
+    conf = lab.sv.conf_dir / "atom-worker.conf"
+    grow = lab.cli("scale", "3", "--json")
+    assert grow.returncode == 0, grow.stderr
+    data = json.loads(grow.stdout)
+    assert data["from"] == 2 and data["to"] == 3 and data["inventory_instances"] == 2
+    assert "numprocs=3\n" in conf.read_text()
+    assert "restarted every worker of site default" in grow.stderr
+    assert lab.sv.statename("atom-workers:atom-worker@3") == "RUNNING"
+    recorded = json.loads(lab.config.read_text())["sites"][0]["pools"][0]
+    assert recorded["instances"] == 3 and recorded["scaled"]["inventory_instances"] == 2
+    assert lab.registered(UNIT1, UNIT2, "atom-worker@3.service")
+
+    shrink = lab.cli("scale", "2")
+    assert shrink.returncode == 0, shrink.stderr
+    assert lab.sv.statename("atom-workers:atom-worker@3") == "STOPPED"
+    assert "numprocs=3\n" in conf.read_text()  # stopping one process must not restart the others
+    recorded = json.loads(lab.config.read_text())["sites"][0]["pools"][0]
+    assert recorded["instances"] == 2 and "scaled" not in recorded
+    code, data = lab.status()
+    assert code == 0 and data["strays"] == []
+
+
+def test_a_changed_configuration_is_seen_not_applied_until_daemon_reload(lab):
+    conf = lab.sv.conf_dir / "atom-worker.conf"
+    pid = lab.sv.info(NS1)["pid"]
+    conf.write_text(conf.read_text().replace("stopwaitsecs=", "stopwaitsecs=1"))
+    units = lab.units()
+    assert units[UNIT1]["need_daemon_reload"] is True
+    assert lab.sv.info(NS1)["pid"] == pid  # reloadConfig compared, changed nothing
+    doctor = json.loads(lab.cli("doctor", "--json").stdout)
+    finding = next(f for f in doctor["findings"] if f["code"] == "unit_changed_not_reloaded")
+    assert finding["fix"][0].startswith("atom-workerctl daemon-reload")
+    reload = lab.cli("daemon-reload")
+    assert reload.returncode == 0 and "updated group atom-workers" in reload.stdout
+    lab.sv.wait(lambda: lab.registered(UNIT1, UNIT2), 30, "registered after the update")
+    assert lab.sv.info(NS1)["pid"] != pid
+    assert lab.units()[UNIT1]["need_daemon_reload"] is False
+
+
+def test_doctor_says_when_the_restart_policy_listener_is_down(lab):
+    listener = "atom-worker-policy:atom-worker-policy"
+    lab.sv.ctl("stop", listener, check=True)
+    try:
+        doctor = lab.cli("doctor", "--json")
+        first = json.loads(doctor.stdout)["findings"][0]
+        assert doctor.returncode == 3
+        assert first["code"] == "restart_policy_down" and "STOPPED" in first["evidence"][0]
+        assert first["fix"][-1] == f"supervisorctl start {listener}"
+        # The printed fix, against this private supervisord.
+        lab.sv.ctl(*first["fix"][-1].split()[1:], check=True)
+    finally:
+        lab.sv.ctl("start", listener)
+    assert lab.cli("doctor").returncode == 0
+
+
+def test_errors_are_one_line(lab, tmp_path):
+    def with_url(url):
+        data = json.loads(lab.config.read_text())
+        data["supervisor"]["server_url"] = url
+        path = tmp_path / f"sites-{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps(data))
+        return path
+
+    no_socket = with_url(f"unix://{tmp_path}/nothing.sock")
+    missing = lab.cli("status", config=no_socket)
+    logs = lab.cli("logs", "-n", "3", "atom-worker@1", config=no_socket)  # the files need no supervisord
+    assert logs.returncode == 0 and len(logs.stdout.splitlines()) == 3, logs
+    dead = tmp_path / "dead.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(dead))  # bound, never listening: connection refused
+    refused = lab.cli("status", config=with_url(f"unix://{dead}"))
+    s.close()
+    readable = Path(tempfile.mkdtemp(prefix="svcfg-"))
+    readable.chmod(0o755)
+    shutil.copy(lab.config, readable / "sites.json")
+    (readable / "sites.json").chmod(0o644)
+    denied = lab.cli("status", config=readable / "sites.json", user=65534)  # the socket: chmod 0700, root's
+    shutil.rmtree(readable)
+    for result, text in ((missing, "no socket"), (refused, "supervisord is not running"),
+                         (denied, "permission denied")):
+        assert result.returncode == 1, result
+        assert result.stdout == ""
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("atom-workerctl: error: ") and text in lines[0], lines
+    unknown = lab.cli("status", "atom-worker-nope@1")
+    assert unknown.returncode == 4 and len(unknown.stderr.splitlines()) == 1
