@@ -57,10 +57,12 @@ def _cgroups(name: str) -> list[Path]:
 def _cgroup_pids(name: str) -> list[int]:
     pids = []
     for group in _cgroups(name):
-        for procs in group.rglob("cgroup.procs") if group.exists() else []:
-            # nspawn creates and removes sub-groups while a host boots or stops: one may vanish here.
-            with contextlib.suppress(FileNotFoundError):
-                pids += [int(p) for p in procs.read_text().split()]
+        # nspawn and the host's systemd create and remove sub-groups while a host boots or stops: a directory
+        # may vanish while it is walked (os.walk skips it; Path.rglob raises) or before its file is read.
+        for directory, _, files in os.walk(group):
+            if "cgroup.procs" in files:
+                with contextlib.suppress(OSError):
+                    pids += [int(p) for p in Path(directory, "cgroup.procs").read_text().split()]
     return sorted(set(pids))
 
 
