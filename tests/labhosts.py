@@ -4,8 +4,11 @@ Tests run inside the lab network (`make test` wraps pytest in `tools/lab/lab exe
 reach the hosts by name. Hosts are booted per test module with names that start with the module's prefix,
 so modules never touch each other's hosts.
 """
+import contextlib
+import json
 import os
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -84,6 +87,24 @@ class LabHosts:
     def boot(self, host: str) -> None:
         lab("boot", host)
 
+    def main_pids(self, host: str, units: str = "atom-worker*@*") -> dict[str, str]:
+        """unit -> MainPID ("0" when not running) of the loaded units matching `units`."""
+        out = self.run(host, f"systemctl show -p Id -p MainPID {shlex.quote(units)}").stdout
+        pids, unit = {}, None
+        for line in out.splitlines():
+            if line.startswith("Id="):
+                unit = line[3:]
+            elif line.startswith("MainPID=") and unit:
+                pids[unit] = line[8:]
+        return pids
+
+    def standin_control(self, host: str, root: str = ATOM_ROOT, **knobs) -> None:
+        """Set the AtoM stand-in's fault knobs on `host` (tests/fixtures/atom/README.md); none clears them."""
+        if knobs:
+            self.run(host, f"echo {shlex.quote(json.dumps(knobs))} > {root}/standin/control.json")
+        else:
+            self.run(host, f"rm -f {root}/standin/control.json")
+
     def playbook(self, playbook: str, *extra: str, extra_vars: dict | None = None, timeout=900,
                  with_cli=False) -> PlaybookResult:
         """Run a playbook; site.yml's atom-workerctl install is off unless asked (it builds pystemd each time)."""
@@ -94,6 +115,27 @@ class LabHosts:
                "ANSIBLE_NOCOLOR": "1"}
         return PlaybookResult(subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
                                            check=False))
+
+
+@contextlib.contextmanager
+def booted_per_module(tmp_path_factory, wrap, prefix: str = "lab"):
+    """A module fixture's body: `make(inventory)` boots those hosts and returns `wrap(hosts)`; every host
+    booted is removed at the end (kept with ATOM_KEEP_LAB=1, to look at them)."""
+    booted = []
+
+    def make(inventory: dict):
+        hosts = LabHosts(inventory, Path(tmp_path_factory.mktemp(prefix)))
+        hosts.down()
+        hosts.up()
+        booted.append(hosts)
+        return wrap(hosts)
+
+    try:
+        yield make
+    finally:
+        if not os.environ.get("ATOM_KEEP_LAB"):
+            for hosts in booted:
+                hosts.down()
 
 
 def repo_path(*parts: str) -> Path:

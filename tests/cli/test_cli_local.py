@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -470,10 +471,83 @@ def test_fleet_options_are_not_passed_to_the_hosts():
         (["-H", "w1", "logs", "-f", "-n", "5", "--", "atom-worker@1"],
          ["logs", "-f", "-n", "5", "--", "atom-worker@1"]),
         (["-i", "inv", "--group", "g", "scale", "3", "--pool", "serial"], ["scale", "3", "--pool", "serial"]),
+        # An abbreviation goes to the hosts whole: their CLI may have more options than this one.
+        (["-H", "w1", "status", "--gearman-t=3", "--no-g"], ["status", "--gearman-timeout=3", "--no-gearman"]),
     ]
     for argv, remote in cases:
         parser.parse_args(argv)  # every case is valid for the parser itself
         assert cmd_fleet.remote_argv(argv, longs) == ["atom-workerctl", "--json", *remote], argv
+
+
+def test_fleet_hosts_named_before_and_after_the_command_are_all_worked_on(tmp_path):
+    proc = subprocess.run([*CLI, "-H", "ok", "status", "-H", "ok2", "--host", "ok3", "--json"],
+                          capture_output=True, text=True, env=fleet_env(tmp_path), timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert list(json.loads(proc.stdout)["hosts"]) == ["ok", "ok2", "ok3"]
+
+
+def test_fleet_logs_follow_resumes_from_the_last_line_after_a_host_drops_out():
+    from atom_workerctl import cmd_fleet
+
+    remote = ["atom-workerctl", "--json", "logs", "-f", "-n", "5", "--lines=7", "-n3", "--since", "1 hour ago",
+              "--pool", "p", "--", "atom-worker@1"]
+    assert cmd_fleet.resumed_argv(remote, 1_700_000_000_250_000) == [
+        "atom-workerctl", "--json", "logs", "-f", "--pool", "p", "--since", "@1700000000.250000", "--",
+        "atom-worker@1"]
+
+
+FLAKY_SSH = r'''#!/usr/bin/env python3
+# A host that drops out twice while followed: refused, then lost after two lines, then back (the command
+# must now ask --since the last line seen) and finally refusing the command (which ends the follow).
+import json, os, sys
+state = os.environ["FAKE_STATE"]
+attempt = int(open(state).read()) + 1 if os.path.exists(state) else 1
+open(state, "w").write(str(attempt))
+with open(state + ".argv", "a") as log:
+    log.write(sys.argv[-1] + "\n")
+line = lambda usec, msg: print(json.dumps({"usec": usec, "unit": "atom-worker@1.service", "instance": "atom-worker@1",
+                                           "source": "worker", "pid": 7, "message": msg}), flush=True)
+if attempt == 1:
+    sys.stderr.write("ssh: connect to host flaky port 22: Connection refused\n")
+    sys.exit(255)
+if attempt == 2:
+    line(100, "one"); line(200, "two")
+    sys.stderr.write("Connection to flaky closed by remote host.\n")
+    sys.exit(255)
+line(200, "two"); line(300, "three")
+sys.stderr.write("atom-workerctl: error: no such instance\n")
+sys.exit(4)
+'''
+
+
+def test_fleet_logs_follow_reconnects_a_host_that_drops_out(tmp_path, monkeypatch, capsys):
+    from atom_workerctl import cli as cli_mod
+    from atom_workerctl import cmd_fleet, fleet_ssh
+
+    ssh = tmp_path / "flaky-ssh"
+    ssh.write_text(FLAKY_SSH)
+    ssh.chmod(0o755)
+    monkeypatch.setattr(fleet_ssh, "SSH", str(ssh))
+    monkeypatch.setattr(cmd_fleet, "RECONNECT_EVERY", 0.1)
+    monkeypatch.setenv("FAKE_STATE", str(tmp_path / "state"))
+    began = time.time()
+    code = cli_mod.main(["-H", "flaky", "logs", "-f", "-n", "0", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 4, err  # the host's last answer: no such instance
+    assert [json.loads(ln)["message"] for ln in out.splitlines()] == ["one", "two", "three"]  # none twice
+    assert all(json.loads(ln)["host"] == "flaky" for ln in out.splitlines())
+    sent = (tmp_path / "state.argv").read_text().splitlines()
+    # The first retry, before any line: from when following began; the next one: from the last line seen.
+    assert sent[0] == "atom-workerctl --json logs -f -n 0" and len(sent) == 3, sent
+    assert sent[1].startswith("atom-workerctl --json logs -f --since @"), sent
+    assert began <= float(sent[1].rpartition("@")[2]) <= time.time()
+    assert sent[2] == "atom-workerctl --json logs -f --since @0.000200"
+    notes = err.splitlines()
+    assert notes[0] == ("[flaky] stopped following: ssh: connect to host flaky port 22: Connection refused; "
+                        "trying again every 0.1 s"), notes
+    assert "[flaky] following again" in notes
+    assert notes[-1] == "[flaky] stopped following: error: no such instance", notes
+    assert notes.count("[flaky] following again") == 2, notes
 
 
 def test_fleet_hosts_from_an_inventory_ansible_and_the_fallback_reader_agree(tmp_path):

@@ -5,14 +5,12 @@ Host names start with `d-`.
 """
 
 import json
-import os
 import shlex
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
-from labhosts import ATOM_ROOT, LAB, LabHosts
+from labhosts import ATOM_ROOT, LAB, LabHosts, booted_per_module
 from polling import wait_until
 
 # Submits background jobs straight to gearmand (SUBMIT_JOB_BG of the binary protocol), as AtoM's web app
@@ -124,10 +122,7 @@ class Drill:
         return status
 
     def control(self, host, **knobs):
-        if knobs:
-            self.run(host, f"echo {shlex.quote(json.dumps(knobs))} > {ATOM_ROOT}/standin/control.json")
-        else:
-            self.run(host, f"rm -f {ATOM_ROOT}/standin/control.json")
+        self.hosts.standin_control(host, **knobs)
 
     def journal(self, host, unit, since=""):
         flag = f" --since=@{since}" if since else ""
@@ -141,16 +136,5 @@ class Drill:
 @pytest.fixture(scope="module")
 def make_drill(tmp_path_factory):
     """Boot the hosts of an inventory (dict) for the whole module; remove them afterwards."""
-    booted = []
-
-    def make(inventory):
-        hosts = LabHosts(inventory, Path(tmp_path_factory.mktemp("drill")))
-        hosts.down()
-        hosts.up()
-        booted.append(hosts)
-        return Drill(hosts)
-
-    yield make
-    if not os.environ.get("ATOM_KEEP_LAB"):
-        for hosts in booted:
-            hosts.down()
+    with booted_per_module(tmp_path_factory, Drill, "drill") as make:
+        yield make

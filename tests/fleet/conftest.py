@@ -97,14 +97,7 @@ class Fleet:
         return sorted(line.split()[0] for line in out.splitlines() if line.strip())
 
     def main_pids(self, host):
-        out = self.run(host, "systemctl show -p Id -p MainPID 'atom-worker*@*'").stdout
-        pids, unit = {}, None
-        for line in out.splitlines():
-            if line.startswith("Id="):
-                unit = line[3:]
-            elif line.startswith("MainPID=") and unit:
-                pids[unit] = line[8:]
-        return pids
+        return self.hosts.main_pids(host)
 
     def journal(self, host, unit="atom-worker*@*"):
         return self.run(host, f"journalctl --no-pager -n 60 -o short-monotonic -u '{unit}'", check=False).stdout
@@ -132,10 +125,7 @@ class Fleet:
         return proc
 
     def control(self, host, **knobs):
-        if knobs:
-            self.run(host, f"echo {shlex.quote(json.dumps(knobs))} > {ATOM_ROOT}/standin/control.json")
-        else:
-            self.run(host, f"rm -f {ATOM_ROOT}/standin/control.json")
+        self.hosts.standin_control(host, **knobs)
 
     # -- gearmand, read from the test process (inside the lab network) -------------------------------------
     def status(self):

@@ -66,9 +66,14 @@ class Lab:
         return parse_status(admin(self.gearmand, "status"))
 
     def worker_ips(self):
-        """gearmand's worker connections (with functions) per client address."""
+        """gearmand's worker connections (with functions) per client address; None while gearmand does not
+        answer (it is being restarted: systemd has started it before it listens)."""
+        try:
+            lines = admin(self.gearmand, "workers")
+        except OSError:
+            return None
         out = {}
-        for line in admin(self.gearmand, "workers"):
+        for line in lines:
             head, _, funcs = line.partition(" :")
             if funcs.split():
                 out[head.split()[1]] = out.get(head.split()[1], 0) + 1
@@ -78,14 +83,7 @@ class Lab:
         return sorted(f for f in self.status() if f.count("-") == 1 and len(f.split("-")[0]) == 32)
 
     def main_pids(self, host):
-        out = self.run(host, "systemctl show -p Id -p MainPID 'atom-worker*@*'").stdout
-        pids, unit = {}, None
-        for line in out.splitlines():
-            if line.startswith("Id="):
-                unit = line[3:]
-            elif line.startswith("MainPID=") and unit:
-                pids[unit] = line[8:]
-        return pids
+        return self.hosts.main_pids(host)
 
     def completed(self):
         done = set()
@@ -102,7 +100,7 @@ class Lab:
 
     def all_registered(self):
         """Both hosts' 2 instances registered, seen by gearmand (2 connections from each address)."""
-        ips = self.worker_ips()
+        ips = self.worker_ips() or {}
         return all(ips.get(self.address[h], 0) == 2 for h in WORKERS)
 
 
@@ -182,7 +180,8 @@ def test_a_host_whose_units_run_but_cannot_reach_gearmand_stands_out(lab):
     lab.run(W2, f"ip route add prohibit {lab.address[JOBS]}/32")
     try:
         lab.run(JOBS, "systemctl restart gearman-job-server")
-        wait_until(lambda: lab.worker_ips() == {lab.address[W1]: 2}, 60, 0.5, "only W1's workers at gearmand")
+        wait_until(lambda: lab.worker_ips() == {lab.address[W1]: 2}, 60, 0.5, "only W1's workers at gearmand",
+                   details=lambda: f"gearmand's workers by address: {lab.worker_ips()}")
         code, data, _ = lab.fleet("status", "--gearman-timeout", "1")
         assert code == 3, data["fleet"]
         assert data["hosts"][W2]["summary"]["active"] == 2  # the units run ...
@@ -247,10 +246,12 @@ def test_rolling_restart_over_the_fleet_keeps_a_worker_for_every_function(lab):
           f"{len(submitted)} jobs, lowest available {min(lowest.values())}")
 
 
-def test_a_host_powered_off_mid_operation_is_reported_and_the_others_answer(lab):
+def test_a_host_powered_off_mid_operation_is_reported_and_the_others_answer(lab, request):
     # A rolling restart over the fleet; W2 goes down while W1 is being restarted. W1's workers take 3 s to
     # start (the stand-in's start_delay), so W1's part lasts long enough for the power-off to land in it.
     lab.run(W1, f"echo '{{\"start_delay\": 3}}' > {ATOM_ROOT}/standin/control.json")
+    follower = Follower(lab)  # logs -f over the fleet, through W2's power-off and boot
+    request.addfinalizer(follower.stop)
     rolling = subprocess.Popen([*CTL, "-i", lab.inventory, "--host-timeout", "60", "restart", "--rolling", "--json"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=lab.env)
     err_lines = []
@@ -259,6 +260,7 @@ def test_a_host_powered_off_mid_operation_is_reported_and_the_others_answer(lab)
     try:
         wait_until(lambda: any(ln.startswith(f"[{W1}] [1/") for ln in err_lines), 60, 0.1,
                    "W1's rolling restart to begin", details=lambda: "\n".join(err_lines))
+        powered_off = time.time()
         lab.hosts.poweroff(W2)
         status = lab.ctl("-i", lab.inventory, "--host-timeout", "10", "status", "--json")
         out = rolling.stdout.read()
@@ -288,8 +290,47 @@ def test_a_host_powered_off_mid_operation_is_reported_and_the_others_answer(lab)
         assert proc.returncode == EXIT_PARTIAL and f"{W1}: healthy" in proc.stdout, proc.stdout + proc.stderr
         assert f"{W2}: not reached" in proc.stdout
     finally:
+        booted = time.time()
         lab.hosts.boot(W2)
-    wait_until(lab.all_registered, 120, 0.5, "W2's workers to register after its boot")
+    try:
+        wait_until(lab.all_registered, 120, 0.5, "W2's workers to register after its boot")
+        # logs -f: W1's lines went on while W2 was off; W2 is followed again once it is back.
+        wait_until(lambda: follower.lines(W2, "Running worker", after=booted), 60, 0.5,
+                   "W2's workers' start lines after its boot in the fleet's logs -f", details=follower.details)
+        assert follower.lines(W1, "Running worker", after=powered_off, before=booted), follower.details()
+    finally:
+        err = follower.stop()
+    assert f"[{W2}] stopped following: " in err and f"[{W2}] following again" in err, err
+    assert f"[{W1}] stopped following" not in err, err
+
+
+class Follower:
+    """`atom-workerctl -i INVENTORY logs -f -n 0 --json`, read in a thread."""
+
+    def __init__(self, lab):
+        self.proc = subprocess.Popen([*CTL, "-i", lab.inventory, "logs", "-f", "-n", "0", "--json"], text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=lab.env)
+        self.entries, self.err = [], []
+        self.readers = [threading.Thread(target=lambda: self.entries.extend(map(json.loads, self.proc.stdout)),
+                                         daemon=True),
+                        threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True)]
+        for reader in self.readers:
+            reader.start()
+
+    def lines(self, host, text, after=0.0, before=float("inf")):
+        return [e for e in list(self.entries)
+                if e["host"] == host and text in e["message"] and after * 1e6 < e["usec"] < before * 1e6]
+
+    def details(self):
+        return "".join(self.err) + f"{len(self.entries)} lines, the last: {self.entries[-5:]}"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(15)
+        for reader in self.readers:
+            reader.join(5)
+        return "".join(self.err)
 
 
 def test_reset_scale_and_doctor_over_the_fleet(lab):

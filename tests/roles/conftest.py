@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from labhosts import ATOM_ROOT, LabHosts
+from labhosts import ATOM_ROOT, LabHosts, booted_per_module
 from polling import wait_until
 
 RECORD = f"{ATOM_ROOT}/log/standin-record.jsonl"
@@ -79,10 +79,7 @@ class Lab:
         return proc.stdout.split()
 
     def control(self, host, root=ATOM_ROOT, **knobs):
-        if knobs:
-            self.run(host, f"echo '{json.dumps(knobs)}' > {root}/standin/control.json")
-        else:
-            self.run(host, f"rm -f {root}/standin/control.json")
+        self.hosts.standin_control(host, root, **knobs)
 
     def journal(self, host, unit):
         return self.run(
@@ -93,16 +90,5 @@ class Lab:
 @pytest.fixture(scope="module")
 def make_lab(tmp_path_factory):
     """Boot the hosts of an inventory (dict) for the whole module; remove them afterwards."""
-    booted = []
-
-    def make(inventory):
-        hosts = LabHosts(inventory, tmp_path_factory.mktemp("lab"))
-        hosts.down()
-        hosts.up()
-        booted.append(hosts)
-        return Lab(hosts)
-
-    yield make
-    if not os.environ.get("ATOM_KEEP_LAB"):
-        for hosts in booted:
-            hosts.down()
+    with booted_per_module(tmp_path_factory, Lab) as make:
+        yield make

@@ -116,7 +116,9 @@ def _fleet_options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
                    help="only these inventory hosts (Ansible's --limit pattern)")
     g.add_argument("--group", metavar="GROUP", default=d(None),
                    help="the inventory group to work on (default atom_workers)")
-    g.add_argument("-H", "--host", dest="hosts", metavar="[USER@]HOST[:PORT]", action="append", default=d([]),
+    # After the command, -H collects into its own list: argparse would let it replace the hosts given before.
+    g.add_argument("-H", "--host", dest="hosts_after" if suppress else "hosts", metavar="[USER@]HOST[:PORT]",
+                   action="append", default=d([]),
                    help="a host to work on (repeat for several), instead of --inventory")
     g.add_argument("--parallel", metavar="N", type=int, default=d(10),
                    help="hosts worked on at the same time (default 10)")
@@ -226,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         argv = sys.argv[1:] if argv is None else argv
         args = parser.parse_args(argv)
+        args.hosts = [*getattr(args, "hosts", []), *vars(args).pop("hosts_after", [])]
         if args.command is None:
             parser.print_help()
             return 2

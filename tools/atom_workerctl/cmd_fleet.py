@@ -47,8 +47,9 @@ def remote_argv(argv: list[str], long_options: list[str]) -> list[str]:
         name, eq, _ = tok.partition("=")
         if name.startswith("--") and name not in FLEET_OPTIONS:
             matches = [o for o in long_options if o.startswith(name)]
-            if len(matches) == 1:
+            if len(matches) == 1 and matches[0] != name:
                 name = matches[0]
+                tok = name + tok[len(tok.partition("=")[0]):]  # the hosts get the whole name
         if name in FLEET_OPTIONS:
             i += 1 + (1 if FLEET_OPTIONS[name] and not eq else 0)
             continue
@@ -452,9 +453,60 @@ def logs(args, hosts, remote, timeout) -> int:
     return _follow(args, hosts, remote)
 
 
+RECONNECT_EVERY = 5.0  # seconds between tries to follow a host again
+
+
+def resumed_argv(remote: list[str], usec: int) -> list[str]:
+    """The host's follow command again, from the last line seen (journalctl's --since is inclusive: that
+    line comes again and is dropped) instead of its last -n lines."""
+    out, tail, i = [], [], 2
+    while i < len(remote):
+        tok = remote[i]
+        if tok == "--":
+            tail = remote[i:]
+            break
+        name, eq, _ = tok.partition("=")
+        if name in ("-n", "--lines", "--since"):
+            i += 1 if eq else 2
+            continue
+        if tok.startswith("-n") and not tok.startswith("--"):  # -n5
+            i += 1
+            continue
+        out.append(tok)
+        i += 1
+    return [*remote[:2], *out, "--since", f"@{usec / 1e6:.6f}", *tail]
+
+
+class _HostFollow:
+    """One host's place in the merged follow: what was last written, so that nothing repeats on reconnect."""
+
+    def __init__(self):
+        self.last_usec: int | None = None
+        self.seen_at_last: set = set()
+        self.out_of_reach = False
+
+    def fresh(self, e: dict) -> bool:
+        usec = e.get("usec", 0)
+        key = (e.get("unit"), e.get("pid"), e.get("message"))
+        if self.last_usec is not None and (usec < self.last_usec or (usec == self.last_usec
+                                                                      and key in self.seen_at_last)):
+            return False
+        if usec != self.last_usec:
+            self.last_usec, self.seen_at_last = usec, set()
+        self.seen_at_last.add(key)
+        return True
+
+
+def _note(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def _follow(args, hosts, remote) -> int:
     """Every host followed at once (one ssh each, not bounded by --parallel: a follow never ends); lines are
-    held 0.3 s and written in time order, so hosts' lines interleave as they happened."""
+    held 0.3 s and written in time order, so hosts' lines interleave as they happened. A host that drops out
+    (rebooted, network gone) is tried again every RECONNECT_EVERY s and resumes from its last line seen; only
+    a host whose CLI refused the command (usage, no such instance, an error) is given up."""
     import heapq
     import queue
     import signal
@@ -464,16 +516,35 @@ def _follow(args, hosts, remote) -> int:
     results: dict = {}
 
     def follow(t) -> None:
+        place = _HostFollow()
+
         def line(text, name=t.name) -> None:
             with contextlib.suppress(ValueError):  # not a journal line (a stray warning): skip it
-                q.put((json.loads(text), name))
+                e = json.loads(text)
+                if place.out_of_reach:
+                    place.out_of_reach = False
+                    _note(f"[{name}] following again")
+                if place.fresh(e):
+                    q.put((e, name))
 
-        r = fleet_ssh.run(t, remote, 0, on_stdout_line=line, stop=stop)
-        results[t.name] = r
-        if not stop.is_set():
+        # Before any line from the host, a retry resumes from when following began, by this host's clock: a
+        # skew between the two clocks that is shorter than the time followed loses nothing.
+        began, argv = int(time.time() * 1e6), remote
+        while True:
+            r = fleet_ssh.run(t, argv, 0, on_stdout_line=line, stop=stop)
+            results[t.name] = r
+            if stop.is_set():
+                break
             why = r.error or f"exit {r.code}"
-            sys.stderr.write(f"[{t.name}] stopped following: {why}\n")
-            sys.stderr.flush()
+            if r.reached and r.code in (EXIT_ERROR, EXIT_USAGE, EXIT_NO_SUCH):
+                _note(f"[{t.name}] stopped following: {why}")
+                break
+            if not place.out_of_reach:
+                place.out_of_reach = True
+                _note(f"[{t.name}] stopped following: {why}; trying again every {RECONNECT_EVERY:g} s")
+            if stop.wait(RECONNECT_EVERY):
+                break
+            argv = resumed_argv(remote, began if place.last_usec is None else place.last_usec)
         q.put(None)
 
     def on_term(*_):

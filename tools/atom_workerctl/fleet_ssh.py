@@ -281,7 +281,7 @@ def run(target: Target, remote: list[str], timeout: float, on_stderr=None, on_st
     if target.error:
         res.error = target.error
         return res
-    argv = target.ssh_argv(remote, min(timeout, 10))
+    argv = target.ssh_argv(remote, min(timeout, 10) if timeout else 10)
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, errors="replace", start_new_session=True)

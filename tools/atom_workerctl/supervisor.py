@@ -408,25 +408,23 @@ class SupervisorBackend(Backend):
     def start(self, unit: str) -> None:
         ns = self._namespec(unit)
         self._reset_entries([ns])
-        try:
-            self._call("supervisor.startProcess", ns, False, what=f"start {ns}")
-        except ManagerError as exc:
-            if "ALREADY_STARTED" not in str(exc):
-                raise
+        self._call_tolerating("ALREADY_STARTED", "supervisor.startProcess", ns, False, what=f"start {ns}")
 
     def restart(self, unit: str) -> None:
         ns = self._namespec(unit)
         self._reset_entries([ns], cancel=True)
-        try:
-            self._call("supervisor.stopProcess", ns, True, what=f"stop {ns}", timeout=STOP_TIMEOUT)
-        except ManagerError as exc:
-            if "NOT_RUNNING" not in str(exc):  # not running: restart is start
-                raise
+        # Not running: restart is start.
+        self._call_tolerating("NOT_RUNNING", "supervisor.stopProcess", ns, True, what=f"stop {ns}",
+                              timeout=STOP_TIMEOUT)
         self._reset_entries([ns])  # a start the listener refused meanwhile must not count
+        self._call_tolerating("ALREADY_STARTED", "supervisor.startProcess", ns, False, what=f"start {ns}")
+
+    def _call_tolerating(self, fault: str, method: str, *params, **kw) -> None:
+        """An XML-RPC call whose `fault` (the state asked for is already there) is success."""
         try:
-            self._call("supervisor.startProcess", ns, False, what=f"start {ns}")
+            self._call(method, *params, **kw)
         except ManagerError as exc:
-            if "ALREADY_STARTED" not in str(exc):
+            if fault not in str(exc):
                 raise
 
     def stop(self, unit: str) -> None:
