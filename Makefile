@@ -6,7 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 LAB := tools/lab/lab
 STAMPS := build
-PYTEST_ARGS ?=
+# Two test modules at a time, a module's tests on one worker; PYTEST_ARGS= runs them one by one.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: help deps venv wheel lab demo test lint pytest molecule clean bench-cli bench-ops bench-fleet
 help:

@@ -5,6 +5,7 @@ reach the hosts by name. Hosts are booted per test module with names that start 
 so modules never touch each other's hosts.
 """
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -62,6 +63,7 @@ class LabHosts:
         self.inventory = workdir / "inventory.yml"
         self.source.write_text(yaml.safe_dump(inventory, sort_keys=False))
         self.names = sorted(_host_names(inventory["all"]))
+        self.runs = 0
 
     def up(self) -> "LabHosts":
         # Not a skip: a lab test that cannot reach its hosts has failed, and says how to run it.
@@ -113,8 +115,12 @@ class LabHosts:
         args += ["-e", yaml.safe_dump(extra_vars, default_flow_style=True).strip()]
         env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0",
                "ANSIBLE_NOCOLOR": "1"}
-        return PlaybookResult(subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
-                                           check=False))
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env, check=False)
+        # The whole output beside the inventory (a failed assertion shows only its end).
+        self.runs += 1
+        (self.inventory.parent / f"playbook-{self.runs:02d}.log").write_text(
+            f"$ {' '.join(args)}\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+        return PlaybookResult(proc)
 
 
 @contextlib.contextmanager
@@ -136,6 +142,18 @@ def booted_per_module(tmp_path_factory, wrap, prefix: str = "lab"):
         if not os.environ.get("ATOM_KEEP_LAB"):
             for hosts in booted:
                 hosts.down()
+
+
+def build_project_wheel(dest: Path) -> Path:
+    """This repository's atom-workerctl as a wheel in `dest`. One build at a time across test workers:
+    setuptools writes build/ and the egg-info inside the source tree."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (REPO / "build").mkdir(exist_ok=True)
+    with open(REPO / "build" / ".wheel-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run([str(VENV_BIN / "pip"), "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dest),
+                        str(REPO)], check=True, capture_output=True, timeout=300)
+    return next(dest.glob("atom_workerctl-*.whl"))
 
 
 def repo_path(*parts: str) -> Path:

@@ -21,7 +21,7 @@ import pytest
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 
-from labhosts import REPO, VENV_BIN, LabHosts  # noqa: E402
+from labhosts import REPO, LabHosts, build_project_wheel  # noqa: E402
 from polling import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.timeout(1200)
@@ -90,10 +90,7 @@ def run_fix(host, fix):
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     work = tmp_path_factory.mktemp("cli-lab")
-    wheel_dir = work / "wheel"
-    subprocess.run([str(VENV_BIN / "pip"), "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir),
-                    str(REPO)], check=True, capture_output=True, timeout=300)
-    wheel = next(wheel_dir.glob("atom_workerctl-*.whl"))
+    wheel = build_project_wheel(work / "wheel")
     hosts = LabHosts(INVENTORY, work)
     hosts.down()
     hosts.up()

@@ -17,10 +17,12 @@ import subprocess
 import time
 
 import pytest
-from labhosts import ATOM_ROOT, REPO, VENV_BIN, LabHosts, PlaybookResult
+from labhosts import ATOM_ROOT, LabHosts, PlaybookResult, build_project_wheel
 from polling import wait_until
 
-HOST = "sv-host"
+# The session's supervisord host. Two test workers (pytest-xdist) may each run a module that uses it: each
+# boots its own (sv-host-gw0, sv-host-gw1), so neither removes the other's.
+HOST = "sv-host" + (f"-{os.environ['PYTEST_XDIST_WORKER']}" if os.environ.get("PYTEST_XDIST_WORKER") else "")
 RESTART_SEC = 2
 INSTANCES = 2
 # The role's supervisord settings (its defaults), as sites.json records them.
@@ -128,17 +130,10 @@ class SupervisorLab:
                         "tail -n 30 /var/log/supervisor/supervisord.log", check=False).stdout
 
 
-def _build_wheel(workdir) -> str:
-    out = workdir / "wheel"
-    subprocess.run([str(VENV_BIN / "pip"), "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(REPO)], check=True, capture_output=True, timeout=300)
-    return str(next(out.glob("atom_workerctl-*.whl")))
-
-
 @pytest.fixture(scope="session")
 def supervisor_lab(tmp_path_factory):
     work = tmp_path_factory.mktemp("supervisor-lab")
-    wheel = _build_wheel(work)
+    wheel = str(build_project_wheel(work / "wheel"))
     hosts = LabHosts(INVENTORY, work)
     hosts.down()
     hosts.up()

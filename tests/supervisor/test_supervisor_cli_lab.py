@@ -17,7 +17,6 @@ from labhosts import REPO
 
 pytestmark = pytest.mark.timeout(600)
 
-HOST = "sv-host"
 CONF = "/etc/supervisor/conf.d/atom-worker.conf"
 W1, W2 = "atom-worker@1", "atom-worker@2"
 
@@ -51,7 +50,7 @@ def test_status_and_doctor_on_supervisord(supervisor_lab):
     lab = supervisor_lab
     lab.wait(lambda: all_registered(lab), 60, "both workers registered")
     code, data = status(lab)
-    assert data["manager"] == "supervisor" and data["host"] == HOST
+    assert data["manager"] == "supervisor" and data["host"] == lab.host
     assert data["summary"] == {"instances": 2, "active": 2, "not_active": 0, "start_limit_hit": 0, "registered": 2,
                                "gearman_unreachable": 0}
     procs = lab.processes()
@@ -89,7 +88,7 @@ def test_logs_from_the_log_files_merged_and_followed(supervisor_lab):
     assert entries and {e["instance"] for e in entries} <= {W1, W2}
     assert [e["usec"] for e in entries] == sorted(e["usec"] for e in entries)
     assert any(e["source"] == "worker" and "Running worker" in e["message"] for e in entries), entries
-    follow = subprocess.Popen([str(REPO / "tools/lab/lab"), "run", HOST, "--", "timeout", "15", "atom-workerctl",
+    follow = subprocess.Popen([str(REPO / "tools/lab/lab"), "run", lab.host, "--", "timeout", "15", "atom-workerctl",
                                "logs", "-f", "-n", "0", W1], stdout=subprocess.PIPE, text=True)
     time.sleep(2.5)
     ctl(lab, "restart", W1, "--no-wait")

@@ -172,14 +172,17 @@ def test_reset_start_recovers_the_failed_worker(supervisor_lab):
 
 @pytest.fixture(scope="module")
 def recycling_pool(supervisor_lab):
-    """A second pool that recycles after every job (one converge; the pool stays for the rest of the session:
-    test_supervisor_cli_lab.py, which shares the host, runs before this module)."""
+    """A second pool that recycles after every job, for this module's tests; removed again at the end, since
+    test_supervisor_cli_lab.py shares the host and may run after this module (pytest-xdist)."""
     lab = supervisor_lab
     result = lab.playbook({"atom_worker_pools": [RECYCLE_POOL]}, with_cli=False)
     assert result.returncode == 0, result
     # update restarted the site's group (its program list changed), after resetting its counters.
     lab.wait_running([W1, W2, RECYCLED])
-    return lab
+    yield lab
+    result = lab.playbook(with_cli=False)
+    assert result.returncode == 0, result
+    lab.wait_running([W1, W2])
 
 
 def test_a_second_run_changes_nothing_and_restarts_nothing(recycling_pool):

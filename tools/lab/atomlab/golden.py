@@ -85,6 +85,7 @@ def _chroot_setup(root: Path) -> None:
     _serve_python_packages(root)
     _host_identity(root)
     _quiet_units(root)
+    _dpkg_without_fsync(root)
 
 
 def _serve_packages(root: Path) -> None:
@@ -130,6 +131,13 @@ def _quiet_units(root: Path) -> None:
         link = root / "etc/systemd/system" / unit
         link.unlink(missing_ok=True)
         link.symlink_to("/dev/null")
+
+
+def _dpkg_without_fsync(root: Path) -> None:
+    """Lab hosts are thrown away, never power-cut mid-install: dpkg need not fsync every file it unpacks.
+    The roles' package installs take about 15% less time (tools/lab/README.md)."""
+    (root / "etc/dpkg/dpkg.cfg.d/atom-lab-unsafe-io").write_text(
+        "# atom-lab: disposable test hosts, no fsync per unpacked file\nforce-unsafe-io\n")
 
 
 def _umount_below(root: Path) -> None:

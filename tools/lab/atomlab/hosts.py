@@ -146,6 +146,7 @@ def start(name: str) -> None:
     for group in groups:
         group.mkdir(parents=True, exist_ok=True)
     base = paths.host_dir(name)
+    paths.PIP_CACHE.mkdir(parents=True, exist_ok=True)
     log = open(base / "console.log", "ab")  # noqa: SIM115 - nspawn writes to it for the host's whole life
 
     def enter_own_cgroup():
@@ -156,6 +157,7 @@ def start(name: str) -> None:
            "--console=passive", "--resolv-conf=off", "--timezone=off", "--link-journal=no",
            # nftables on the job server: the host has its own network namespace, so this is its own.
            "--capability=CAP_NET_ADMIN",
+           f"--bind={paths.PIP_CACHE}:/root/.cache/pip",
            f"--network-namespace-path=/run/netns/{paths.host_netns(name)}"]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                             start_new_session=True, preexec_fn=enter_own_cgroup)  # noqa: PLW1509 - no threads here

@@ -7,6 +7,9 @@ STATE = Path("/var/lib/atom-lab")
 HOSTS_DIR = STATE / "hosts"
 SSH_KEY = STATE / "ssh" / "id_ed25519"
 ADDRESSES = STATE / "addresses.json"
+# pip's cache, shared by every host as its /root/.cache/pip: pystemd (an sdist) is compiled by the first host
+# that installs atom-workerctl, and later hosts install the wheel pip kept.
+PIP_CACHE = STATE / "pip-cache"
 
 # The lab network: a bridge in its own namespace, no uplink. Hosts get 10.231.0.10 and up.
 LAB_NETNS = "atomlab"
