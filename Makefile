@@ -6,8 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 LAB := tools/lab/lab
 STAMPS := build
-# Two test modules at a time, a module's tests on one worker; PYTEST_ARGS= runs them one by one.
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# One module after another. PYTEST_ARGS="-n 2 --dist loadfile" runs two at a time (README: Tests and CI).
+PYTEST_ARGS ?=
 
 .PHONY: help deps venv wheel lab demo test lint pytest molecule clean bench-cli bench-ops bench-fleet
 help:
