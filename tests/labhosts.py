@@ -86,6 +86,10 @@ class LabHosts:
     def poweroff(self, host: str) -> None:
         lab("poweroff", host)
 
+    def powercut(self, host: str) -> None:
+        """Every process of the host SIGKILLed at once, no shutdown; `boot` starts it again."""
+        lab("powercut", host)
+
     def boot(self, host: str) -> None:
         lab("boot", host)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from . import golden, hosts, inventory, network, paths
 from .run import LabError, progress, run
 
-CHANGES_STATE = {"up", "down", "poweroff", "boot"}
+CHANGES_STATE = {"up", "down", "poweroff", "powercut", "boot"}
 
 
 ROOT_PID_ENV = "ATOM_LAB_ROOT_PID"
@@ -147,6 +147,19 @@ def cmd_poweroff(args) -> int:
     return 0
 
 
+def cmd_powercut(args) -> int:
+    known = hosts.known_hosts()
+    for name in args.names:
+        if name not in known:
+            raise LabError(f"no lab host named {name}")
+    for name in args.names:
+        if hosts.powercut(name):
+            progress(f"{name}: power cut (every process killed, no shutdown; `lab boot {name}` starts it)")
+        else:
+            progress(f"{name} was not running")
+    return 0
+
+
 def cmd_boot(args) -> int:
     name = args.name
     if hosts.nspawn_pid(name):
@@ -222,6 +235,9 @@ def parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=text)
         sp.add_argument("name")
         sp.set_defaults(func=func)
+    cut = sub.add_parser("powercut", help="cut a host's power: every process killed at once, no shutdown; disk kept")
+    cut.add_argument("names", nargs="+", metavar="name")
+    cut.set_defaults(func=cmd_powercut)
     ex = sub.add_parser("exec", help="run a command in the lab network (where lab hosts are reachable)")
     ex.add_argument("command", nargs=argparse.REMAINDER)
     ex.set_defaults(func=cmd_exec)

@@ -66,6 +66,16 @@ def _cgroup_pids(name: str) -> list[int]:
     return sorted(set(pids))
 
 
+def _kill_cgroups(name: str) -> None:
+    """SIGKILL every process of the host in one step: the kernel's cgroup.kill (cgroup v2, Linux 5.14+) kills
+    the whole subtree, including processes forked meanwhile. nspawn moved itself into the group, so it dies too."""
+    for group in _cgroups(name):
+        kill = group / "cgroup.kill"
+        if kill.exists():
+            kill.write_text("1")
+            return
+
+
 def _empty_cgroups(name: str) -> None:
     """After a crash or SIGKILL the container's init can outlive nspawn: kill what is left, drop the groups."""
     for _ in range(50):
@@ -195,6 +205,16 @@ def poweroff(name: str) -> None:
             os.kill(pid, signal.SIGKILL)
     _empty_cgroups(name)
     (paths.host_dir(name) / "nspawn.pid").unlink(missing_ok=True)
+
+
+def powercut(name: str) -> bool:
+    """The host loses power: nspawn and every process of the host SIGKILLed at once, so systemd runs no
+    shutdown. The disk (the overlay's upper layer) is kept. False if the host was not running."""
+    was_running = nspawn_pid(name) is not None
+    _kill_cgroups(name)
+    _empty_cgroups(name)
+    (paths.host_dir(name) / "nspawn.pid").unlink(missing_ok=True)
+    return was_running
 
 
 def remove(name: str) -> None:
