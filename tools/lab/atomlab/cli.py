@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import golden, hosts, inventory, network, paths
+from . import cgroups, golden, hosts, inventory, network, paths
 from .run import LabError, progress, run
 
 CHANGES_STATE = {"up", "down", "poweroff", "powercut", "boot"}
@@ -64,6 +64,7 @@ def cmd_up(args) -> int:
         source_label = str(paths.DEFAULT_INVENTORY.relative_to(paths.REPO))
     names = inventory.host_names(inv)
     started = time.monotonic()
+    progress(f"cgroups: {cgroups.describe()}")
     _ensure_ssh_key()
     image = golden.ensure_golden()
     network.ensure_bridge()
@@ -107,12 +108,7 @@ def cmd_down(args) -> int:
             run(["ip", "netns", "del", ns.name], check=False)
         network.remove_bridge()
         paths.ADDRESSES.unlink(missing_ok=True)
-        for root in paths.CGROUP_ROOTS:
-            group = root / paths.CGROUP_NAME
-            if group.exists():
-                for sub in sorted((d for d in group.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
-                    sub.rmdir()
-                group.rmdir()
+        cgroups.remove_all()
         Path("/etc/netns", paths.LAB_NETNS, "hosts").unlink(missing_ok=True)
     else:
         _refresh_names()
@@ -120,6 +116,7 @@ def cmd_down(args) -> int:
 
 
 def cmd_status(args) -> int:
+    print(f"cgroups: {cgroups.describe()}")
     rows = []
     for name in hosts.known_hosts():
         pid = hosts.nspawn_pid(name)

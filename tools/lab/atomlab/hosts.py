@@ -1,5 +1,4 @@
 """Booting, finding, powering off and removing lab hosts: systemd-nspawn on an overlay of the golden image."""
-import contextlib
 import os
 import signal
 import subprocess
@@ -7,7 +6,7 @@ import time
 import uuid
 from pathlib import Path
 
-from . import network, paths
+from . import cgroups, network, paths
 from .run import LabError, run
 
 BOOT_TIMEOUT = 60
@@ -32,7 +31,8 @@ def nspawn_pid(name: str) -> int | None:
     if not _pid_alive(pid):
         return None
     try:
-        if Path(f"/proc/{pid}/comm").read_text().strip() != "systemd-nspawn":
+        # On a systemd host nspawn is started through systemd-run, which execs it in place within milliseconds.
+        if Path(f"/proc/{pid}/comm").read_text().strip() not in ("systemd-nspawn", "systemd-run"):
             return None
     except FileNotFoundError:
         return None
@@ -49,53 +49,10 @@ def running_hosts() -> list[str]:
     return [n for n in known_hosts() if nspawn_pid(n)]
 
 
-# cgroups ---------------------------------------------------------------------------------------------
-def _cgroups(name: str) -> list[Path]:
-    return [root / paths.CGROUP_NAME / name for root in paths.CGROUP_ROOTS if root.exists()]
-
-
-def _cgroup_pids(name: str) -> list[int]:
-    pids = []
-    for group in _cgroups(name):
-        # nspawn and the host's systemd create and remove sub-groups while a host boots or stops: a directory
-        # may vanish while it is walked (os.walk skips it; Path.rglob raises) or before its file is read.
-        for directory, _, files in os.walk(group):
-            if "cgroup.procs" in files:
-                with contextlib.suppress(OSError):
-                    pids += [int(p) for p in Path(directory, "cgroup.procs").read_text().split()]
-    return sorted(set(pids))
-
-
-def _kill_cgroups(name: str) -> None:
-    """SIGKILL every process of the host in one step: the kernel's cgroup.kill (cgroup v2, Linux 5.14+) kills
-    the whole subtree, including processes forked meanwhile. nspawn moved itself into the group, so it dies too."""
-    for group in _cgroups(name):
-        kill = group / "cgroup.kill"
-        if kill.exists():
-            kill.write_text("1")
-            return
-
-
-def _empty_cgroups(name: str) -> None:
-    """After a crash or SIGKILL the container's init can outlive nspawn: kill what is left, drop the groups."""
-    for _ in range(50):
-        pids = _cgroup_pids(name)
-        if not pids:
-            break
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.1)
-    for group in _cgroups(name):
-        if group.exists():
-            for sub in sorted((d for d in group.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
-                sub.rmdir()
-            group.rmdir()
-
-
+# init: found in the host's cgroup subtree (atomlab/cgroups.py knows where that is) ----------------------
 def init_pid(name: str) -> int | None:
     """PID (in our namespace) of the host's systemd: the process in its cgroup that is PID 1 inside."""
-    for pid in _cgroup_pids(name):
+    for pid in cgroups.pids(name):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
         except FileNotFoundError:
@@ -152,16 +109,9 @@ def write_hosts_file(name: str, content: str) -> None:
 # power -------------------------------------------------------------------------------------------------
 def start(name: str) -> None:
     """Launch nspawn for a prepared host, each from its own cgroup; does not wait for the boot."""
-    groups = _cgroups(name)
-    for group in groups:
-        group.mkdir(parents=True, exist_ok=True)
     base = paths.host_dir(name)
     paths.PIP_CACHE.mkdir(parents=True, exist_ok=True)
     log = open(base / "console.log", "ab")  # noqa: SIM115 - nspawn writes to it for the host's whole life
-
-    def enter_own_cgroup():
-        for group in groups:
-            (group / "cgroup.procs").write_text(str(os.getpid()))
 
     cmd = ["systemd-nspawn", "-b", "-D", str(_merged(name)), "--register=no", "--keep-unit", "-M", name,
            "--console=passive", "--resolv-conf=off", "--timezone=off", "--link-journal=no",
@@ -169,7 +119,8 @@ def start(name: str) -> None:
            "--capability=CAP_NET_ADMIN",
            f"--bind={paths.PIP_CACHE}:/root/.cache/pip",
            f"--network-namespace-path=/run/netns/{paths.host_netns(name)}"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+    argv, enter_own_cgroup = cgroups.launch(name, cmd)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                             start_new_session=True, preexec_fn=enter_own_cgroup)  # noqa: PLW1509 - no threads here
     (base / "nspawn.pid").write_text(str(proc.pid))
 
@@ -203,7 +154,7 @@ def poweroff(name: str) -> None:
             time.sleep(0.05)
         if _pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
-    _empty_cgroups(name)
+    cgroups.remove(name)
     (paths.host_dir(name) / "nspawn.pid").unlink(missing_ok=True)
 
 
@@ -211,8 +162,8 @@ def powercut(name: str) -> bool:
     """The host loses power: nspawn and every process of the host SIGKILLed at once, so systemd runs no
     shutdown. The disk (the overlay's upper layer) is kept. False if the host was not running."""
     was_running = nspawn_pid(name) is not None
-    _kill_cgroups(name)
-    _empty_cgroups(name)
+    cgroups.kill(name)
+    cgroups.remove(name)
     (paths.host_dir(name) / "nspawn.pid").unlink(missing_ok=True)
     return was_running
 

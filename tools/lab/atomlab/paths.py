@@ -19,10 +19,6 @@ CONTROL_ADDRESS = SUBNET_PREFIX + "1"
 FIRST_HOST_OCTET = 10
 LAST_HOST_OCTET = 250
 
-# cgroup v1 hybrid: every nspawn starts from its own cgroup under these roots, or two collide.
-CGROUP_ROOTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
-CGROUP_NAME = "atom-lab"
-
 DEFAULT_INVENTORY = REPO / "inventory" / "lab.yml"
 DEFAULT_OUT = REPO / "inventory" / "lab" / "hosts.yml"
 
