@@ -4,6 +4,7 @@ Every lab host boots as an overlay on it. The cache key is a hash of the recipe 
 lists), so changing the recipe rebuilds the image and nothing else does.
 """
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -13,7 +14,10 @@ from . import paths
 from .run import LabError, progress, run
 
 SUITE = "bookworm"
-MIRROR = "http://deb.debian.org/debian"
+# The Debian mirror debootstrap and the image's first apt-get use. Not part of the recipe hash: any mirror
+# serves the same packages, so a mirror change alone rebuilds nothing.
+MIRROR_ENV = "ATOM_LAB_MIRROR"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
 RECIPE_FILES = ("packages-base.txt", "packages-served.txt", "pip-served.txt")
 DEBOOTSTRAP_PHASES = re.compile(
     r"I: (Retrieving Release|Resolving dependencies|Extracting|Installing core|Unpacking the base|"
@@ -42,13 +46,14 @@ def ensure_golden() -> Path:
     target = golden_path()
     if (target / ".complete").exists():
         return target
+    mirror = _mirror()  # a bad value stops here, before anything is written
     paths.STATE.mkdir(parents=True, exist_ok=True)
     work = target.with_name(target.name + ".tmp")
     if work.exists():
         _umount_below(work)
         shutil.rmtree(work)
     progress(f"building the golden image {target.name} (debootstrap, a few minutes the first time)")
-    _debootstrap(work)
+    _debootstrap(work, mirror)
     _chroot_setup(work)
     (work / ".complete").write_text(recipe_hash() + "\n")
     work.rename(target)
@@ -57,9 +62,16 @@ def ensure_golden() -> Path:
     return target
 
 
-def _debootstrap(root: Path) -> None:
+def _mirror() -> str:
+    mirror = os.environ.get(MIRROR_ENV) or DEFAULT_MIRROR
+    if not re.fullmatch(r"(https?|file)://\S+", mirror):
+        raise LabError(f"{MIRROR_ENV}={mirror!r}: not an http://, https:// or file:// URL of a Debian mirror")
+    return mirror
+
+
+def _debootstrap(root: Path, mirror: str) -> None:
     include = ",".join(_package_list("packages-base.txt"))
-    cmd = ["debootstrap", "--variant=minbase", f"--include={include}", SUITE, str(root), MIRROR]
+    cmd = ["debootstrap", "--variant=minbase", f"--include={include}", SUITE, str(root), mirror]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail = []
     for line in proc.stdout:

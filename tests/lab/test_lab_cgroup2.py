@@ -1,0 +1,111 @@
+"""The lab on the unified cgroup v2 tree, as on a stock Debian 12 or Ubuntu host, here on this hybrid machine.
+
+A private mount namespace gets the cgroup2 hierarchy mounted on /sys/fs/cgroup (this machine's unified
+hierarchy, whole: a stock host's view minus systemd as PID 1). `lab` run there finds the unified world,
+makes the host's cgroup itself and boots it; nspawn and the host's systemd run in unified mode.
+What this cannot show is a systemd PID 1 (systemd-run scopes with Delegate=yes): see tools/lab/README.md.
+
+The namespace also gets a private hosts folder and control hosts file, so that the rest of the lab (other
+test modules, in the machine's namespace) never sees a host whose disk is mounted only in here. Address
+allocation, the lock, the image and the network stay shared, as for any host.
+"""
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from labhosts import LAB, REPO
+
+HOST = "t-v2-a"
+STATE = Path("/var/lib/atom-lab")
+ROOT_PID = os.environ.get("ATOM_LAB_ROOT_PID", "")
+SETUP = """set -e
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount --bind {private}/hosts {state}/hosts
+mount --bind {private}/control-hosts /etc/netns/atomlab/hosts
+echo ready
+exec sleep 3600
+"""
+
+
+class UnifiedNamespace:
+    """A process holding a mount namespace whose /sys/fs/cgroup is cgroup2; commands run inside it."""
+
+    def __init__(self, private: Path):
+        (private / "hosts").mkdir(parents=True)
+        (private / "control-hosts").write_text("")
+        # From the machine's mount namespace (`lab exec`'s has no cgroup tree); `unchanged` keeps /run/netns
+        # shared with it, so host network namespaces made in here are visible (and checked) outside.
+        self.holder = subprocess.Popen(
+            ["nsenter", "-t", ROOT_PID, "-m", "-n", "--", "unshare", "-m", "--propagation", "unchanged", "--",
+             "sh", "-c", SETUP.format(private=private, state=STATE)], stdout=subprocess.PIPE, text=True)
+        assert self.holder.stdout.readline().strip() == "ready", "could not set up the cgroup2 namespace"
+        # Not ATOM_LAB_ROOT_PID: with it, lab would go back to the machine's mount namespace.
+        self.env = {k: v for k, v in os.environ.items() if k != "ATOM_LAB_ROOT_PID"}
+
+    def run(self, *command: str, check=True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["nsenter", "-t", str(self.holder.pid), "-m", "-n", f"--wd={REPO}", "--", *command],
+                              capture_output=True, text=True, timeout=600, env=self.env, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(command)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def lab(self, *args: str, check=True) -> subprocess.CompletedProcess:
+        return self.run(str(LAB), *args, check=check)
+
+    def close(self) -> None:
+        self.lab("down", HOST, check=False)  # names only: a full `lab down` would drop everyone's network
+        self.holder.kill()
+        self.holder.wait()
+
+
+@pytest.fixture(scope="module")
+def v2(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("cgroup2")
+    ns = UnifiedNamespace(workdir / "private")
+    (workdir / "inventory.yml").write_text(f"all:\n  hosts:\n    {HOST}:\n")
+    ns.workdir = workdir
+    yield ns
+    ns.close()
+
+
+def test_the_namespace_is_a_unified_world_and_the_machine_is_not(v2):
+    assert v2.run("stat", "-fc", "%T", "/sys/fs/cgroup").stdout.strip() == "cgroup2fs"
+    machine = subprocess.run([str(LAB), "status"], capture_output=True, text=True, check=True).stdout
+    assert machine.splitlines()[0].startswith("cgroups: hybrid cgroup v1"), machine
+
+
+def test_up_boots_a_host_in_its_own_v2_cgroup_and_says_which_world(v2):
+    up = v2.lab("up", "--inventory", str(v2.workdir / "inventory.yml"), "--out", str(v2.workdir / "out.yml"))
+    assert "lab: cgroups: unified cgroup v2, PID 1 is not systemd" in up.stderr, up.stderr
+    status = v2.lab("status").stdout
+    assert status.splitlines()[0].startswith("cgroups: unified cgroup v2, PID 1 is not systemd"), status
+    assert status.split(HOST, 1)[1].split()[1:3] == ["running", "running"], status
+    inside = v2.lab("run", HOST, "--", "sh", "-c", "stat -fc %T /sys/fs/cgroup; cat /proc/1/comm").stdout.split()
+    assert inside == ["cgroup2fs", "systemd"]  # the host's systemd runs in unified mode too
+    # The host's init, as this machine sees it, sits in the host's cgroup subtree the lab made.
+    procs = v2.run("cat", f"/sys/fs/cgroup/atom-lab/{HOST}/payload/init.scope/cgroup.procs").stdout.split()
+    assert len(procs) == 1 and v2.run("cat", f"/proc/{procs[0]}/comm").stdout.strip() == "systemd"
+
+
+def test_powercut_and_boot_in_the_unified_world(v2):
+    v2.lab("run", HOST, "--", "sh", "-c", "echo kept > /root/plain")
+    v2.lab("powercut", HOST)
+    assert v2.run("test", "-e", f"/sys/fs/cgroup/atom-lab/{HOST}", check=False).returncode == 1
+    v2.lab("boot", HOST)
+    assert v2.lab("run", HOST, "--", "cat", "/root/plain").stdout.strip() == "kept"
+
+
+def test_down_leaves_no_cgroup_mount_or_namespace(v2):
+    # Positive control first: each probe sees the host's cgroup, mount and network namespace while it runs.
+    probes = {"cgroup": ["test", "-d", f"/sys/fs/cgroup/atom-lab/{HOST}"],
+              "mount": ["grep", "-q", f"/{HOST}/merged", "/proc/self/mounts"],
+              "netns": ["test", "-e", f"/run/netns/atomlab-{HOST}"]}
+    for what, probe in probes.items():
+        assert v2.run(*probe, check=False).returncode == 0, f"no {what} while the host runs: the probe is wrong"
+    assert Path(f"/run/netns/atomlab-{HOST}").exists()  # the machine's side sees the namespace too
+    v2.lab("down", HOST)
+    for what, probe in probes.items():
+        assert v2.run(*probe, check=False).returncode == 1, f"lab down left its {what} behind"
+    assert not Path(f"/run/netns/atomlab-{HOST}").exists()  # and the machine's side agrees
+    assert v2.run("ls", str(STATE / "hosts")).stdout.strip() == ""
