@@ -1,7 +1,8 @@
 """The lab on the unified cgroup v2 tree, as on a stock Debian 12 or Ubuntu host, here on this hybrid machine.
 
-A private mount namespace gets the cgroup2 hierarchy mounted on /sys/fs/cgroup (this machine's unified
-hierarchy, whole: a stock host's view minus systemd as PID 1). `lab` run there finds the unified world,
+A private mount namespace gets the cgroup2 hierarchy on /sys/fs/cgroup (a bind mount of this machine's
+unified hierarchy, whole: a stock host's view minus systemd as PID 1; a bind, because a fresh cgroup2 mount
+would set the hierarchy-wide mount options for everyone). `lab` run there finds the unified world,
 makes the host's cgroup itself and boots it; nspawn and the host's systemd run in unified mode.
 What this cannot show is a systemd PID 1 (systemd-run scopes with Delegate=yes): see tools/lab/README.md.
 
@@ -20,7 +21,7 @@ HOST = "t-v2-a"
 STATE = Path("/var/lib/atom-lab")
 ROOT_PID = os.environ.get("ATOM_LAB_ROOT_PID", "")
 SETUP = """set -e
-mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount --bind /sys/fs/cgroup/unified /sys/fs/cgroup
 mount --bind {private}/hosts {state}/hosts
 mount --bind {private}/control-hosts /etc/netns/atomlab/hosts
 echo ready
