@@ -3,7 +3,6 @@ against a real gearmand with real stand-in workers, registration from /proc, the
 the CLI's errors. The commands on real systemd units are in test_cli_lab.py.
 """
 
-import glob
 import hashlib
 import json
 import os
@@ -13,14 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "tests"))
 
 import standin  # noqa: E402
-from atom_workerctl import atomconfig, gearman, journal, miniyaml, model, snapshot  # noqa: E402
+from atom_workerctl import atomconfig, gearman, journal, model, snapshot  # noqa: E402
 from atom_workerctl.backend import UnitState  # noqa: E402
 from atom_workerctl.errors import ConfigError, GearmanError, NoSuchError  # noqa: E402
 
@@ -31,62 +29,6 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO / "tools")}
 def cli(*args, config=None, timeout=30):
     cmd = [*CLI, *(["--config", str(config)] if config else []), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, check=False)
-
-
-# -- miniyaml --------------------------------------------------------------------------------------------------
-YAML_CASES = [
-    "all:\n  servers:\n    default: 127.0.0.1:4730\n",
-    "all:\n  servers: {default: '10.0.0.1:4730', b: \"h:1\"}\n  key: ''\n",
-    "a:\n- 1\n- two\n-   - x\n    - y\nb: [1, [2, 3], {c: d}]\n",
-    "a: |\n  line one\n  line two\nb: >-\n  folded\n  text\nc: ~\nd: yes\ne: -12\n",
-    "# comment\n---\nk: 'it''s # not a comment'  # a comment\nm: \"tab\\tand \\u00e9\"\n",
-    "list:\n  - name: a\n    v: 1\n  - name: b\n    v: [x, y]\n",
-    "plain: a multi\n  line scalar\nnext: 1\n",
-]
-
-
-@pytest.mark.parametrize("text", YAML_CASES)
-def test_miniyaml_reads_what_pyyaml_reads(text):
-    assert miniyaml.loads(text) == yaml.safe_load(text)
-
-
-def test_miniyaml_agrees_with_pyyaml_on_the_repository_yaml():
-    files = [f for f in glob.glob(str(REPO / "**" / "*.yml"), recursive=True) if "/.venv/" not in f]
-    compared = 0
-    for path in files:
-        text = Path(path).read_text()
-        try:
-            expected = yaml.safe_load(text)
-            got = miniyaml.loads(text, path)
-        except yaml.YAMLError:
-            continue
-        except miniyaml.YamlError:
-            continue  # refused with a line number (anchors, tags): never a wrong answer
-        if _has_float(expected):
-            continue  # floats stay strings here, as PHP's (string) cast would print them
-        compared += 1
-        assert got == expected, path
-    assert compared > 20
-
-
-def _has_float(value):
-    if isinstance(value, float):
-        return True
-    if isinstance(value, dict):
-        return any(_has_float(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_float(v) for v in value)
-    return False
-
-
-@pytest.mark.parametrize("text, line", [
-    ("a: 1\n b: 2\n", 2), ("a: &x 1\n", 1), ("a: 'open\n", 1), ("a:\n\t- 1\n", 2), ("a: [1, 2\n", 1),
-])
-def test_miniyaml_refuses_with_the_line(text, line):
-    with pytest.raises(miniyaml.YamlError) as err:
-        miniyaml.loads(text, "f.yml")
-    assert err.value.lineno == line
-    assert str(err.value).startswith(f"f.yml:{line}:")
 
 
 # -- AtoM configuration ---------------------------------------------------------------------------------------

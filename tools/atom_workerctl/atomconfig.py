@@ -8,14 +8,21 @@ environment `worker` here, as the stand-in does. Function names are
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import ipaddress
 import os
+import re
+import stat
 
 from .errors import ConfigError
 
 DEFAULT_PORT = 4730
 WORKER_ENV = "worker"
 APP = "qubit"
+# AtoM's configuration files are a few KiB; anything near this is not one.
+MAX_CONFIG_BYTES = 1 << 20
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 
 def job_prefix(realpath: str, workers_key: str) -> str:
@@ -23,15 +30,34 @@ def job_prefix(realpath: str, workers_key: str) -> str:
     return hashlib.md5((realpath + workers_key).encode()).hexdigest()
 
 
-def php_string(value) -> str:
-    """(string) $value, as PHP casts a YAML scalar."""
-    if value is None or value is False:
-        return ""
-    if value is True:
-        return "1"
-    if isinstance(value, (dict, list)):
-        return ""  # AtoM ignores a non-scalar workers_key
-    return str(value)
+def read_text(path: str) -> str | None:
+    """A configuration file's text, None when it does not exist.
+
+    The CLI runs as root and these files are writable by the AtoM user, so: a symbolic link is refused
+    (O_NOFOLLOW), a FIFO or device cannot block or flood us (O_NONBLOCK, regular files only), and the size
+    is capped.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        raise ConfigError(f"cannot read {path}: permission denied", hint="run as root") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"{path} is a symbolic link: refused, the file itself must be there") from None
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path} is not a regular file: refused")
+        data = fh.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: refused")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read {path}: not UTF-8 (byte {exc.start})") from None
 
 
 def _replace_recursive(base: dict, other: dict) -> dict:
@@ -56,26 +82,20 @@ def _replace_recursive(base: dict, other: dict) -> dict:
 
 def read_config(root: str, name: str, env: str = WORKER_ENV) -> tuple[dict, list[str]]:
     """The merged configuration NAME for env, and the files it came from."""
-    from . import miniyaml
+    from .sfyaml import SfYamlError, loads  # PyYAML only when a site's configuration is read
 
     merged: dict = {}
     files = []
     for rel in ("config", f"apps/{APP}/config"):
         path = os.path.join(root, rel, f"{name}.yml")
-        try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-        except FileNotFoundError:
+        text = read_text(path)
+        if text is None:
             continue
-        except PermissionError:
-            raise ConfigError(f"cannot read {path}: permission denied", hint="run as root") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read {path}: {exc}") from None
         files.append(path)
         try:
-            data = miniyaml.loads(text, path)
-        except miniyaml.YamlError as exc:
-            raise ConfigError(f"malformed YAML in {exc}") from None
+            data = loads(text)
+        except SfYamlError as exc:
+            raise ConfigError(f"malformed YAML in {path}: {exc}") from None
         if data is None:
             continue
         if not isinstance(data, dict):
@@ -107,9 +127,20 @@ def parse_server(text: str) -> tuple[str, int]:
         host, port = text.split(":")
     else:
         host, port = text, str(DEFAULT_PORT)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not _valid_host(host) or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"bad server {text!r}")
     return host, int(port)
+
+
+def _valid_host(host: str) -> bool:
+    """An IP address or a DNS name of non-empty labels (`a..b` would fail deep inside the resolver)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
 
 
 def format_server(host: str, port: int) -> str:
@@ -128,7 +159,13 @@ class SiteConfig:
         gearman, gfiles = read_config(root, "gearman")
         app, afiles = read_config(root, "app")
         self.files = gfiles + afiles
-        self.workers_key = php_string(app.get("workers_key"))
+        from .sfyaml import php_string
+
+        key = app.get("workers_key")
+        if isinstance(key, (dict, list)):
+            raise ConfigError(f"{afiles[-1]}: workers_key is a {'mapping' if isinstance(key, dict) else 'list'}, "
+                              "not a string")
+        self.workers_key = php_string(key)
         self.prefix = job_prefix(self.realpath, self.workers_key)
         raw = gearman.get("servers")
         if isinstance(raw, str):

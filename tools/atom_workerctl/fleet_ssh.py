@@ -180,12 +180,16 @@ def _export_vars(data: dict, host: str, own: dict) -> dict:
 def _from_yaml(path: str, limit: str | None, group: str) -> list[Target]:
     """Without Ansible: a YAML inventory file (all/children/hosts/vars). group_vars/ and host_vars/
     directories, INI files and inventory plugins need ansible-inventory."""
-    from .miniyaml import YamlError, loads
+    import yaml  # an Ansible inventory is YAML as Ansible reads it (PyYAML's safe loader), not AtoM's sfYaml
 
     try:
-        data = loads(Path(path).read_text(), path)
-    except YamlError as exc:
-        raise WorkerctlError(f"inventory {exc} (install Ansible to read it with ansible-inventory)") from None
+        data = yaml.safe_load(Path(path).read_text())
+    except (yaml.YAMLError, RecursionError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        what = getattr(exc, "problem", None) or "nested too deep"
+        raise WorkerctlError(f"inventory {path}{where}: {what} (install Ansible to read it with ansible-inventory)"
+                             ) from None
     except OSError as exc:
         raise WorkerctlError(f"inventory {path}: {exc.strerror}") from None
     if not isinstance(data, dict) or not isinstance(data.get("all"), dict | None):
