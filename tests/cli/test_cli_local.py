@@ -177,7 +177,7 @@ def test_gearman_read_timeout_and_refusal():
     silent.bind(("127.0.0.1", 0))
     silent.listen()
     port = silent.getsockname()[1]
-    view = gearman.query(f"127.0.0.1:{port}", read_timeout=0.3)
+    view = gearman.query(f"127.0.0.1:{port}", timeout=0.3)
     assert "within 0.3 s" in view.error
     silent.close()
 
@@ -375,9 +375,9 @@ def test_status_imports_stay_small():
 
 # -- fleet options (cmd_fleet.py, fleet_ssh.py): parsing, inventories, unreachable hosts ------------------------
 FAKE_SSH = r'''#!/usr/bin/env python3
-# Stands in for ssh: the host name before `--` picks the behaviour.
+# Stands in for ssh: the host name after `--` picks the behaviour.
 import json, sys, time
-host = sys.argv[sys.argv.index("--") - 1]
+host = sys.argv[sys.argv.index("--") + 1]
 if host == "down":
     sys.stderr.write("ssh: connect to host down port 22: No route to host\n")
     sys.exit(255)
@@ -508,7 +508,7 @@ def test_fleet_hosts_from_an_inventory_ansible_and_the_fallback_reader_agree(tmp
                                               "ansible_ssh_private_key_file": "/k", "ansible_become": True,
                                               "ansible_ssh_common_args": "-o ProxyJump=bastion"})
     argv = target.ssh_argv(["atom-workerctl", "--json", "status"], 5)
-    assert argv[-3:] == ["10.0.0.5", "--", "sudo -n atom-workerctl --json status"]
+    assert argv[-3:] == ["--", "10.0.0.5", "sudo -n atom-workerctl --json status"]
     for pair in (["-p", "2222"], ["-i", "/k"], ["-l", "ops"], ["-o", "ProxyJump=bastion"], ["-o", "BatchMode=yes"]):
         assert any(argv[i:i + 2] == pair for i in range(len(argv))), (pair, argv)
     assert "template" in fleet_ssh.target_from_vars("w", {"ansible_host": "{{ x }}"}).error

@@ -12,6 +12,9 @@ import os
 import sys
 
 PROG = "atom-workerctl"
+# One deadline per job server for connecting and both admin answers (gearman.py): a slow peer costs this.
+GEARMAN_TIMEOUT = 3.0
+GEARMAN_TIMEOUT_HELP = f"one deadline per gearmand: connect, status, workers; seconds (default {GEARMAN_TIMEOUT:g})"
 
 DESCRIPTION = """\
 See and fix the AtoM job workers of this host: systemd instances (pystemd over D-Bus), the job
@@ -80,6 +83,27 @@ COMMAND_HELP = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (argparse prints the whole usage block first), exit 2 as argparse's."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help shows the usage)\n")
+
+
+def seconds(text: str) -> float:
+    """A timeout option: a finite number of seconds above 0. argparse's float also takes 0, -1, nan and inf,
+    which would reach socket and ssh timeouts as nonsense."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0 (got {text})")
+    return value
+
+
 _COMMON: dict = {}
 
 
@@ -97,8 +121,8 @@ def _make_common(json_opt: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
                    help="the host model (default: /etc/atom-worker/sites.json or $ATOM_WORKERCTL_CONFIG)")
-    p.add_argument("--gearman-timeout", metavar="S", type=float, default=argparse.SUPPRESS,
-                   help="connect and read timeout for gearmand, seconds (default 2)")
+    p.add_argument("--gearman-timeout", metavar="S", type=seconds, default=argparse.SUPPRESS,
+                   help=GEARMAN_TIMEOUT_HELP)
     if json_opt:
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="machine-readable output on stdout")
@@ -122,7 +146,7 @@ def _fleet_options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
                    help="a host to work on (repeat for several), instead of --inventory")
     g.add_argument("--parallel", metavar="N", type=int, default=d(10),
                    help="hosts worked on at the same time (default 10)")
-    g.add_argument("--host-timeout", metavar="S", type=float, default=d(None),
+    g.add_argument("--host-timeout", metavar="S", type=seconds, default=d(None),
                    help="give up on a host after S seconds (default 30; reset/restart/scale 300)")
 
 
@@ -138,20 +162,20 @@ def _selection(p: argparse.ArgumentParser, all_opt: bool = False) -> None:
 
 def _wait(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-wait", action="store_true", help="do not wait until registered with gearmand")
-    p.add_argument("--wait-timeout", metavar="S", type=float, default=60.0,
+    p.add_argument("--wait-timeout", metavar="S", type=seconds, default=60.0,
                    help="give up waiting after S seconds (default 60)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EXAMPLES,
+    parser = _Parser(prog=PROG, description=DESCRIPTION, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--config", metavar="PATH", default=None,
                         help="the host model (default: /etc/atom-worker/sites.json or $ATOM_WORKERCTL_CONFIG)")
-    parser.add_argument("--gearman-timeout", metavar="S", type=float, default=2.0,
-                        help="connect and read timeout for gearmand, seconds (default 2)")
+    parser.add_argument("--gearman-timeout", metavar="S", type=seconds, default=GEARMAN_TIMEOUT,
+                        help=GEARMAN_TIMEOUT_HELP)
     parser.add_argument("--json", action="store_true", default=False, help="machine-readable output on stdout")
     _fleet_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

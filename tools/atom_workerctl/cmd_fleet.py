@@ -9,7 +9,6 @@ has no connection to the job server stands out. `restart --rolling` goes one hos
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import sys
@@ -99,9 +98,8 @@ def run(args, argv: list[str], long_options: list[str]) -> int:
                              EXIT_USAGE)
     if args.parallel < 1:
         raise WorkerctlError("--parallel must be 1 or more", EXIT_USAGE)
-    if args.host_timeout is not None and args.host_timeout <= 0:
-        raise WorkerctlError("--host-timeout must be more than 0", EXIT_USAGE)
     hosts = targets(args)
+    fleet_ssh.env_ssh_args()  # a bad $ATOM_WORKERCTL_SSH_ARGS stops here, before any host
     remote = remote_argv(argv, long_options)
     timeout = args.host_timeout or DEFAULT_TIMEOUT.get(args.command, ACTION_TIMEOUT)
     if args.command == "status":
@@ -215,10 +213,12 @@ def merge_status(results: dict, views: dict) -> dict:
         notes = per_host[name]["notes"]
         if not r.reached:
             notes.append(f"UNREACHABLE: {r.error}")
+            per_host[name]["stands_out"] = True
             continue
         data = r.data or {}
-        if not data:
+        if not data:  # no answer to read (an error, or output that is not the host's JSON): it stands out
             notes.append(f"error: {r.error}")
+            per_host[name]["stands_out"] = True
             continue
         summary = data.get("summary") or {}
         active = summary.get("active", 0)
@@ -251,7 +251,7 @@ def status(args, hosts, remote, timeout) -> int:
     if servers and not getattr(args, "no_gearman", False):
         from .gearman import query_all
 
-        views = query_all(servers, connect_timeout=args.gearman_timeout, read_timeout=args.gearman_timeout + 1)
+        views = query_all(servers, timeout=args.gearman_timeout)
     merged = merge_status(results, views)
     code = overall_code(results.values())
     if code == EXIT_OK and any(p.get("stands_out") for p in merged["per_host"].values()):
@@ -426,6 +426,18 @@ def _human_log(host: str, e: dict) -> str:
     return f"{stamp} {tag}: {e.get('message', '')}"
 
 
+def journal_entry(text: str) -> dict | None:
+    """One line of a host's `logs --json` as an entry, or None when it is not one (a stray warning, a line
+    that is JSON but not an object, a time that is not a number): such a line is skipped, never merged."""
+    try:
+        e = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(e, dict) or isinstance(e.get("usec", 0), bool) or not isinstance(e.get("usec", 0), int):
+        return None
+    return e
+
+
 def _emit(args, host: str, e: dict) -> str:
     if args.json:
         return json.dumps({"host": host, **e})
@@ -438,11 +450,7 @@ def logs(args, hosts, remote, timeout) -> int:
         entries = []
         for name, r in results.items():
             if r.reached and r.code == EXIT_OK:
-                for line in r.stdout.splitlines():
-                    try:
-                        entries.append((json.loads(line), name))
-                    except ValueError:
-                        continue
+                entries += [(e, name) for e in map(journal_entry, r.stdout.splitlines()) if e is not None]
             elif r.reached:
                 sys.stderr.write(f"[{name}] exit {r.code}: {r.error}\n")
         entries.sort(key=lambda x: x[0].get("usec", 0))
@@ -484,10 +492,12 @@ class _HostFollow:
         self.last_usec: int | None = None
         self.seen_at_last: set = set()
         self.out_of_reach = False
+        self.skipped = 0  # lines that were not journal entries (the first one is noted on stderr)
 
     def fresh(self, e: dict) -> bool:
         usec = e.get("usec", 0)
-        key = (e.get("unit"), e.get("pid"), e.get("message"))
+        # As text: a host's JSON may hold lists or objects there, which a set cannot keep.
+        key = json.dumps([e.get("unit"), e.get("pid"), e.get("message")], sort_keys=True, default=str)
         if self.last_usec is not None and (usec < self.last_usec or (usec == self.last_usec
                                                                       and key in self.seen_at_last)):
             return False
@@ -519,13 +529,17 @@ def _follow(args, hosts, remote) -> int:
         place = _HostFollow()
 
         def line(text, name=t.name) -> None:
-            with contextlib.suppress(ValueError):  # not a journal line (a stray warning): skip it
-                e = json.loads(text)
-                if place.out_of_reach:
-                    place.out_of_reach = False
-                    _note(f"[{name}] following again")
-                if place.fresh(e):
-                    q.put((e, name))
+            e = journal_entry(text)
+            if e is None:
+                if not place.skipped:
+                    _note(f"[{name}] skipped a line that is not a journal entry: {text.strip()[:80]!r}")
+                place.skipped += 1
+                return
+            if place.out_of_reach:
+                place.out_of_reach = False
+                _note(f"[{name}] following again")
+            if place.fresh(e):
+                q.put((e, name))
 
         # Before any line from the host, a retry resumes from when following began, by this host's clock: a
         # skew between the two clocks that is shorter than the time followed loses nothing.

@@ -49,12 +49,41 @@ class Target:
             argv += ["-i", self.key]
         if self.user:
             argv += ["-l", self.user]
-        argv += shlex.split(os.environ.get("ATOM_WORKERCTL_SSH_ARGS", "")) + self.ssh_args
+        argv += env_ssh_args() + self.ssh_args
         command = (["sudo", "-n"] if self.become else []) + remote
-        return [*argv, self.address, "--", shlex.join(command)]
+        # `--` before the destination: nothing after it is read as an ssh option, whatever the inventory says.
+        return [*argv, "--", self.address, shlex.join(command)]
 
     def as_dict(self) -> dict:
         return {"address": self.address, "user": self.user, "port": self.port}
+
+
+def bad_name(text: str) -> str | None:
+    """Why a host name, address or user cannot go to ssh, or None. ssh would read a leading `-` as an option
+    (`-oProxyCommand=...` runs a command here); blanks and control characters are never part of a name."""
+    if not text:
+        return "is empty"
+    if text.startswith("-"):
+        return "starts with '-' (ssh would read it as an option)"
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in text):
+        return "holds a blank or a control character"
+    return None
+
+
+def port_number(value) -> int | None:
+    """A TCP port from an inventory value or `-H host:port`, else None."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or not 0 < int(text) < 65536:
+        return None
+    return int(text)
+
+
+def env_ssh_args() -> list[str]:
+    """$ATOM_WORKERCTL_SSH_ARGS as words (cmd_fleet reads it once before any host, so a bad value stops there)."""
+    try:
+        return shlex.split(os.environ.get("ATOM_WORKERCTL_SSH_ARGS", ""))
+    except ValueError as exc:  # an unclosed quote
+        raise WorkerctlError(f"$ATOM_WORKERCTL_SSH_ARGS: {exc}", EXIT_USAGE) from None
 
 
 def parse_host_option(text: str) -> Target:
@@ -63,11 +92,19 @@ def parse_host_option(text: str) -> Target:
     host, port = rest, None
     if rest.count(":") == 1:  # host:port (an IPv6 address has several colons: no port then)
         host, _, p = rest.partition(":")
-        if not p.isdigit():
-            raise WorkerctlError(f"-H {text}: the port must be a number", EXIT_USAGE)
-        port = int(p)
+        port = port_number(p)
+        if port is None:
+            raise WorkerctlError(f"-H {text!r}: the port must be a number from 1 to 65535", EXIT_USAGE)
+    parts = (("host", host), ("user", user))
+    for what, value in parts:
+        if value.startswith("-"):  # said first: whatever else is wrong, this is what makes it hostile
+            raise WorkerctlError(f"-H {text!r}: the {what} {bad_name(value)}", EXIT_USAGE)
     if not host or any(c.isspace() for c in text):
         raise WorkerctlError(f"-H {text!r}: expected [user@]host[:port]", EXIT_USAGE)
+    for what, value in parts:
+        why = bad_name(value) if value else None
+        if why:
+            raise WorkerctlError(f"-H {text!r}: the {what} {why}", EXIT_USAGE)
     return Target(host, host, user or None, port)
 
 
@@ -85,21 +122,36 @@ def _templated(value) -> bool:
 
 
 def target_from_vars(name: str, hv: dict) -> Target:
-    """A host's connection from its inventory variables (taken literally: no Jinja2 templating here)."""
+    """A host's connection from its inventory variables (taken literally: no Jinja2 templating here).
+
+    A name, address, user or port that cannot be one refuses the whole command (WorkerctlError, exit 2):
+    it is the inventory that is wrong, and no host is asked anything."""
+    if not isinstance(hv, dict):
+        raise WorkerctlError(f"inventory host {name!r}: its variables are not a mapping", EXIT_USAGE)
+    address = hv.get("ansible_host") or hv.get("ansible_ssh_host") or name
+    user = hv.get("ansible_user") or hv.get("ansible_ssh_user")
+    for what, value in (("host name", name), ("ansible_host", address), ("ansible_user", user)):
+        why = bad_name(str(value)) if value is not None and not _templated(value) else None
+        if why:
+            raise WorkerctlError(f"inventory host {name!r}: {what} {str(value)!r} {why}", EXIT_USAGE)
+    port = hv.get("ansible_port") or hv.get("ansible_ssh_port")
+    if port and not _templated(port) and port_number(port) is None:
+        raise WorkerctlError(f"inventory host {name!r}: ansible_port {str(port)!r} is not a port number "
+                             "(1 to 65535)", EXIT_USAGE)
     bad = [k for k in ("ansible_host", "ansible_user", "ansible_port", "ansible_ssh_private_key_file",
                        "ansible_ssh_common_args", "ansible_ssh_extra_args") if _templated(hv.get(k))]
     if bad:
         return Target(name, error=f"{', '.join(bad)} is a Jinja2 template; fleet commands read the inventory "
                                   "without templating (set a literal value)")
-    port = hv.get("ansible_port") or hv.get("ansible_ssh_port")
     args = []
     for key in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
         if hv.get(key):
-            args += shlex.split(str(hv[key]))
+            try:
+                args += shlex.split(str(hv[key]))
+            except ValueError as exc:  # an unclosed quote
+                raise WorkerctlError(f"inventory host {name!r}: {key}: {exc}", EXIT_USAGE) from None
     become = bool(hv.get("ansible_become")) and str(hv.get("ansible_become")).lower() not in ("false", "no", "0")
-    user = hv.get("ansible_user") or hv.get("ansible_ssh_user")
-    return Target(name, str(hv.get("ansible_host") or hv.get("ansible_ssh_host") or name),
-                  str(user) if user else None, int(port) if port else None,
+    return Target(name, str(address), str(user) if user else None, port_number(port) if port else None,
                   str(hv["ansible_ssh_private_key_file"]) if hv.get("ansible_ssh_private_key_file") else None,
                   args, become and user not in (None, "root"))
 
@@ -118,7 +170,7 @@ def from_inventory(path: str, limit: str | None, group: str) -> list[Target]:
         if proc.returncode != 0:
             err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
             raise WorkerctlError(f"ansible-inventory -i {path}: {err[-1] if err else 'exit ' + str(proc.returncode)}")
-        data = json.loads(proc.stdout)
+        data = _inventory_json(proc.stdout, path)
         names = _listed_group(data, group)
         if names is None:
             raise WorkerctlError(f"inventory {path}: no group {group!r}", EXIT_USAGE)
@@ -126,6 +178,37 @@ def from_inventory(path: str, limit: str | None, group: str) -> list[Target]:
         # --export leaves group variables in their groups: apply them (parents first, host last).
         return [target_from_vars(n, _export_vars(data, n, hostvars.get(n) or {})) for n in names]
     return _from_yaml(path, limit, group)
+
+
+def _inventory_json(text: str, path: str) -> dict:
+    """`ansible-inventory --list --export`'s JSON, checked for the shape the code below walks: groups with
+    lists of host and child names and a mapping of vars, and `_meta.hostvars` mapping hosts to mappings.
+    Anything else (a plugin printing a warning on stdout, a broken wrapper) is one clear error."""
+    def refuse(why: str) -> WorkerctlError:
+        return WorkerctlError(f"ansible-inventory -i {path} printed {why}; expected its JSON inventory")
+
+    try:
+        data = json.loads(text)
+    except ValueError:
+        first = (text.strip().splitlines() or [""])[0]
+        raise refuse(f"something that is not JSON ({first[:60]!r})") from None
+    if not isinstance(data, dict):
+        raise refuse(f"a JSON {type(data).__name__}, not an object")
+    for group, entry in data.items():
+        if group == "_meta":
+            hostvars = entry.get("hostvars", {}) if isinstance(entry, dict) else None
+            if not isinstance(hostvars, dict) or not all(isinstance(v, dict) for v in hostvars.values()):
+                raise refuse("a _meta.hostvars that is not a mapping of hosts to mappings")
+            continue
+        if not isinstance(entry, dict):
+            raise refuse(f"group {group!r} as a {type(entry).__name__}")
+        for key in ("hosts", "children"):
+            names = entry.get(key, [])
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise refuse(f"group {group!r} with {key} that are not a list of names")
+        if not isinstance(entry.get("vars", {}), dict):
+            raise refuse(f"group {group!r} with vars that are not a mapping")
+    return data
 
 
 def _listed_group(data: dict, group: str) -> list[str] | None:
@@ -139,9 +222,16 @@ def _listed_group(data: dict, group: str) -> list[str] | None:
             if h not in names:
                 names.append(h)
         for child in entry.get("children") or []:
-            walk(child)
+            walk_once(child)
 
-    walk(group)
+    seen: set[str] = set()
+
+    def walk_once(g: str) -> None:
+        if g not in seen:  # a printed inventory whose children loop must not recurse for ever
+            seen.add(g)
+            walk(g)
+
+    walk_once(group)
     return names
 
 
@@ -354,6 +444,9 @@ def run(target: Target, remote: list[str], timeout: float, on_stderr=None, on_st
             res.data = None
             if rc == 0:
                 res.error = f"unexpected output from {REMOTE} (not JSON): {text.splitlines()[0][:120]}"
+        if res.data is not None and not isinstance(res.data, dict):
+            res.data = None  # the merging code reads a host's answer as an object, and so does the schema
+            res.error = f"unexpected output from {REMOTE} (JSON, but not an object): {text[:120]}"
     if rc not in (0, 3) and res.data is None and not res.error:
         msg = last.removeprefix(f"{REMOTE}: ").removeprefix("atom-workerctl: ")
         res.error = msg or f"exit {rc}"

@@ -1,22 +1,73 @@
-"""A small client for gearmand's administrative text protocol (same port as the job protocol).
+#!/usr/bin/python3
+"""The one client for gearmand's administrative text protocol (same port as the job protocol, no auth).
 
 `status` -> lines `FUNCTION\\tTOTAL\\tRUNNING\\tAVAILABLE_WORKERS`, then `.`;
 `workers` -> lines `FD IP CLIENT-ID : FUNCTION ...`, then `.`. gearmand answers an unknown command with
-`ERR ...`. There is no authentication. Every call has a connect and a read timeout, and every failure
-is a GearmanError that names the server and says what happened in words.
+`ERR ...`. Every failure is a GearmanError that names the server and says what happened in words.
+
+A peer is not trusted to behave: one connection has ONE deadline (connect and every answer together, so a
+peer that trickles a byte at a time cannot hold the caller past it) and a cap on the bytes and lines of
+its answers (so a peer that floods cannot grow the caller's memory).
+
+Standard library only, and two ways to run:
+- imported as `atom_workerctl.gearman` by atom-workerctl (status, doctor, waits, fleet status);
+- as a script on a worker host where atom-workerctl may not be installed: the playbooks ship this very
+  file with ansible.builtin.script (playbooks/tasks/files/atom_gearman_check.py is a symlink to it) and
+  run it with the host's python3. It reads the host's model (/etc/atom-worker/sites.json) and asks each
+  job server for its `workers` from the host itself: the socket's own local address is the one gearmand
+  lists this host's workers at, so no inventory address or route needs guessing.
+
+    gearman.py wait [--timeout S]   until every job server lists, from this host, at least as many worker
+                                    connections with the sites' functions as the sites have instances;
+                                    exit 1 when S seconds (one deadline for the whole wait) run out
+    gearman.py coverage             for each function this host's workers register: how many workers
+                                    other hosts have for it (0 = restarting this host leaves it without)
+
+  Both print one JSON object (for the playbook to read); exit 0 unless the wait timed out or a job server
+  did not answer (coverage); a model file they cannot use is one line on stderr and exit 2.
 """
 
 from __future__ import annotations
 
 import socket
+import sys
 import time
 
-from .atomconfig import format_server, parse_server
-from .errors import GearmanError
+TIMEOUT = 3.0                 # seconds: connect plus every answer on one connection
+MAX_REPLY = 8 * 1024 * 1024   # bytes of answers on one connection: `workers` of ~6000 AtoM workers
+MAX_LINES = 100_000           # lines of one answer (a flood of short lines costs memory per line)
+DEFAULT_PORT = 4730
 
-CONNECT_TIMEOUT = 2.0
-READ_TIMEOUT = 3.0
-MAX_REPLY = 16 * 1024 * 1024
+if __package__:
+    from .errors import GearmanError
+else:  # run as a script (the playbooks' check): the same error, without the CLI's package around it
+
+    class GearmanError(Exception):
+        def __init__(self, server: str, message: str):
+            super().__init__(f"gearmand {server}: {message}")
+            self.server, self.reason = server, message
+
+
+def split_server(text: str) -> tuple[str, int]:
+    """'host:port', '[v6]:port' or 'host' (port 4730) -> (host, port); ValueError for anything else."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(text)
+        port = rest[1:] if rest else str(DEFAULT_PORT)
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, str(DEFAULT_PORT)
+    bad = not host or host.startswith("-") or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in host)
+    if bad or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(text)
+    return host, int(port)
+
+
+def format_server(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class FunctionStatus:
@@ -67,18 +118,20 @@ def parse_workers(lines: list[str], server: str = "?") -> list[WorkerConnection]
 
 
 class GearmanAdmin:
-    """One admin connection to one gearmand; use as a context manager."""
+    """One admin connection to one gearmand, with one deadline from connect on; use as a context manager."""
 
-    def __init__(self, server: str, connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT):
+    def __init__(self, server: str, timeout: float = TIMEOUT, max_reply: int = MAX_REPLY,
+                 max_lines: int = MAX_LINES):
         try:
-            self.host, self.port = parse_server(server)
+            self.host, self.port = split_server(server)
         except ValueError:
             raise GearmanError(server, "not host:port") from None
         self.server = format_server(self.host, self.port)
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
+        self.timeout, self.max_reply, self.max_lines = timeout, max_reply, max_lines
         self.sock: socket.socket | None = None
-        self._buf = b""
+        self.deadline = 0.0
+        self.received = 0
+        self._buf = bytearray()
         self.local_ip: str | None = None
 
     def __enter__(self) -> GearmanAdmin:
@@ -89,19 +142,21 @@ class GearmanAdmin:
         self.close()
 
     def connect(self) -> None:
+        self.deadline = time.monotonic() + self.timeout
         try:
-            self.sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+            self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except TimeoutError:
-            raise GearmanError(self.server, f"no answer to connect within {self.connect_timeout:g} s "
+            raise GearmanError(self.server, f"no answer to connect within {self.timeout:g} s "
                                             "(host down, or a firewall drops the packets)") from None
         except ConnectionRefusedError:
             raise GearmanError(self.server, "connection refused (gearmand not running or not listening "
                                             "on that address)") from None
         except socket.gaierror as exc:
             raise GearmanError(self.server, f"cannot resolve {self.host}: {exc.strerror}") from None
+        except UnicodeError:  # `a..b`: the IDNA codec refuses an empty label before any lookup
+            raise GearmanError(self.server, f"{self.host} is not a valid host name") from None
         except OSError as exc:
             raise GearmanError(self.server, exc.strerror or str(exc)) from None
-        self.sock.settimeout(self.read_timeout)
         self.local_ip = self.sock.getsockname()[0]
 
     def close(self) -> None:
@@ -109,53 +164,68 @@ class GearmanAdmin:
             self.sock.close()
             self.sock = None
 
-    def _readline(self, command: str, deadline: float) -> str:
-        while b"\n" not in self._buf:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise GearmanError(self.server, f"no complete answer to `{command}` within {self.read_timeout:g} s")
-            self.sock.settimeout(remaining)
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                raise GearmanError(self.server, f"no complete answer to `{command}` within "
-                                                f"{self.read_timeout:g} s") from None
-            except OSError as exc:
-                raise GearmanError(self.server, f"reading the answer to `{command}`: "
-                                                f"{exc.strerror or exc}") from None
-            if not chunk:
-                raise GearmanError(self.server, f"closed the connection while answering `{command}`")
-            self._buf += chunk
-            if len(self._buf) > MAX_REPLY:
-                raise GearmanError(self.server, f"answer to `{command}` too long")
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line.decode("utf-8", "replace").rstrip("\r")
+    def _recv(self, command: str) -> int:
+        """One chunk more into the buffer, within the deadline and the byte cap; returns its line ends."""
+        remaining = self.deadline - time.monotonic()
+        late = f"no complete answer to `{command}` within {self.timeout:g} s"
+        if remaining <= 0:
+            raise GearmanError(self.server, late)
+        self.sock.settimeout(remaining)
+        try:
+            chunk = self.sock.recv(65536)
+        except TimeoutError:
+            raise GearmanError(self.server, late) from None
+        except OSError as exc:
+            raise GearmanError(self.server, f"reading the answer to `{command}`: {exc.strerror or exc}") from None
+        if not chunk:
+            raise GearmanError(self.server, f"closed the connection while answering `{command}`")
+        self.received += len(chunk)
+        if self.received > self.max_reply:
+            raise GearmanError(self.server, f"answered `{command}` with more than {self.max_reply} bytes "
+                                            "(the cap on a reply); not gearmand, or a broken one")
+        self._buf += chunk
+        return chunk.count(b"\n")
 
     def _send(self, command: str) -> None:
         if self.sock is None:
             self.connect()
+        self.sock.settimeout(max(self.deadline - time.monotonic(), 0.001))
         try:
             self.sock.sendall(command.encode() + b"\n")
         except OSError as exc:
             raise GearmanError(self.server, f"sending `{command}`: {exc.strerror or exc}") from None
 
+    def _take(self, end: int, skip: int) -> str:
+        text = self._buf[:end].decode("utf-8", "replace")
+        del self._buf[:end + skip]
+        return text
+
     def listing(self, command: str) -> list[str]:
         """A command answered by lines ending with `.` (status, workers, show jobs)."""
         self._send(command)
-        deadline = time.monotonic() + self.read_timeout
-        lines = []
+        searched, lines = 0, self._buf.count(b"\n")
         while True:
-            line = self._readline(command, deadline)
-            if line == ".":
-                return lines
-            if not lines and line.startswith("ERR "):
+            if self._buf.startswith(b"ERR ") and b"\n" in self._buf:
+                line = self._take(self._buf.index(b"\n"), 1).rstrip("\r")
                 raise GearmanError(self.server, f"refused `{command}`: {line[4:]}")
-            lines.append(line)
+            if self._buf.startswith(b".\n"):
+                self._take(0, 2)
+                return []
+            end = self._buf.find(b"\n.\n", max(searched - 2, 0))
+            if end >= 0:
+                return [line.rstrip("\r") for line in self._take(end, 3).split("\n")]
+            searched = len(self._buf)
+            if lines > self.max_lines:
+                raise GearmanError(self.server, f"answered `{command}` with more than {self.max_lines} lines "
+                                                "(the cap on a reply); not gearmand, or a broken one")
+            lines += self._recv(command)
 
     def line(self, command: str) -> str:
         """A command answered by one line (version, getpid, maxqueue)."""
         self._send(command)
-        line = self._readline(command, time.monotonic() + self.read_timeout)
+        while b"\n" not in self._buf:
+            self._recv(command)
+        line = self._take(self._buf.index(b"\n"), 1).rstrip("\r")
         if line.startswith("ERR "):
             raise GearmanError(self.server, f"refused `{command}`: {line[4:]}")
         return line
@@ -189,12 +259,12 @@ class ServerView:
         return [w for w in self.workers if w.functions and w.ip == self.local_ip]
 
 
-def query(server: str, connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT) -> ServerView:
-    """`status` and `workers` of one server; errors are recorded, not raised."""
+def query(server: str, timeout: float = TIMEOUT) -> ServerView:
+    """`status` and `workers` of one server, both within `timeout`; errors are recorded, not raised."""
     view = ServerView(server)
     started = time.monotonic()
     try:
-        with GearmanAdmin(server, connect_timeout, read_timeout) as admin:
+        with GearmanAdmin(server, timeout) as admin:
             view.server = admin.server
             view.local_ip = admin.local_ip
             view.functions = admin.status()
@@ -222,3 +292,119 @@ def query_all(servers: list[str], **kw) -> dict[str, ServerView]:
     for t in threads:
         t.join()
     return {s: views[s] for s in servers}
+
+
+# -- the playbooks' registration check (run as a script on a worker host) -------------------------------------
+STATE_FILE = "/etc/atom-worker/sites.json"
+
+
+def load_model(path: str) -> tuple[dict[str, int], dict[str, set[str]]]:
+    """From sites.json: per job server, the instances this host must have registered there and the sites'
+    function-name prefixes. ValueError (one line) for a file of another shape."""
+    import json
+
+    with open(path, encoding="utf-8") as handle:
+        try:
+            state = json.load(handle)
+        except ValueError as exc:
+            raise ValueError(f"{path}: not JSON ({exc})") from None
+    expected: dict[str, int] = {}
+    prefixes: dict[str, set[str]] = {}
+    try:
+        for site in state["sites"]:
+            prefix, servers, pools = site["prefix"], site["gearman_servers"], site["pools"]
+            if not (isinstance(prefix, str) and isinstance(servers, list) and isinstance(pools, list)):
+                raise TypeError("a site's prefix, gearman_servers or pools")
+            instances = sum(int(pool["instances"]) for pool in pools)
+            for server in servers:
+                expected[str(server)] = expected.get(str(server), 0) + instances
+                prefixes.setdefault(str(server), set()).add(prefix + "-")
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ValueError(f"{path}: not the atom_worker role's model ({type(exc).__name__}: {exc})") from None
+    return expected, prefixes
+
+
+def observe(server: str, prefixes: set[str], timeout: float) -> tuple[str, int, dict]:
+    """This host's registered worker connections on one server, and every function's workers by host."""
+    with GearmanAdmin(server, timeout) as admin:
+        local, workers = admin.local_ip, admin.workers()
+    mine = 0
+    by_function: dict[str, dict[str, int]] = {}  # function -> {"mine": n, "others": n}
+    for w in workers:
+        ours = [f for f in w.functions if any(f.startswith(p) for p in prefixes)]
+        if w.ip == local and ours:
+            mine += 1
+        for function in ours if w.ip == local else w.functions:
+            counts = by_function.setdefault(function, {"mine": 0, "others": 0})
+            counts["mine" if w.ip == local else "others"] += 1
+    return local, mine, by_function
+
+
+def _wait(args, expected, prefixes) -> int:
+    import json
+
+    deadline = time.monotonic() + args.timeout
+    while True:
+        report, done = {}, True
+        for server, want in sorted(expected.items()):
+            # Each question within what is left of the wait (and at most TIMEOUT): the wait ends on time.
+            left = min(TIMEOUT, deadline - time.monotonic())
+            try:
+                if left <= 0:
+                    raise GearmanError(server, f"not asked: the {args.timeout:g} s wait was over")
+                local, mine, _ = observe(server, prefixes[server], left)
+                report[server] = {"address": local, "registered": mine, "expected": want}
+                done = done and mine >= want
+            except GearmanError as exc:
+                report[server] = {"error": str(exc), "expected": want}
+                done = False
+        left = deadline - time.monotonic()
+        if done or left <= 0:
+            print(json.dumps({"registered": done, "servers": report, "timeout": args.timeout}, sort_keys=True))
+            return 0 if done else 1
+        time.sleep(min(args.interval, left))
+
+
+def _coverage(args, expected, prefixes) -> int:
+    import json
+
+    report, uncovered, errors = {}, [], []
+    for server in sorted(expected):
+        try:
+            local, mine, by_function = observe(server, prefixes[server], TIMEOUT)
+        except GearmanError as exc:
+            errors.append(str(exc))
+            continue
+        functions = {f: c for f, c in by_function.items() if c["mine"] > 0}
+        report[server] = {"address": local, "registered": mine, "functions": functions}
+        uncovered += [f"{server} {f}" for f, c in sorted(functions.items()) if c["others"] == 0]
+    print(json.dumps({"servers": report, "uncovered": uncovered, "errors": errors}, sort_keys=True))
+    return 1 if errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import math
+
+    def seconds(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(text)
+        return value
+
+    parser = argparse.ArgumentParser(description="Ask gearmand which of this host's AtoM workers are registered.")
+    parser.add_argument("mode", choices=["wait", "coverage"])
+    parser.add_argument("--state-file", default=STATE_FILE)
+    parser.add_argument("--timeout", type=seconds, default=60.0, help="wait: the whole wait's deadline, seconds")
+    parser.add_argument("--interval", type=seconds, default=0.5)
+    args = parser.parse_args(argv)
+    try:
+        expected, prefixes = load_model(args.state_file)
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"atom_gearman_check: {exc}\n")
+        return 2
+    return _wait(args, expected, prefixes) if args.mode == "wait" else _coverage(args, expected, prefixes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

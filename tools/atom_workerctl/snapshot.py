@@ -117,7 +117,7 @@ def take(host: model.Host, backend, *, units: list[str] | None = None, gearman: 
         read_site_configs(snap)
     if gearman:
         servers = list(dict.fromkeys(s for sv in snap.sites for s in sv.servers))
-        kw = {} if timeout is None else {"connect_timeout": timeout, "read_timeout": timeout}
+        kw = {} if timeout is None else {"timeout": timeout}
         snap.gearman = query_all(servers, **kw)
         snap.gearman_queried = True
         link(snap, backend, connections)

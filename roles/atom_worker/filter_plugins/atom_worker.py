@@ -8,6 +8,7 @@ asserts can name the variable and what is allowed.
 
 import hashlib
 import ipaddress
+import re
 
 UMBRELLA_TARGET = "atom-workers.target"
 DEFAULT_SITE = "default"
@@ -368,6 +369,105 @@ def atom_worker_supervisor_processes(units):
     return out
 
 
+def _control_character(text):
+    """The first control character of a text (a newline, a tab, NUL, DEL, a Unicode line break), or None."""
+    for char in text:
+        if ord(char) < 32 or 127 <= ord(char) < 160 or char in "\u2028\u2029":
+            return char
+    return None
+
+
+def atom_worker_control_characters(values):
+    """One line for each text in `values` ({variable name: value}, walked through lists and mappings, keys
+    included) that holds a control character. Every such value ends up in a unit file, a supervisord INI or
+    AtoM's YAML, where a newline starts a line of the attacker's choosing (`abilities: ["X\nUser=root"]`)."""
+    problems = []
+
+    def walk(path, value):
+        if isinstance(value, str):
+            char = _control_character(value)
+            if char is not None:
+                shown = value if len(value) <= 60 else value[:57] + "..."
+                problems.append(f"{path}={shown!r} holds a control character ({char!r}): refused, a unit file, "
+                                "supervisord INI or AtoM YAML would get it verbatim")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{path} key", key)
+                walk(f"{path}.{key}", item)
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(f"{path}[{index}]", item)
+
+    for name in sorted(values):
+        walk(name, values[name])
+    return problems
+
+
+# What a value may hold where it lands (atom_worker_bad_values): one word for systemd, supervisord and a shell.
+# No blank (it splits ReadWritePaths= and ExecStart=), no `%` (a systemd specifier), no `\\` (an escape), no
+# quote; and no leading `-` where a command would read an option.
+_PATH = re.compile(r"/[A-Za-z0-9._+@,:=~/-]*")
+_RELPATH = re.compile(r"[A-Za-z0-9._+@,:=~/][A-Za-z0-9._+@,:=~/-]*")
+_ACCOUNT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?")
+_JOB_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_UNIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9:_.@-]*")
+RESTART_VALUES = ("no", "on-success", "on-failure", "on-abnormal", "on-watchdog", "on-abort", "always")
+# Signals AtoM's worker exits 0 on (the role's argument spec allows the same ones).
+KILL_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+_PATH_VARS = ("php", "recycle_helper", "unit_dir", "state_file", "supervisorctl", "supervisor_conf_dir",
+              "supervisor_log_dir", "supervisor_policy_command", "supervisor_policy_state_file")
+_WANT = {
+    _PATH: "an absolute path of letters, digits and ._+@,:=~/-",
+    _RELPATH: "a path of letters, digits and ._+@,:=~/- (relative to the AtoM root, or absolute)",
+    _ACCOUNT: "a user or group name (letters, digits, _ . -)",
+    _JOB_NAME: "a worker type or job class name (letters, digits, _ . -)",
+    _UNIT_NAME: "a systemd unit name",
+}
+
+
+def atom_worker_bad_values(values, model):
+    """One line for each value that cannot be what it claims, naming the variable.
+
+    values: the role's variables ({name: value}); model: atom_worker_model's result (sites and pools carry
+    the variable they came from in `var`). Values of the wrong type are left to the asserts that name them.
+    """
+    problems = []
+
+    def check(name, value, pattern):
+        if isinstance(value, str) and not pattern.fullmatch(value):
+            problems.append(f"{name}={value!r}: must be {_WANT[pattern]}")
+
+    def choice(name, allowed):
+        value = values.get(name)
+        if name in values and value not in allowed:
+            problems.append(f"{name}={value!r}: must be one of {', '.join(allowed)}")
+
+    for key in _PATH_VARS:
+        check(f"atom_worker_{key}", values.get(f"atom_worker_{key}"), _PATH)
+    for key in ("user", "group"):
+        check(f"atom_worker_{key}", values.get(f"atom_worker_{key}"), _ACCOUNT)
+    choice("atom_worker_restart", RESTART_VALUES)
+    choice("atom_worker_kill_signal", KILL_SIGNALS)
+    for key, pattern in (("read_write_dirs", _RELPATH), ("after_services", _UNIT_NAME),
+                         ("after_services_candidates", _UNIT_NAME)):
+        items = values.get(f"atom_worker_{key}")
+        for index, item in enumerate(items if isinstance(items, list) else []):
+            check(f"atom_worker_{key}[{index}]", item, pattern)
+    for site in (model or {}).get("sites", []):
+        check(site["var"] if site["var"] == "atom_worker_root" else f"{site['var']}.root", site.get("root"), _PATH)
+        for key in ("user", "group"):
+            if site.get(key) != values.get(f"atom_worker_{key}"):  # a site's own (the role's is checked above)
+                check(f"{site['var']}.{key}", site.get(key), _ACCOUNT)
+    for pool in (model or {}).get("pools", []):
+        for key in ("types", "abilities"):
+            items = pool.get(key)
+            # The default pool of the simple case takes them from atom_worker_types / atom_worker_abilities.
+            var = f"atom_worker_{key}" if pool["var"] == "atom_worker_instances" else f"{pool['var']}.{key}"
+            for index, item in enumerate(items if isinstance(items, list) else []):
+                check(f"{var}[{index}]", item, _JOB_NAME)
+    return problems
+
+
 def atom_worker_passwd_homes(lines):
     """{user: home} from `getent passwd USER` lines (name:x:uid:gid:gecos:home:shell)."""
     homes = {}
@@ -386,6 +486,8 @@ class FilterModule:
             "atom_worker_units": atom_worker_units,
             "atom_worker_state": atom_worker_state,
             "atom_worker_passwd_homes": atom_worker_passwd_homes,
+            "atom_worker_control_characters": atom_worker_control_characters,
+            "atom_worker_bad_values": atom_worker_bad_values,
             "atom_worker_supervisor_processes": atom_worker_supervisor_processes,
             "atom_worker_supervisor_group": supervisor_group,
             "atom_worker_gearman_servers": atom_worker_gearman_servers,
