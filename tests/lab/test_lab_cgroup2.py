@@ -4,7 +4,8 @@ A private mount namespace gets the cgroup2 hierarchy on /sys/fs/cgroup (a bind m
 unified hierarchy, whole: a stock host's view minus systemd as PID 1; a bind, because a fresh cgroup2 mount
 would set the hierarchy-wide mount options for everyone). `lab` run there finds the unified world,
 makes the host's cgroup itself and boots it; nspawn and the host's systemd run in unified mode.
-What this cannot show is a systemd PID 1 (systemd-run scopes with Delegate=yes): see tools/lab/README.md.
+That host is then a stock systemd host in its own right (systemd as PID 1 on cgroup2), and the lab run
+inside it takes the systemd-run path (a scope with Delegate=yes per host): see the tests at the end.
 
 The namespace also gets a private hosts folder and control hosts file, so that the rest of the lab (other
 test modules, in the machine's namespace) never sees a host whose disk is mounted only in here. Address
@@ -95,6 +96,69 @@ def test_powercut_and_boot_in_the_unified_world(v2):
     assert v2.run("test", "-e", f"/sys/fs/cgroup/atom-lab/{HOST}", check=False).returncode == 1
     v2.lab("boot", HOST)
     assert v2.lab("run", HOST, "--", "cat", "/root/plain").stdout.strip() == "kept"
+
+
+# A stock systemd host, nested: the unified-world host above is one (systemd as PID 1, cgroup2 at
+# /sys/fs/cgroup), so the lab run inside it takes the systemd-run path. What the nested lab needs that a
+# stock host would have: systemd-nspawn (copied in from this machine: same Debian systemd 252), PyYAML (from
+# the image's local repository) and a golden image: the host's own root, bind-mounted where the recipe hash
+# names it (nested hosts then share the host's machine-id; nothing here depends on it). Their overlay upper
+# layers go on a tmpfs, as overlayfs cannot be an upper layer itself.
+INNER = "t-v2-inner"
+NESTED_LAB = "/opt/nest/tools/lab"
+NESTED_SETUP = f"""set -e
+apt-get install -y -qq python3-yaml >/dev/null
+golden=$(cd {NESTED_LAB} && python3 -c 'from atomlab import golden; print(golden.golden_path())')
+mkdir -p /var/lib/atom-lab/hosts "$golden"
+mount -t tmpfs tmpfs /var/lib/atom-lab/hosts
+touch /.complete
+mount --bind / "$golden"
+printf 'all:\n  hosts:\n    {INNER}:\n' > /root/inner.yml
+"""
+SCOPE = f"atom-lab-{INNER}.scope"
+
+
+def _inside(v2, command: str, check=True) -> subprocess.CompletedProcess:
+    return v2.lab("run", HOST, "--", "sh", "-c", f"cd {NESTED_LAB} && {command}", check=check)
+
+
+def _scope_units(v2) -> str:
+    return _inside(v2, f"systemctl list-units --all --no-legend --plain {SCOPE}").stdout.strip()
+
+
+def test_on_a_systemd_host_each_lab_host_runs_in_a_delegated_scope(v2):
+    merged = STATE / "hosts" / HOST / "merged"
+    v2.run("sh", "-c", f"cp /usr/bin/systemd-nspawn {merged}/usr/local/bin/ && mkdir -p {merged}/opt/nest/tools"
+                       f" && cp -r {REPO}/tools/lab {merged}/opt/nest/tools/"
+                       f" && rm -rf {merged}{NESTED_LAB}/atomlab/__pycache__")
+    _inside(v2, NESTED_SETUP)
+    up = _inside(v2, "./lab up --inventory /root/inner.yml --out /root/inner-out.yml")
+    assert "lab: cgroups: unified cgroup v2, PID 1 is systemd: each host in scope atomlab.slice" in up.stderr, up.stderr
+    show = _inside(v2, f"systemctl show -p ActiveState -p Delegate -p ControlGroup {SCOPE}").stdout.split()
+    assert sorted(show) == ["ActiveState=active", f"ControlGroup=/atomlab.slice/{SCOPE}", "Delegate=yes"], show
+    assert _inside(v2, f"./lab run {INNER} -- systemctl is-system-running").stdout.strip() == "running"
+    # Its systemd sits in the scope's delegated subtree, where nspawn put the host.
+    init = _inside(v2, f"cat /sys/fs/cgroup/atomlab.slice/{SCOPE}/payload/init.scope/cgroup.procs").stdout.split()
+    assert len(init) == 1 and _inside(v2, f"cat /proc/{init[0]}/comm").stdout.strip() == "systemd"
+
+
+def test_on_a_systemd_host_powercut_poweroff_and_down_leave_no_unit(v2):
+    assert _scope_units(v2).startswith(SCOPE), "the probe sees the running host's scope"
+    _inside(v2, f"./lab run {INNER} -- sh -c 'echo kept > /root/plain'")
+    _inside(v2, f"./lab powercut {INNER}")
+    assert _scope_units(v2) == ""
+    assert _inside(v2, f"test -e /sys/fs/cgroup/atomlab.slice/{SCOPE}", check=False).returncode == 1
+    _inside(v2, f"./lab boot {INNER}")
+    assert _inside(v2, f"./lab run {INNER} -- cat /root/plain").stdout.strip() == "kept"
+    _inside(v2, f"./lab poweroff {INNER}")
+    assert _scope_units(v2) == ""
+    _inside(v2, f"./lab boot {INNER}")
+    assert _scope_units(v2).startswith(SCOPE)
+    _inside(v2, f"./lab down {INNER}")
+    assert _scope_units(v2) == ""
+    for probe in (f"test -e /sys/fs/cgroup/atomlab.slice/{SCOPE}", f"grep -q {INNER} /proc/self/mounts",
+                  f"test -e /run/netns/atomlab-{INNER}"):
+        assert _inside(v2, probe, check=False).returncode == 1, f"left behind: {probe}"
 
 
 def test_down_leaves_no_cgroup_mount_or_namespace(v2):
