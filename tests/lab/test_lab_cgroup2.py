@@ -159,6 +159,13 @@ def test_on_a_systemd_host_powercut_poweroff_and_down_leave_no_unit(v2):
     for probe in (f"test -e /sys/fs/cgroup/atomlab.slice/{SCOPE}", f"grep -q {INNER} /proc/self/mounts",
                   f"test -e /run/netns/atomlab-{INNER}"):
         assert _inside(v2, probe, check=False).returncode == 1, f"left behind: {probe}"
+    # A full `lab down` (the nested lab is this host's alone) also stops the lab's slice, which outlives its
+    # last scope.
+    slice_units = "systemctl list-units --all --no-legend --plain atomlab.slice"
+    assert _inside(v2, slice_units).stdout.startswith("atomlab.slice loaded active")
+    _inside(v2, "./lab down")
+    assert _inside(v2, slice_units).stdout.strip() == ""
+    assert _inside(v2, "test -e /sys/fs/cgroup/atomlab.slice", check=False).returncode == 1
 
 
 def test_down_leaves_no_cgroup_mount_or_namespace(v2):
