@@ -1,9 +1,10 @@
 """Helpers for the drills: real faults on lab hosts, and the stand-in's record to prove nothing was lost.
 
 Run inside the lab network: tools/lab/lab exec -- .venv/bin/pytest tests/drills
-Host names start with `d-`.
+Each module boots hosts of its own, named with its prefix (`d-` test_drills_lab, `dc-` test_hard_crash_lab).
 """
 
+import hashlib
 import json
 import shlex
 import subprocess
@@ -59,6 +60,7 @@ class Drill:
                 walk(child)
 
         walk(generated["all"])
+        self.unplugged = {}
 
     def run(self, host, command, check=True, timeout=120):
         return self.hosts.run(host, command, check=check, timeout=timeout)
@@ -73,28 +75,41 @@ class Drill:
         out = self.run(host, f"systemctl show {unit} " + " ".join(f"-p {p}" for p in props)).stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
+    @staticmethod
+    def function(job_class="arFindingAidJob", workers_key=""):
+        """The Gearman function of `job_class` for workers at the lab's AtoM root (QubitJob's prefix:
+        md5 of the root's real path, which has no symlink on lab hosts, and workers_key)."""
+        return hashlib.md5((ATOM_ROOT + workers_key).encode()).hexdigest() + "-" + job_class
+
     def record(self, host, root=ATOM_ROOT):
         out = self.run(host, f"cat {root}/log/standin-record.jsonl 2>/dev/null || true").stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
-    def completed(self, host, since=0):
-        """Job id -> how many times it completed, from the host's stand-in record."""
+    def marks(self, *hosts):
+        """Where each host's record ends now: {host: events so far}, for `completed` and `wait_all_completed`."""
+        return {host: len(self.record(host)) for host in hosts}
+
+    def completed(self, where, since=0):
+        """Job id -> how many times it completed, from the stand-in record of host `where` (events after
+        `since`), or of several hosts, summed: `where` is then {host: mark} as `marks` returns it."""
+        marks = where if isinstance(where, dict) else {where: since}
         counts = {}
-        for event in self.record(host)[since:]:
-            if event.get("event") == "job" and event.get("status") == "completed":
-                counts[str(event["id"])] = counts.get(str(event["id"]), 0) + 1
+        for host, mark in marks.items():
+            for event in self.record(host)[mark:]:
+                if event.get("event") == "job" and event.get("status") == "completed":
+                    counts[str(event["id"])] = counts.get(str(event["id"]), 0) + 1
         return counts
 
-    def wait_all_completed(self, host, ids, since=0, timeout=180, what="the jobs"):
-        """Every id completed at least once (none missing); returns the counts."""
+    def wait_all_completed(self, where, ids, since=0, timeout=180, what="the jobs"):
+        """Every id completed at least once (none missing) on `where` (as in `completed`); returns the counts."""
         ids = set(ids)
 
         def done():
-            counts = self.completed(host, since)
+            counts = self.completed(where, since)
             return counts if ids <= set(counts) else None
 
         def missing():
-            counts = self.completed(host, since)
+            counts = self.completed(where, since)
             return f"missing {len(ids - set(counts))} of {len(ids)}: {sorted(ids - set(counts))[:10]}"
 
         return wait_until(done, timeout, 0.5, what, details=missing)
@@ -120,6 +135,45 @@ class Drill:
             if len(cols) == 4:
                 status[cols[0]] = tuple(int(c) for c in cols[1:])
         return status
+
+    def gearman_workers(self, host, address="127.0.0.1"):
+        """gearmand's `workers` read on `host`: client address -> connections that registered a function."""
+        out = self.run(host, f"gearadmin -h {address} --workers").stdout
+        counts = {}
+        for line in out.splitlines():
+            client, _, functions = line.partition(" : ")
+            fields = client.split()
+            if len(fields) >= 2 and functions.strip():
+                counts[fields[1]] = counts.get(fields[1], 0) + 1
+        return counts
+
+    def powercut(self, host):
+        """The host loses power: unplugged from the lab's bridge, then every process SIGKILLed (`lab powercut`).
+        Why unplug first: the host's network namespace outlives its processes, and its kernel would close
+        their TCP connections with FIN or RST, telling every peer at once. A machine that loses power sends
+        nothing: its peers learn it is gone only from their own timeouts. `boot` plugs it back in."""
+        port = self._bridge_port(host)
+        subprocess.run(["ip", "link", "set", port, "down"], check=True)
+        self.unplugged[host] = port
+        self.hosts.powercut(host)
+
+    def boot(self, host):
+        """Boot a host that was cut off (plugged back in first) or shut down; returns once systemd runs."""
+        port = self.unplugged.pop(host, None)
+        if port:
+            subprocess.run(["ip", "link", "set", port, "up"], check=True)
+        self.hosts.boot(host)
+
+    def _bridge_port(self, host):
+        """The bridge's end of the host's eth0 (a veth pair), found by its interface index: tests run in the
+        lab's network namespace, where the bridge is. (The host's /sys/class/net is not its own namespace's:
+        ask `ip`, which asks the kernel over netlink.)"""
+        [eth0] = json.loads(self.run(host, "ip -j link show eth0").stdout)
+        peer = eth0["link_index"]
+        links = json.loads(subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True,
+                                          check=True).stdout)
+        [port] = [link["ifname"] for link in links if link["ifindex"] == peer]
+        return port
 
     def control(self, host, **knobs):
         self.hosts.standin_control(host, **knobs)
