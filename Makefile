@@ -2,18 +2,24 @@
 # Both run on a fresh Debian 12 machine as root; they install what they need from this repository's files.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
+# Debian's Python, not whatever python3 is first on PATH (pyenv, conda, a venv): ansible-core 2.19 and
+# pystemd's build are checked against it. 3.11 is bookworm's.
+PYTHON := /usr/bin/python3
 VENV := .venv
 BIN := $(VENV)/bin
 LAB := tools/lab/lab
 STAMPS := build
+# The venv's stamp lives inside the venv: deleting .venv makes the next make build it again.
+VENV_STAMP := $(VENV)/.installed
 # One module after another. PYTEST_ARGS="-n 2 --dist loadfile" runs two at a time (README: Tests and CI).
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv wheel lab demo test lint pytest molecule clean bench-cli bench-ops bench-fleet
+.PHONY: help deps venv wheel lab demo test lint pytest molecule clean distclean bench-cli bench-ops bench-fleet
 help:
-	@echo "make demo   boot the lab, converge it with site.yml, show the workers and a completed job"
-	@echo "make test   lint, pytest (stand-in, lab, roles, CLI), Molecule"
-	@echo "make lab    boot the lab only;  make clean  remove every lab host"
+	@echo "make demo       boot the lab, converge it (playbooks/lab/site.yml), show the workers and a completed job"
+	@echo "make test       lint, pytest (stand-in, lab, roles, CLI), Molecule"
+	@echo "make lab        boot the lab only"
+	@echo "make clean      remove every lab host;  make distclean  also the venv, build/ and the lab's golden image"
 
 $(STAMPS)/apt: apt-packages.txt
 	@mkdir -p $(STAMPS)
@@ -22,22 +28,25 @@ $(STAMPS)/apt: apt-packages.txt
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$(grep -v '^#' apt-packages.txt) >/dev/null
 	@touch $@
 
-$(STAMPS)/venv: requirements.txt pyproject.toml $(STAMPS)/apt
+$(VENV_STAMP): requirements.txt pyproject.toml $(STAMPS)/apt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "$(PYTHON) is $$($(PYTHON) -V 2>&1); this needs Python 3.11 or newer (Debian 12)" >&2; exit 1; }
 	@echo "== creating the Python venv ($(VENV)): ansible-core, lint, pytest, molecule, pystemd (builds ~1 min)"
-	python3 -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel setuptools
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps -e .
 	@touch $@
 
-# The CLI as a wheel, for lab hosts (they have no PyPI; the lab inventory points atom_workerctl at it).
-$(STAMPS)/wheel.stamp: $(STAMPS)/venv $(wildcard tools/atom_workerctl/*.py) pyproject.toml
+# The CLI as a wheel in build/wheel/: the atom_workerctl role's default copies it to the hosts (pinned by
+# version and sha256; lab hosts and production hosts alike).
+$(STAMPS)/wheel.stamp: $(VENV_STAMP) $(wildcard tools/atom_workerctl/*.py) pyproject.toml
 	rm -rf $(STAMPS)/wheel && mkdir -p $(STAMPS)/wheel
 	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w $(STAMPS)/wheel .
 	@touch $@
 
 deps: $(STAMPS)/apt
-venv: $(STAMPS)/venv
+venv: $(VENV_STAMP)
 
 wheel: $(STAMPS)/wheel.stamp
 
@@ -46,8 +55,8 @@ lab: venv wheel
 	$(LAB) up
 
 demo: lab
-	@echo "== converging the lab with site.yml"
-	$(LAB) exec -- $(BIN)/ansible-playbook site.yml
+	@echo "== converging the lab with playbooks/lab/site.yml (the AtoM stand-in, then site.yml)"
+	$(LAB) exec -- $(BIN)/ansible-playbook playbooks/lab/site.yml
 	@echo "== the workers, a job submitted and completed"
 	$(LAB) exec -- $(BIN)/python tools/demo_status.py
 
@@ -68,8 +77,15 @@ molecule: venv wheel
 
 test: lint pytest molecule
 
+# Every lab host (other checkouts' too: the lab is one per machine).
 clean:
 	-$(LAB) down
+
+# Also what the first `make demo` built: the venv, build/ (stamps, the wheel) and the lab's golden image
+# (tools/lab keeps it in /var/lib/atom-lab/golden-<hash>; no host boots from it once `lab down` ran).
+distclean: clean
+	rm -rf $(VENV) $(STAMPS) atom_workerctl.egg-info
+	rm -rf /var/lib/atom-lab/golden-*
 
 bench-cli: venv wheel
 	$(LAB) exec -- $(BIN)/python bench/cli/bench.py

@@ -86,7 +86,8 @@ def main() -> int:
     hosts.down()
     hosts.up()
     try:
-        for playbook, extra in (("site.yml", None), ("tests/cli/install.yml", {"workerctl_wheel": str(wheel)})):
+        for playbook, extra in (("playbooks/lab/site.yml", None),
+                                ("tests/cli/install.yml", {"workerctl_wheel": str(wheel)})):
             result = hosts.playbook(playbook, extra_vars=extra)
             if result.returncode != 0:
                 print(result, file=sys.stderr)

@@ -43,7 +43,7 @@ def boot(prefix: str, workers: int, workdir: Path, converge: bool = True) -> tup
     jobs.setdefault("vars", {})["gearman_job_server_allowed_addresses"] = [control_address((address, 4730))]
     hosts.inventory.write_text(yaml.safe_dump(generated, sort_keys=False))
     if converge:
-        result = hosts.playbook("site.yml", with_cli=True, timeout=1800)
+        result = hosts.playbook("playbooks/lab/site.yml", with_cli=True, timeout=1800)
         if result.returncode != 0:
             raise SystemExit(f"site.yml failed: {result}")
     return hosts, generated

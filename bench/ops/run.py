@@ -97,7 +97,7 @@ def ansible_ping(hosts):
 
 
 def converge(hosts, expect_changed=None):
-    result = hosts.playbook("site.yml", with_cli=True)
+    result = hosts.playbook("playbooks/lab/site.yml", with_cli=True)
     assert result.returncode == 0, result
     if expect_changed is not None:
         assert (result.changed() == 0) == (expect_changed == 0), result

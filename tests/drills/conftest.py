@@ -66,7 +66,7 @@ class Drill:
         return self.hosts.run(host, command, check=check, timeout=timeout)
 
     def converge(self, *extra, extra_vars=None, check=True):
-        result = self.hosts.playbook("site.yml", *extra, extra_vars=extra_vars)
+        result = self.hosts.playbook("playbooks/lab/site.yml", *extra, extra_vars=extra_vars)
         if check:
             assert result.returncode == 0, result
         return result

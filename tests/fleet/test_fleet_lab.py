@@ -54,7 +54,7 @@ def test_converge_points_every_host_at_the_job_server(fleet):
 
 
 def test_second_converge_in_batches_of_one_host_changes_nothing(fleet):
-    result = fleet.playbook("site.yml", extra_vars={"atom_worker_serial": 1})
+    result = fleet.playbook("playbooks/lab/site.yml", extra_vars={"atom_worker_serial": 1})
     assert result.changed() == 0, result
     # One batch a worker host: the workers' play starts once per host, in inventory order.
     batches = re.findall(r"^PLAY \[AtoM workers\]", result.stdout, re.M)
@@ -214,4 +214,4 @@ def test_scale_changes_the_count_on_every_host(fleet):
     # Without -e, scale.yml takes the inventory's count: hosts and inventory agree again.
     fleet.playbook("playbooks/scale.yml")
     assert {f: fleet.status()[f][2] for f in FUNCTIONS} == expected_available(fleet)
-    assert fleet.playbook("site.yml").changed() == 0
+    assert fleet.playbook("playbooks/lab/site.yml").changed() == 0

@@ -12,8 +12,8 @@ from labhosts import ATOM_ROOT, LabHosts, booted_per_module
 from polling import wait_until
 
 RECORD = f"{ATOM_ROOT}/log/standin-record.jsonl"
-# The playbook the lab tests converge with (site.yml; overridable to try a variant).
-PLAYBOOK = os.environ.get("ATOM_ROLES_PLAYBOOK", "site.yml")
+# The playbook the lab tests converge with (the lab's: the stand-in, then site.yml; overridable).
+PLAYBOOK = os.environ.get("ATOM_ROLES_PLAYBOOK", "playbooks/lab/site.yml")
 
 
 class Lab:

@@ -69,7 +69,8 @@ class SupervisorLab:
 
     def playbook(self, extra_vars: dict | None = None, with_cli=True) -> PlaybookResult:
         """site.yml against sv-host, with the wheel the fixture built (so a re-run changes nothing)."""
-        return self.hosts.playbook("site.yml", extra_vars={"atom_workerctl_wheel": self.wheel, **(extra_vars or {})},
+        return self.hosts.playbook("playbooks/lab/site.yml",
+                                   extra_vars={"atom_workerctl_wheel": self.wheel, **(extra_vars or {})},
                                    with_cli=with_cli)
 
     def supervisorctl(self, *args: str, check=False) -> subprocess.CompletedProcess:

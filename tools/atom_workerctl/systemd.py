@@ -35,7 +35,7 @@ def _dbuslib():
             spec = None
         if spec is None or not spec.submodule_search_locations:
             raise ManagerError("pystemd is not installed: atom-workerctl's systemd backend needs it",
-                               hint="pip install pystemd==0.15.3")
+                               hint="apt-get install python3-pystemd (or: pip install 'pystemd>=0.11')")
         package = importlib.util.module_from_spec(spec)  # a bare package: __path__ only, no __init__ run
         sys.modules["pystemd"] = package
     try:

@@ -212,7 +212,7 @@ def parser() -> argparse.ArgumentParser:
         "examples:\n  lab up                       boot the default lab (inventory/lab.yml)\n"
         "  lab up --hosts 3             boot lab1..lab3\n"
         "  lab up --inventory inventory/examples/fleet.yml --out /tmp/fleet-lab.yml\n"
-        "  lab exec -- ansible-playbook site.yml\n  lab run worker1 -- systemctl status 'atom-worker@*'\n"
+        "  lab exec -- ansible-playbook playbooks/lab/site.yml\n  lab run worker1 -- systemctl status 'atom-worker@*'\n"
         "  lab down"), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="boot hosts (kept if already running) and write their inventory")

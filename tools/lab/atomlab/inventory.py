@@ -61,15 +61,11 @@ def with_connection(inventory: dict, source: str) -> str:
     lab_vars = {
         "ansible_user": "root",
         "ansible_ssh_private_key_file": str(paths.SSH_KEY),
+        # Only lab hosts skip ssh's host-key check (disposable hosts, addresses reused);
+        # ansible.cfg keeps it on for every other inventory.
         "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
         "ansible_python_interpreter": "/usr/bin/python3",
         "atom_lab": True,
-        # Lab hosts have no PyPI: atom-workerctl comes from this checkout's wheel (make wheel), pystemd
-        # and its build tools from the image's /opt/lab-pip.
-        "atom_workerctl_wheel": ("{{ query('ansible.builtin.fileglob', '%s/atom_workerctl-*.whl') | first "
-                                 "| default('') }}" % (paths.REPO / "build" / "wheel")),
-        "atom_workerctl_pip_find_links": ["/opt/lab-pip"],
-        "atom_workerctl_pip_no_index": True,
     }
     out["all"] = out["all"] or {}
     out["all"]["vars"] = {**(out["all"].get("vars") or {}), **lab_vars}

@@ -1,0 +1,166 @@
+"""Safe defaults for production runs, on a real lab host (issue 12, section 3).
+
+- ansible.cfg keeps ssh host-key checking on: an inventory without the lab's relaxations cannot reach a
+  lab host whose key it does not know, and reaches it once the key is in its known_hosts (ssh-keyscan).
+- site.yml holds only what production runs; the lab's playbook adds the AtoM stand-in and imports it.
+- roles/atom_workerctl with its defaults: the wheel from the control host, pinned by version and sha256,
+  Debian's python3-pystemd and python3-yaml in a venv that sees them, no compiler or -dev package, a second
+  run changes nothing, a wrong pin fails before anything changes, and `atom_workerctl_state: absent` removes
+  what the role installed.
+
+Run inside the lab network: tools/lab/lab exec -- .venv/bin/pytest tests/roles/test_production_defaults_lab.py
+"""
+
+import hashlib
+import os
+import shlex
+import subprocess
+
+import pytest
+import yaml
+from labhosts import REPO, VENV_BIN, booted_per_module, build_project_wheel, repo_path
+
+pytestmark = pytest.mark.timeout(900)
+
+HOST = "pd-w1"
+INVENTORY = {"all": {"children": {"atom_workers": {"hosts": {HOST: None}}}}}
+INSTALL = "tests/cli/install.yml"
+VENV, LINK = "/opt/atom-workerctl", "/usr/local/bin/atom-workerctl"
+COMPLETION, WHEEL_DIR = "/etc/bash_completion.d/atom-workerctl", "/var/cache/atom-workerctl"
+BUILD_TOOLS = ("gcc", "cpp", "python3-dev", "libpython3-dev", "libsystemd-dev", "pkg-config", "python3-pip")
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    with booted_per_module(tmp_path_factory, lambda hosts: hosts, prefix="pd") as make:
+        yield make(INVENTORY)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    return build_project_wheel(tmp_path_factory.mktemp("pd-wheel"))
+
+
+def install(hosts, wheel, **extra_vars):
+    return hosts.playbook(INSTALL, extra_vars={"workerctl_wheel": str(wheel), **extra_vars})
+
+
+def exists(hosts, path) -> bool:
+    return hosts.run(HOST, f"test -e {shlex.quote(path)} || test -L {shlex.quote(path)}", check=False).returncode == 0
+
+
+def installed(hosts, package) -> bool:
+    """dpkg's view: the package is installed on the host."""
+    out = hosts.run(HOST, f"dpkg-query -W -f '${{db:Status-Status}}' {package} 2>/dev/null", check=False).stdout
+    return out.strip() == "installed"
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def installed_files(hosts) -> str:
+    """Checksums of the copied wheel, its requirement and the installed package."""
+    return hosts.run(HOST, f"md5sum {WHEEL_DIR}/* {VENV}/lib/python3*/site-packages/atom_workerctl/*.py").stdout
+
+
+def lab_connection(hosts) -> dict:
+    """The address and key `lab up` wrote for the host (without its ssh relaxations)."""
+    inventory = yaml.safe_load(hosts.inventory.read_text())["all"]
+    address = inventory["children"]["atom_workers"]["hosts"][HOST]["ansible_host"]
+    return {"ansible_host": address, "ansible_user": "root",
+            "ansible_ssh_private_key_file": inventory["vars"]["ansible_ssh_private_key_file"]}
+
+
+def ping(inventory_path, control_dir) -> subprocess.CompletedProcess:
+    # The repository's ansible.cfg, and ssh control sockets of this test only (a master another test left
+    # open to the same address would skip the host-key check altogether).
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control_dir),
+           "ANSIBLE_NOCOLOR": "1"}
+    return subprocess.run([str(VENV_BIN / "ansible"), HOST, "-i", str(inventory_path), "-m", "ansible.builtin.ping"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env, check=False)
+
+
+def test_ansible_cfg_checks_host_keys(hosts, tmp_path):
+    # A user's inventory: address, user, key, nothing about host keys. Its known_hosts is a file of this
+    # test (root's own ~/.ssh/known_hosts on this shared machine is out of the test's hands): empty first.
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    ssh_files = f"-o UserKnownHostsFile={known_hosts} -o GlobalKnownHostsFile=/dev/null"
+    inventory = tmp_path / "user.yml"
+    inventory.write_text(yaml.safe_dump({"all": {"hosts": {HOST: {
+        **lab_connection(hosts), "ansible_ssh_common_args": ssh_files}}}}))
+    unknown = ping(inventory, tmp_path / "cp-unknown")
+    assert unknown.returncode != 0, unknown.stdout
+    assert "Host key verification failed" in unknown.stdout + unknown.stderr, unknown.stdout + unknown.stderr
+    assert known_hosts.read_text() == "", "ssh must not have added the key by itself"
+
+    # Positive control: the same inventory, the host's key in known_hosts.
+    address = lab_connection(hosts)["ansible_host"]
+    scan = subprocess.run(["ssh-keyscan", "-t", "ed25519", address], capture_output=True, text=True, timeout=30,
+                          check=True)
+    assert address in scan.stdout
+    known_hosts.write_text(scan.stdout)
+    known = ping(inventory, tmp_path / "cp-known")
+    assert known.returncode == 0 and "ping: pong" in known.stdout, known.stdout + known.stderr
+
+
+def test_site_yml_holds_no_lab_plays():
+    """The lab's stand-in is the lab playbook's; site.yml (what production runs) never names it."""
+    site = repo_path("site.yml").read_text()
+    lab = repo_path("playbooks", "lab", "site.yml").read_text()
+    for marker in ("atom_standin", "atom_lab"):
+        assert marker not in site, marker
+        assert marker in lab, marker  # the same probe finds it where it belongs
+    imports = [play.get("ansible.builtin.import_playbook") for play in yaml.safe_load(lab)]
+    assert imports[-1] == "../../site.yml"
+
+
+def test_install_uses_debian_pystemd_and_no_build_tools(hosts, wheel):
+    first = install(hosts, wheel)
+    assert first.returncode == 0 and first.changed() > 0, first
+    again = install(hosts, wheel)
+    assert again.returncode == 0 and again.changed() == 0, again
+
+    for package in ("python3-pystemd", "python3-yaml", "python3-venv"):
+        assert installed(hosts, package), package  # also the positive control of the probe below
+    assert [p for p in BUILD_TOOLS if installed(hosts, p)] == []
+
+    # The CLI's venv imports Debian's pystemd (0.11.0) and PyYAML; pip put neither into the venv.
+    probe = ("import importlib.metadata as m, pystemd.dbuslib, yaml; "
+             "print(m.version('pystemd'), pystemd.dbuslib.__file__, yaml.__file__)")
+    version, dbuslib, yaml_file = hosts.run(HOST, f'{VENV}/bin/python -c "{probe}"').stdout.split()
+    assert version == "0.11.0"
+    assert dbuslib.startswith("/usr/lib/python3/dist-packages/pystemd/")
+    assert yaml_file.startswith("/usr/lib/python3/dist-packages/")
+    requirement = hosts.run(HOST, f"cat {WHEEL_DIR}/requirements.txt").stdout
+    assert requirement.strip() == f"atom-workerctl=={wheel.name.split('-')[1]} --hash=sha256:{sha256(wheel)}"
+    assert hosts.run(HOST, "atom-workerctl --version").stdout.strip().endswith(wheel.name.split("-")[1])
+    assert "atom-workerctl" in hosts.run(HOST, f"cat {COMPLETION}").stdout
+
+
+def test_a_wheel_that_is_not_the_pinned_one_changes_nothing(hosts, wheel):
+    before = installed_files(hosts)
+    wrong = install(hosts, wheel, atom_workerctl_wheel_sha256="0" * 64)
+    assert wrong.returncode != 0
+    assert "not the pinned atom_workerctl_wheel_sha256" in wrong.stdout, wrong
+    assert wrong.changed() == 0, wrong
+    assert installed_files(hosts) == before
+    # Positive control: the right pin passes (and, installed already, changes nothing).
+    right = install(hosts, wheel, atom_workerctl_wheel_sha256=sha256(wheel))
+    assert right.returncode == 0 and right.changed() == 0, right
+
+
+def test_state_absent_uninstalls(hosts, wheel):
+    paths = (VENV, LINK, COMPLETION, WHEEL_DIR)
+    assert [p for p in paths if not exists(hosts, p)] == []  # the probe sees them while installed
+    removed = install(hosts, wheel, atom_workerctl_state="absent")
+    assert removed.returncode == 0 and removed.changed() > 0, removed
+    assert [p for p in paths if exists(hosts, p)] == []
+    assert hosts.run(HOST, "command -v atom-workerctl", check=False).returncode != 0
+    assert installed(hosts, "python3-pystemd")  # Debian's packages stay
+    again = install(hosts, wheel, atom_workerctl_state="absent")
+    assert again.returncode == 0 and again.changed() == 0, again
+    # And back: present installs it again.
+    back = install(hosts, wheel)
+    assert back.returncode == 0 and hosts.run(HOST, "atom-workerctl --version").returncode == 0, back
