@@ -121,13 +121,15 @@ class GearmanAdmin:
     """One admin connection to one gearmand, with one deadline from connect on; use as a context manager."""
 
     def __init__(self, server: str, timeout: float = TIMEOUT, max_reply: int = MAX_REPLY,
-                 max_lines: int = MAX_LINES):
+                 max_lines: int = MAX_LINES, limit: str | None = None):
         try:
             self.host, self.port = split_server(server)
         except ValueError:
             raise GearmanError(server, "not host:port") from None
         self.server = format_server(self.host, self.port)
         self.timeout, self.max_reply, self.max_lines = timeout, max_reply, max_lines
+        # The deadline in words, for the errors: a caller that hands over what is left of its own wait says so.
+        self.limit = limit or f"within {timeout:g} s"
         self.sock: socket.socket | None = None
         self.deadline = 0.0
         self.received = 0
@@ -146,7 +148,7 @@ class GearmanAdmin:
         try:
             self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except TimeoutError:
-            raise GearmanError(self.server, f"no answer to connect within {self.timeout:g} s "
+            raise GearmanError(self.server, f"no answer to connect {self.limit} "
                                             "(host down, or a firewall drops the packets)") from None
         except ConnectionRefusedError:
             raise GearmanError(self.server, "connection refused (gearmand not running or not listening "
@@ -167,7 +169,7 @@ class GearmanAdmin:
     def _recv(self, command: str) -> int:
         """One chunk more into the buffer, within the deadline and the byte cap; returns its line ends."""
         remaining = self.deadline - time.monotonic()
-        late = f"no complete answer to `{command}` within {self.timeout:g} s"
+        late = f"no complete answer to `{command}` {self.limit}"
         if remaining <= 0:
             raise GearmanError(self.server, late)
         self.sock.settimeout(remaining)
@@ -324,9 +326,9 @@ def load_model(path: str) -> tuple[dict[str, int], dict[str, set[str]]]:
     return expected, prefixes
 
 
-def observe(server: str, prefixes: set[str], timeout: float) -> tuple[str, int, dict]:
+def observe(server: str, prefixes: set[str], timeout: float, limit: str | None = None) -> tuple[str, int, dict]:
     """This host's registered worker connections on one server, and every function's workers by host."""
-    with GearmanAdmin(server, timeout) as admin:
+    with GearmanAdmin(server, timeout, limit=limit) as admin:
         local, workers = admin.local_ip, admin.workers()
     mine = 0
     by_function: dict[str, dict[str, int]] = {}  # function -> {"mine": n, "others": n}
@@ -348,11 +350,12 @@ def _wait(args, expected, prefixes) -> int:
         report, done = {}, True
         for server, want in sorted(expected.items()):
             # Each question within what is left of the wait (and at most TIMEOUT): the wait ends on time.
-            left = min(TIMEOUT, deadline - time.monotonic())
+            left = deadline - time.monotonic()
+            cut = f"before the {args.timeout:g} s wait ended" if left <= TIMEOUT else None
             try:
                 if left <= 0:
                     raise GearmanError(server, f"not asked: the {args.timeout:g} s wait was over")
-                local, mine, _ = observe(server, prefixes[server], left)
+                local, mine, _ = observe(server, prefixes[server], min(TIMEOUT, left), cut)
                 report[server] = {"address": local, "registered": mine, "expected": want}
                 done = done and mine >= want
             except GearmanError as exc:
