@@ -18,7 +18,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 LAB = REPO / "tools" / "lab" / "lab"
 VENV_BIN = REPO / ".venv" / "bin"
-# Where lab hosts get the AtoM stand-in (playbooks/lab/site.yml installs it at the role's default AtoM root).
+# Where lab hosts get the AtoM stand-in (site.yml installs it at the role's default AtoM root).
 ATOM_ROOT = "/usr/share/nginx/atom"
 RECAP = re.compile(r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+unreachable=(?P<unreachable>\d+)"
                    r"\s+failed=(?P<failed>\d+)\s+skipped=(?P<skipped>\d+)\s+rescued=(?P<rescued>\d+)")
@@ -49,6 +49,10 @@ class PlaybookResult:
                       for m in map(RECAP.match, proc.stdout.splitlines()) if m}
 
     def changed(self) -> int:
+        """Tasks changed over all hosts. No recap line (Ansible stopped before any play, or its output
+        format changed) is an error, not 0: "nothing changed" must come from a recap that says so."""
+        if not self.recap:
+            raise AssertionError(f"no PLAY RECAP line in the playbook's output: {self!r}")
         return sum(host["changed"] for host in self.recap.values())
 
     def __repr__(self):
@@ -96,12 +100,12 @@ class LabHosts:
     def main_pids(self, host: str, units: str = "atom-worker*@*") -> dict[str, str]:
         """unit -> MainPID ("0" when not running) of the loaded units matching `units`."""
         out = self.run(host, f"systemctl show -p Id -p MainPID {shlex.quote(units)}").stdout
-        pids, unit = {}, None
-        for line in out.splitlines():
-            if line.startswith("Id="):
-                unit = line[3:]
-            elif line.startswith("MainPID=") and unit:
-                pids[unit] = line[8:]
+        # One block per unit, blocks separated by a blank line; systemctl prints MainPID= before Id=.
+        pids = {}
+        for block in out.strip().split("\n\n"):
+            props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+            if "Id" in props and "MainPID" in props:
+                pids[props["Id"]] = props["MainPID"]
         return pids
 
     def standin_control(self, host: str, root: str = ATOM_ROOT, **knobs) -> None:

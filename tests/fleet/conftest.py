@@ -77,7 +77,8 @@ class Fleet:
         start = time.monotonic()
         result = self.hosts.playbook(playbook, *extra, extra_vars=extra_vars)
         result.seconds = time.monotonic() - start
-        print(f"{playbook} {' '.join(extra)} {extra_vars or ''}: {result.seconds:.1f} s, changed={result.changed()}")
+        changed = result.changed() if result.recap else "no recap"  # changed() raises without one
+        print(f"{playbook} {' '.join(extra)} {extra_vars or ''}: {result.seconds:.1f} s, changed={changed}")
         if check:
             assert result.returncode == 0, result
         return result
@@ -158,7 +159,7 @@ def fleet(tmp_path_factory):
     jobs = generated["all"]["children"]["gearman_job_servers"]
     jobs.setdefault("vars", {})["gearman_job_server_allowed_addresses"] = [control_address(fleet.gearmand)]
     hosts.inventory.write_text(yaml.safe_dump(generated, sort_keys=False))
-    fleet.first_converge = fleet.playbook("playbooks/lab/site.yml")
+    fleet.first_converge = fleet.playbook("site.yml")
     yield fleet
     if not os.environ.get("ATOM_KEEP_LAB"):
         hosts.down()

@@ -11,10 +11,12 @@ import re
 
 import pytest
 from labhosts import ATOM_ROOT, REPO, LabHosts
+from polling import wait_until
 
 pytestmark = pytest.mark.timeout(600)
 
 GM, W1, OUT = "s-gm", "s-w1", "s-out"
+PLAYBOOK = "site.yml"
 INVENTORY = {"all": {"children": {
     "gearman_job_servers": {"hosts": {GM: {"gearman_job_server_listen_address": "{{ ansible_host }}"}}},
     "atom_workers": {"hosts": {W1: {"atom_worker_instances": 2}}},
@@ -35,7 +37,7 @@ def hosts(tmp_path_factory):
     hosts.down()
     hosts.up()
     try:
-        result = hosts.playbook("site.yml")
+        result = hosts.playbook(PLAYBOOK)
         assert result.returncode == 0, result
         yield hosts
     finally:
@@ -113,10 +115,30 @@ def answers(hosts, host, server):
     return out == "answered"
 
 
+def connects(hosts, host, server, port):
+    """A TCP connection from `host` to server:port is accepted."""
+    code = f"import socket; s=socket.socket(); s.settimeout(3); print(s.connect_ex(({server!r}, {port})))"
+    return hosts.run(host, f'python3 -c "{code}"').stdout.strip() == "0"
+
+
 def test_port_4730_unreachable_outside_the_allowlist_and_open_inside(hosts):
-    server = address(hosts, GM)
+    server, outsider = address(hosts, GM), address(hosts, OUT)
     assert answers(hosts, W1, server)
+    # Controls first: the outsider reaches the job server host (a listener on another port of the same
+    # address), so a refusal on 4730 below is the allowlist's doing, not a broken path.
+    hosts.run(GM, f"timeout 120 python3 -c \"import socket,time; s=socket.create_server(({server!r}, 4799)); "
+                  f"time.sleep(120)\" >/dev/null 2>&1 &")
+    wait_until(lambda: ":4799" in hosts.run(GM, "ss -Hltn sport = :4799").stdout, timeout=30, what="listener on 4799")
+    assert connects(hosts, OUT, server, 4799)
     assert not answers(hosts, OUT, server)
+    # Listed, the same outsider gets gearmand's answer; unlisted again, it is refused again.
+    extra = {"gearman_job_server_allowed_addresses": [outsider]}
+    result = hosts.playbook(PLAYBOOK, extra_vars=extra)
+    assert result.returncode == 0, result
+    assert answers(hosts, OUT, server)
+    result = hosts.playbook(PLAYBOOK)
+    assert result.returncode == 0, result
+    assert not answers(hosts, OUT, server) and answers(hosts, W1, server)
 
 
 def test_no_file_the_roles_write_is_world_writable(hosts):

@@ -13,7 +13,9 @@ import subprocess
 import time
 
 import pytest
+from gearman_sampler import HostSampler
 from labhosts import REPO
+from standin import KNOWN_CLASSES
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -67,12 +69,25 @@ def test_status_and_doctor_on_supervisord(supervisor_lab):
 
 def test_rolling_restart_and_deliberate_restarts_keep_the_budget(supervisor_lab):
     lab = supervisor_lab
-    before = {n: u["main_pid"] for n, u in instances(status(lab)[1]).items()}
+    data = status(lab)[1]
+    before = {n: u["main_pid"] for n, u in instances(data).items()}
+    functions = [f"{data['sites'][0]['prefix']}-{c}" for c in KNOWN_CLASSES]
+    # gearmand (on the host's loopback) sampled every 100 ms around the rolling restart.
+    sampler = HostSampler(lab.hosts, lab.host)
+    began = time.monotonic()
     code, out, err = ctl(lab, "restart", "--rolling")
+    ended = time.monotonic()
+    time.sleep(0.5)  # samples after the restart, too
+    sampler.stop()
     assert code == 0, out + err
     assert "[1/2] atom-worker@1: registered again" in out and "[2/2] atom-worker@2: registered again" in out
     after = {n: u["main_pid"] for n, u in instances(status(lab)[1]).items()}
     assert all(before[n] != after[n] for n in before)
+    # Never 0 available for any function (missing counts as 0), and the sampler saw the restarts (1 of 2).
+    assert not sampler.errors, sampler.errors
+    sampler.check_window(began, ended)
+    lowest = sampler.minimum(functions)
+    assert min(lowest.values()) == 1, lowest
     for _ in range(4):  # more than StartLimitBurst deliberate restarts
         assert ctl(lab, "restart", W1, "--no-wait")[0] == 0
     lab.wait(lambda: all_registered(lab), 60, "registered after the restarts")

@@ -108,6 +108,7 @@ def cmd_down(args) -> int:
             run(["ip", "netns", "del", ns.name], check=False)
         network.remove_bridge()
         paths.ADDRESSES.unlink(missing_ok=True)
+        paths.LAST_ADDRESS.unlink(missing_ok=True)
         cgroups.remove_all()
         Path("/etc/netns", paths.LAB_NETNS, "hosts").unlink(missing_ok=True)
     else:

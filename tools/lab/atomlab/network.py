@@ -54,14 +54,23 @@ def address_of(name: str) -> str:
 
 
 def allocate(name: str) -> str:
-    """A stable address per host name: the same name gets the same address while the lab lives."""
+    """A stable address per host name: the same name gets the same address while the lab lives.
+
+    A new host gets the next free address after the last one handed out (wrapping around), not the lowest
+    free one: an address a removed host had is not reused for a long while. Otherwise a new host answers at
+    an address that ssh clients still use for the old one (Ansible's ControlPersist masters, shared by every
+    run on this machine, and host-key checks are off for the lab), so one test module's commands could fail
+    mid-run or reach another module's host.
+    """
     table = _load_addresses()
     if name not in table:
-        free = set(range(paths.FIRST_HOST_OCTET, paths.LAST_HOST_OCTET)) - set(table.values())
+        free = sorted(set(range(paths.FIRST_HOST_OCTET, paths.LAST_HOST_OCTET)) - set(table.values()))
         if not free:
             raise LabError("the lab subnet is full")
-        table[name] = min(free)
+        last = int(paths.LAST_ADDRESS.read_text()) if paths.LAST_ADDRESS.exists() else 0
+        table[name] = next((octet for octet in free if octet > last), free[0])
         paths.ADDRESSES.write_text(json.dumps(table, indent=1, sort_keys=True))
+        paths.LAST_ADDRESS.write_text(f"{table[name]}\n")
     return paths.SUBNET_PREFIX + str(table[name])
 
 

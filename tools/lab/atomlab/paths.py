@@ -7,6 +7,7 @@ STATE = Path("/var/lib/atom-lab")
 HOSTS_DIR = STATE / "hosts"
 SSH_KEY = STATE / "ssh" / "id_ed25519"
 ADDRESSES = STATE / "addresses.json"
+LAST_ADDRESS = STATE / "last-address"   # the last host octet handed out (network.allocate)
 # pip's cache, shared by every host as its /root/.cache/pip: pystemd (an sdist) is compiled by the first host
 # that installs atom-workerctl, and later hosts install the wheel pip kept.
 PIP_CACHE = STATE / "pip-cache"
