@@ -26,6 +26,7 @@ from standin import (
     Gearmand,
     SubmitError,
     Worker,
+    admin,
     clear_cache,
     events,
     free_port,
@@ -202,6 +203,139 @@ def test_connects_to_every_server(tmp_path, workers):
             wait_until(lambda: registered(late, fn))
         ids = submit(root, "arFindingAidJob", count=6)
         wait_until(lambda: set(job_counts(root)) == set(ids))
+
+
+# --- reconnects: as AtoM's net_gearman ------------------------------------------
+
+
+def worker_lines(g: Gearmand, pid: int) -> list[list[str]]:
+    """The functions of each connection gearmand's `workers` lists for the worker process `pid` (its client
+    id is net_gearman's `pid_<PID>_<uniqid>`)."""
+    out = []
+    for line in admin(g.host, g.port, "workers"):
+        head, _, funcs = line.partition(" :")
+        if len(head.split()) == 3 and head.split()[2].startswith(f"pid_{pid}_"):
+            out.append(funcs.split())
+    return out
+
+
+def test_reregisters_after_the_job_server_restarts(tmp_path, workers):
+    port = free_port()
+    with Gearmand(port=port) as g:
+        root = make_root(tmp_path / "atom", servers=[g.server])
+        w = start(workers, root, "--types=general")
+        fn = function_name(root, "arFindingAidJob")
+        wait_until(lambda: worker_lines(g, w.pid) == [[fn]], what="registered at start, with its client id")
+    with Gearmand(port=port) as again:
+        # Retried every 5 s; after the reconnect every ability is sent again: the same process serves jobs.
+        wait_until(lambda: worker_lines(again, w.pid) == [[fn]], timeout=30, what="registered again")
+        ids = submit(root, "arFindingAidJob", count=2)
+        wait_until(lambda: set(job_counts(root)) == set(ids))
+    assert w.returncode is None and {e["pid"] for e in events(root, "start")} == {w.pid}
+
+
+def test_reregister_knob_leaves_the_worker_connected_with_no_function(tmp_path, workers):
+    port = free_port()
+    with Gearmand(port=port) as g:
+        root = make_root(tmp_path / "atom", servers=[g.server])
+        write_control(root, reregister=False)
+        w = start(workers, root, "--types=general")
+        fn = function_name(root, "arFindingAidJob")
+        wait_until(lambda: worker_lines(g, w.pid) == [[fn]], what="registered at start all the same")
+    with Gearmand(port=port) as again:
+        wait_until(lambda: worker_lines(again, w.pid) == [[]], timeout=30, what="connected again, no function")
+        # A job finds no worker: what AtoM's web app reports as "No Gearman worker available".
+        with pytest.raises(SubmitError) as refused:
+            submit(root, "arFindingAidJob")
+        assert NO_WORKER.format("arFindingAidJob") in str(refused.value)
+        # The same probe that saw the functions in the test above, later: still none (the worker runs).
+        wait_until(lambda: w.returncode is None and worker_lines(again, w.pid) == [[]] and
+                   "Running worker..." in w.messages(), what="still connected with nothing")
+
+
+class Blackhole:
+    """A TCP relay to gearmand that can lose power: `cut()` keeps every socket open but drops every byte
+    (no FIN, no RST: a dead peer), `restore()` resets the old connections at their next byte (what a
+    rebooted host's kernel does) and relays new ones again."""
+
+    def __init__(self, target: tuple[str, int]):
+        import socket
+        import threading
+
+        self.target, self.powered, self.epoch = target, True, 0
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        self.threading, self.socket = threading, socket
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.lsock.accept()
+            except OSError:
+                return
+            self.threading.Thread(target=self._serve, args=(client, self.epoch), daemon=True).start()
+
+    def _serve(self, client, epoch):
+        import select
+        import struct
+
+        upstream = None
+        try:
+            while True:
+                if self.powered and epoch == self.epoch and upstream is None:
+                    upstream = self.socket.create_connection(self.target)
+                socks = [client] + ([upstream] if upstream else [])
+                ready, _, _ = select.select(socks, [], [], 0.2)
+                for sock in ready:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    if epoch != self.epoch and self.powered:
+                        # Rebooted: this connection is unknown; its next byte is answered with a reset.
+                        client.setsockopt(self.socket.SOL_SOCKET, self.socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        return
+                    if not self.powered or upstream is None:
+                        continue  # the packets vanish
+                    (upstream if sock is client else client).sendall(data)
+        except OSError:
+            return
+        finally:
+            client.close()
+            if upstream is not None:
+                upstream.close()
+
+    def cut(self):
+        self.powered = False
+        self.epoch += 1
+
+    def restore(self):
+        self.powered = True
+
+    def close(self):
+        self.lsock.close()
+
+
+def test_notices_a_dead_connection_and_registers_again(tmp_path, gearmand, workers):
+    """The job server loses power (packets vanish, nothing closes) and comes back: the worker notices at its
+    next GRAB_JOB, retries, and registers again by itself."""
+    relay = Blackhole(gearmand.server)
+    try:
+        root = make_root(tmp_path / "atom", servers=[("127.0.0.1", relay.port)])
+        w = start(workers, root, "--types=general")
+        fn = function_name(root, "arFindingAidJob")
+        wait_until(lambda: worker_lines(gearmand, w.pid) == [[fn]], what="registered through the relay")
+        relay.cut()
+        # gearmand still lists the relay's upstream connection while the power is out; once it is back...
+        time.sleep(1)
+        relay.restore()
+        wait_until(lambda: worker_lines(gearmand, w.pid) == [[fn]] and
+                   len(events(root, "start")) == 1, timeout=40, what="registered again after the power came back")
+        ids = submit(root, "arFindingAidJob", count=2)
+        wait_until(lambda: set(job_counts(root)) == set(ids))
+        assert w.returncode is None
+    finally:
+        relay.close()
 
 
 # --- jobs --------------------------------------------------------------------

@@ -93,8 +93,9 @@ def sites_json(tmp_path, root="/usr/share/nginx/atom", servers=("127.0.0.1:4730"
     data = {"schema": 1, "manager": "systemd", "target": "atom-workers.target", "sites": [{
         "name": "default", "root": str(root), "realpath": os.path.realpath(root), "workers_key": "",
         "prefix": atomconfig.job_prefix(os.path.realpath(root), ""),
-        "gearman_servers": list(servers), "target": "atom-workers.target", "user": "www-data", "group": "www-data",
-        "pools": pools}]}
+        "gearman_servers": list(servers), "target": "atom-workers.target",
+        # The workers these tests start run as this user, in a root only it can reach (pytest's tmp_path).
+        "user": "root", "group": "root", "pools": pools}]}
     path = tmp_path / "sites.json"
     path.write_text(json.dumps(data))
     return path

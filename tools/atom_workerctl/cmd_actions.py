@@ -28,7 +28,14 @@ def _result_json(action: str, acted: list[dict], wait, code: int) -> dict:
 
 # -- reset ---------------------------------------------------------------------------------------------------
 def reset(args, host: model.Host, backend) -> int:
-    """The docs' `systemctl reset-failed` then start, for the instances that are not active."""
+    """Give instances their whole start budget back and run them.
+
+    Not active (failed, stopped, or waiting to be restarted after a crash: `activating (auto-restart)`):
+    stop (cancels a pending automatic restart, which would otherwise count as one more start and leave
+    NRestarts at 1), reset-failed (failed state, start-limit counter and NRestarts), start. Active with
+    NRestarts > 0 (it crashed since the last reset): reset-failed only, which zeroes the counter of a running
+    unit. Verified on systemd 252 by tests/cli/test_doctor_fixes_lab.py.
+    """
     out, err = _outs(args)
     snap = take(host, backend, gearman=False, configs=False)
     names = [] if args.all else args.instances
@@ -38,17 +45,35 @@ def reset(args, host: model.Host, backend) -> int:
         inst = snap.instances.get(unit)
         state = inst.state if inst else backend.state(unit)
         if state.active:
-            if sel.explicit:
+            if state.n_restarts:
+                backend.reset_failed(unit)
+                out.line(f"{model.short(unit)}: active after {state.n_restarts} automatic restart"
+                         f"{'s' if state.n_restarts != 1 else ''}: reset-failed (its whole start budget back)")
+                acted.append({"unit": unit, "was": "active", "start_limit_hit": False, "result": state.result,
+                              "n_restarts": state.n_restarts, "did": ["reset-failed"]})
+            elif sel.explicit:
                 out.line(f"{model.short(unit)}: already active (use `atom-workerctl restart "
                          f"{model.short(unit)}` to restart it)")
             continue
         hit, _ = state.start_limit()
-        was = f"{state.active_state}" + (" (start limit hit)" if hit else "") + \
+        was = f"{state.active_state}" + (f" ({state.sub_state})" if state.sub_state == "auto-restart" else "") + \
+              (" (start limit hit)" if hit else "") + \
               (f", Result={state.result}" if state.result != "success" else "")
+        did = []
+        if state.active_state not in ("inactive", "failed") or state.job:
+            backend.stop(unit)  # cancels the pending automatic restart (or a queued job)
+            _wait_stopped(backend, [unit], args.wait_timeout, out)
+            did.append("stop")
         backend.start(unit)  # ResetFailedUnit, then StartUnit
-        out.line(f"{model.short(unit)}: was {was}: reset-failed, started")
+        did += ["reset-failed", "start"]
+        out.line(f"{model.short(unit)}: was {was}: {', '.join(did[:-2] + ['reset-failed', 'started'])}")
         acted.append({"unit": unit, "was": state.active_state, "start_limit_hit": hit, "result": state.result,
-                      "did": ["reset-failed", "start"]})
+                      "n_restarts": state.n_restarts, "did": did})
+    started = [a["unit"] for a in acted if "start" in a["did"]]
+    if acted and not started:
+        if args.json:
+            dump_json(_result_json("reset", acted, None, EXIT_OK))
+        return EXIT_OK
     if not acted:
         out.line("nothing to reset: every selected instance is active")
         if args.json:
@@ -57,7 +82,7 @@ def reset(args, host: model.Host, backend) -> int:
     wait = None
     code = EXIT_OK
     if not args.no_wait:
-        wait = wait_registered(host, backend, [a["unit"] for a in acted], args.wait_timeout, out,
+        wait = wait_registered(host, backend, started, args.wait_timeout, out,
                                gearman_timeout=args.gearman_timeout)
         code = report(out, wait, err)
     if args.json:

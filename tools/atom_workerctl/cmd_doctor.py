@@ -15,9 +15,12 @@ from .snapshot import Snapshot, hostname, take
 
 FAULT, WARNING = "fault", "warning"
 # Causes before their symptoms: an unreachable gearmand or a wrong prefix explains "no worker for job".
-ORDER = ["config_unreadable", "gearmand_unreachable", "prefix_mismatch", "restart_policy_down",
-         "unit_changed_not_reloaded",
+ORDER = ["config_unreadable", "worker_cannot_read", "executable_missing", "gearmand_unreachable", "prefix_mismatch",
+         "restart_policy_down", "unit_changed_not_reloaded",
          "start_limit_hit", "crash_loop", "unit_missing", "instance_down", "not_registered", "no_worker_for_job"]
+# A fix line is a command to run as root on this host, as printed, unless it starts with one of these: a step for
+# a person (edit a file, change the inventory) or a command for another host.
+HUMAN = "by hand: "
 
 
 class Finding:
@@ -46,19 +49,26 @@ def is_local(host: str) -> bool:
     return False
 
 
-def _server_fix(server: str, supervisor: bool = False) -> list[str]:
+def _server_fix(server: str, supervisor: bool = False, backend=None) -> tuple[list[str], list[str]]:
+    """(evidence, fix) for an unreachable gearmand: on this host, why its unit does not run."""
     from .atomconfig import parse_server
 
     host, port = parse_server(server)
-    if is_local(host):
+    if not is_local(host):
+        return [], [f"on {host}: systemctl start gearman-job-server (or check `systemctl status gearman-job-server`)",
+                    f"on {host}: check the allowlist admits this host: nft list table inet atom_gearman"]
+    if supervisor or backend is None or backend.name != "systemd":
         start = "service gearman-job-server start" if supervisor else "systemctl start gearman-job-server"
-        return [f"{start}   # gearmand runs on this host",
-                f"ss -ltnp 'sport = :{port}'   # then check it listens on {host}"]
-    return [f"on {host}: systemctl start gearman-job-server (or check `systemctl status gearman-job-server`)",
-            f"on {host}: check the allowlist admits this host: nft list table inet atom_gearman"]
+        return [], [f"{start}   # gearmand runs on this host",
+                    f"ss -ltnp 'sport = :{port}'   # then check it listens on {host}"]
+    from . import gearmand_local
+
+    return gearmand_local.diagnose(backend, host, port)
 
 
-def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None) -> list[Finding]:
+def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None, backend=None) -> list[Finding]:
+    """Every finding about the host. `backend` (optional) lets doctor look further: the programs units run,
+    the local gearmand's unit."""
     findings: list[Finding] = []
     journal_lines = journal_lines or {}
     host = snap.host
@@ -71,8 +81,8 @@ def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None) -> li
             findings.append(Finding("config_unreadable", FAULT, f"site {site.name}",
                                     "the site's AtoM configuration cannot be read",
                                     [sv.config_error],
-                                    [("fix the file named above, then: atom-workerctl restart --rolling "
-                                     f"--site {site.name}")]))
+                                    [f"{HUMAN}fix the file named above",
+                                     f"atom-workerctl restart --rolling --site {site.name}"]))
             continue
         cfg = sv.config
         if site.gearman_servers and sorted(site.gearman_servers) != sorted(cfg.servers):
@@ -81,8 +91,9 @@ def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None) -> li
                 "config/gearman.yml names other job servers than the role installed",
                 [f"config/gearman.yml all.servers: {', '.join(cfg.servers)}",
                  f"{host.path}: {', '.join(site.gearman_servers)}"],
-                [("run site.yml again (the atom_worker role writes all.servers), or correct config/gearman.yml; "
-                 "then: php symfony cc && atom-workerctl restart --rolling")]))
+                [f"{HUMAN}run site.yml again (the atom_worker role writes all.servers), or correct config/gearman.yml",
+                 f"cd {site.root} && runuser -u {site.user} -- php symfony cc",
+                 f"atom-workerctl restart --rolling --site {site.name}"]))
 
     # -- gearmand -----------------------------------------------------------------------------------------------
     reported = set()
@@ -94,16 +105,25 @@ def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None) -> li
             reported.add(server)
             key = sv.config.server_keys.get(server) if sv.config else None
             where = f"config/gearman.yml all.servers.{key}" if key is not None else "sites.json gearman_servers"
+            evidence, fix = _server_fix(server, supervisor, backend)
             findings.append(Finding(
                 "gearmand_unreachable", FAULT, f"gearmand {server}",
                 f"gearmand {server} is unreachable: workers cannot register and AtoM cannot submit jobs",
-                [f"connect to {server} (from {where} of site {sv.site.name}): {view.error}"],
-                _server_fix(server, supervisor)))
+                [f"connect to {server} (from {where} of site {sv.site.name}): {view.error}"] + evidence, fix))
+
+    # -- what the worker user can read, the programs the units run -------------------------------------------------
+    from . import worker_access
+
+    findings += worker_access.findings(snap, Finding, FAULT, HUMAN)
+    if backend is not None and backend.name == "systemd":
+        findings += worker_access.executable_findings(snap, backend, journal_lines, Finding, FAULT, HUMAN)
 
     # -- instances ----------------------------------------------------------------------------------------------
     prefix_findings = _prefix_findings(snap)
     # Instances of a site whose workers run under an old prefix are "not registered" because of it.
     mismatched = {f.subject.removeprefix("site ") for f in prefix_findings}
+    registration = _registration_findings(snap, mismatched)
+    short_sites = {f.subject.split(" at ", 1)[0].removeprefix("site ") for f in registration}
     for unit, inst in snap.instances.items():
         s = inst.state
         short = model.short(unit)
@@ -115,7 +135,9 @@ def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None) -> li
                     "stray_instance", WARNING, short,
                     f"{short} is {s.active_state} but no pool of {host.path} expects it",
                     [f"{short}: {s.active_state} ({s.sub_state}), {s.unit_file_state or 'not enabled'}"],
-                    [f"atom-workerctl scale N --pool {inst.pool.name}" if inst.pool else
+                    [f"atom-workerctl scale {len(inst.pool.units)} --pool {inst.pool.name} --site "
+                     f"{inst.pool.site.name}   # the pool's size: stops and disables the instances beyond it"
+                     if inst.pool else
                      f"supervisorctl stop {s.namespec}" if supervisor and s.namespec else
                      f"systemctl disable --now {unit}"]))
             continue
@@ -139,7 +161,7 @@ def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None) -> li
                  (f"{left} more failure{'s' if left != 1 else ''} and it stays down" if s.start_limit_burst
                   else "no start limit")] + tail,
                 [f"atom-workerctl logs -n 50 {short}   # find why it exits",
-                 f"atom-workerctl restart {short}   # once fixed (also resets the counter)"]))
+                 f"atom-workerctl reset {short}   # once fixed: its whole start budget back, started"]))
             continue
         if not s.active:
             if s.load_state != "loaded":
@@ -151,12 +173,12 @@ def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None) -> li
                           "the configuration on disk has it"),
                          f"atom-workerctl scale {len(inst.pool.units)} --pool {inst.pool.name} --site "
                          f"{inst.pool.site.name}   # raises the program's numprocs" if inst.pool else
-                         "run site.yml again (it writes the supervisord configuration)"]))
+                         f"{HUMAN}run site.yml again (it writes the supervisord configuration)"]))
                     continue
                 findings.append(Finding(
                     "unit_missing", FAULT, short, f"{short} cannot be loaded ({s.load_state})",
                     [f"{short}: LoadState={s.load_state}"],
-                    ["run site.yml again (it installs the unit files)"]))
+                    [f"{HUMAN}run site.yml again (it installs the unit files)"]))
                 continue
             findings.append(Finding(
                 "instance_down", FAULT, short, f"{short} is not running",
@@ -165,7 +187,7 @@ def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None) -> li
                 [f"atom-workerctl reset {short}"]))
             continue
         if inst.pool is not None and snap.gearman and inst.registered is False and \
-                inst.pool.site.name not in mismatched:
+                inst.pool.site.name not in mismatched and inst.pool.site.name not in short_sites:
             sv = snap.site_view(inst.pool.site)
             up = [x for x in sv.servers if snap.gearman.get(x) and snap.gearman[x].reachable]
             if up:
@@ -200,10 +222,55 @@ def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None) -> li
             [f"{model.short(u)}: NeedDaemonReload=yes" for u in stale],
             ["atom-workerctl daemon-reload", "atom-workerctl restart --rolling   # to run the new unit"]))
 
+    findings += registration
+
     # -- functions at gearmand ----------------------------------------------------------------------------------
     findings += _function_findings(snap)
     findings += prefix_findings
     findings.sort(key=lambda f: (f.severity != FAULT, ORDER.index(f.code) if f.code in ORDER else len(ORDER)))
+    return findings
+
+
+def _registration_findings(snap: Snapshot, mismatched: set[str]) -> list[Finding]:
+    """Per site and job server: gearmand must list, from this host, at least as many connections carrying one
+    of the site's pools' whole function sets as the site has active instances. A connection with no function
+    (`FD IP ID :`: reconnected and registered nothing) does not count, and is named."""
+    findings = []
+    for sv in snap.sites:
+        if sv.config is None or sv.site.name in mismatched:
+            continue  # config_unreadable / prefix_mismatch explain it
+        active = [i for pv in sv.pools for i in snap.of_pool(pv.pool) if i.state.active]
+        if not active:
+            continue
+        for server in sv.servers:
+            view = snap.gearman.get(server)
+            if view is None or not view.reachable:
+                continue
+            serving = sv.serving.get(server, 0)
+            if serving >= len(active):
+                continue
+            bare = sv.bare.get(server, [])
+            suspects = [i for i in active if i.per_server.get(server) is not True] or active
+            names = [model.short(i.state.unit) for i in suspects]
+            evidence = [(f"gearmand {server}: {serving} connection{'s' if serving != 1 else ''} from this host "
+                        f"({view.local_ip}) with site {sv.site.name}'s functions, for {len(active)} active "
+                        f"instance{'s' if len(active) != 1 else ''}")]
+            if bare:
+                shown = ", ".join(f"`{w.fd} {w.ip} {w.client_id} :`" for w in bare[:4])
+                evidence.append(f"{len(bare)} connection{'s' if len(bare) != 1 else ''} from this host with no "
+                                f"function at all (connected, registered nothing; not counted): {shown}"
+                                + (" ..." if len(bare) > 4 else ""))
+            for inst in suspects:
+                evidence.append(f"{model.short(inst.state.unit)}: active since "
+                                f"{ago(inst.state.since_usec, snap.taken_at)}, connected to: "
+                                + (", ".join(inst.connected) if inst.connected else
+                                   "unknown (not root)" if inst.connected is None else "no job server"))
+            findings.append(Finding(
+                "not_registered", FAULT, f"site {sv.site.name} at {server}",
+                f"{len(active) - serving} of {len(active)} active instance{'s' if len(active) != 1 else ''} of site "
+                f"{sv.site.name} serve no job at gearmand {server}",
+                evidence, [(f"atom-workerctl restart {' '.join(names)}   # reset-failed, then restart: they register "
+                           "again")]))
     return findings
 
 
@@ -276,7 +343,7 @@ def _function_findings(snap: Snapshot) -> list[Finding]:
                     "no_pool_for_job", WARNING, subject,
                     f"no worker anywhere takes {', '.join(classes)}, and no pool on this host is meant to",
                     evidence + ["pools here: " + ", ".join(_pool_jobs(p.pool) for p in sv.pools)],
-                    [("add the job types to a pool's types or abilities in the inventory and run site.yml "
+                    [(f"{HUMAN}add the job types to a pool's types or abilities in the inventory and run site.yml "
                      "(unless another host's workers are meant to take them)")]))
                 continue
             fixes = []
@@ -404,14 +471,23 @@ def run(args, host: model.Host, backend) -> int:
             journal_error = None
     else:
         journal_error = None
-    findings = diagnose(snap, journal_lines)
+    findings = diagnose(snap, journal_lines, backend)
     if backend.name == "supervisor":
         findings = _policy_findings(backend) + findings
     faults = [f for f in findings if f.severity == FAULT]
     code = EXIT_NOT_ACTIVE if faults else EXIT_OK
     if args.json:
+        expected = [i for i in snap.instances.values() if i.expected]
         dump_json({"schema": 1, "command": "doctor", "host": hostname(), "time": iso(snap.taken_at * 1e6),
-                   "healthy": not faults, "exit_code": code, "findings": [f.as_dict() for f in findings]})
+                   "healthy": not faults, "exit_code": code, "findings": [f.as_dict() for f in findings],
+                   # What the fleet form needs to put gearmand's own view beside this host's verdict.
+                   "summary": {"instances": len(expected), "active": sum(i.state.active for i in expected),
+                               "not_active": sum(not i.state.active for i in expected)},
+                   "sites": [{"name": sv.site.name, "gearman": [
+                       {"server": s, "reachable": snap.gearman[s].reachable, "error": snap.gearman[s].error,
+                        "local_ip": snap.gearman[s].local_ip, "serving": sv.serving.get(s),
+                        "no_function": len(sv.bare.get(s, []))}
+                       for s in sv.servers if s in snap.gearman]} for sv in snap.sites]})
         return code
     out = Out()
     warnings = len(findings) - len(faults)

@@ -184,9 +184,12 @@ def merge_status(results: dict, views: dict) -> dict:
                 host_at.setdefault(ip, name)
         by_func: dict[str, dict[str, int]] = {}
         counts: dict[str, int] = {name: 0 for name in results}
+        bare: dict[str, int] = {name: 0 for name in results}
         others: dict[str, int] = {}
         for w in view.workers:
-            if not w.functions:
+            if not w.functions:  # connected, registered nothing: serves no job
+                if host_at.get(w.ip):
+                    bare[host_at[w.ip]] += 1
                 continue
             who = host_at.get(w.ip)
             if who:
@@ -199,8 +202,10 @@ def merge_status(results: dict, views: dict) -> dict:
                 by_func[f][key] = by_func[f].get(key, 0) + 1
         entry["connections"] = counts
         entry["other_connections"] = [{"ip": ip, "connections": n} for ip, n in sorted(others.items())]
+        entry["no_function"] = {name: n for name, n in bare.items() if n}
         for name in results:
             per_host[name]["connections"][server] = counts[name]
+            per_host[name].setdefault("no_function", {})[server] = bare[name]
         for fname in sorted(set(view.functions) | set(by_func)):
             fs = view.functions.get(fname)
             prefix, _, job = fname.partition("-")
@@ -236,6 +241,10 @@ def merge_status(results: dict, views: dict) -> dict:
             if not view or not view.reachable:
                 continue
             n = per_host[name]["connections"].get(server, 0)
+            idle = per_host[name].get("no_function", {}).get(server, 0)
+            if idle:
+                notes.append(f"{idle} connection{'s' if idle != 1 else ''} at gearmand {server} with no function "
+                             "(connected, registered nothing)")
             if active and n == 0:
                 notes.append(f"units active but NO worker connection at gearmand {server}")
             elif n < active:
@@ -325,10 +334,24 @@ def _render_status(out: Out, results, merged) -> None:
 
 # -- doctor --------------------------------------------------------------------------------------------------
 def doctor(args, hosts, remote, timeout) -> int:
+    """Each host's own doctor, and the job servers' view of each host asked from here (as `status` does): a
+    host whose workers are connected but registered nothing stands out in both."""
     results = fleet_ssh.run_many(hosts, remote, timeout, args.parallel)
+    views = {}
+    servers = _servers(results)
+    if servers:
+        from .gearman import query_all
+
+        views = query_all(servers, timeout=args.gearman_timeout)
+    merged = merge_status(results, views)
     code = overall_code(results.values())
+    if code == EXIT_OK and any(p.get("stands_out") for p in merged["per_host"].values()):
+        code = EXIT_NOT_ACTIVE
     if args.json:
-        data = _fleet_json("doctor", results, code)
+        data = _fleet_json("doctor", results, code, gearman=merged["gearman"])
+        for name, p in merged["per_host"].items():
+            data["fleet"][name].update({"gearman_connections": p["connections"], "notes": p["notes"],
+                                        "stands_out": bool(p.get("stands_out"))})
         data["healthy"] = code == EXIT_OK
         dump_json(data)
         return code
@@ -353,6 +376,17 @@ def doctor(args, hosts, remote, timeout) -> int:
                      f"{f['code']} {f['subject']}: {f['summary']}")
             for fix in f.get("fix") or []:
                 out.line(f"    fix: {fix}")
+        p = merged["per_host"][name]
+        for server, n in p["connections"].items():
+            idle = p.get("no_function", {}).get(server, 0)
+            out.line(f"  gearmand {server} (asked from here): {n} worker connection{'s' if n != 1 else ''} "
+                     "serving jobs" + (out.paint(f", {idle} with no function (registered nothing)", "red")
+                                       if idle else ""))
+        for note in p["notes"]:
+            out.line("  " + out.paint(f"stands out: {note}", "red"))
+    for server, g in merged["gearman"].items():
+        if not g["reachable"]:
+            out.line(f"gearmand {server}: " + out.paint(f"not reachable from this host: {g['error']}", "yellow"))
     _unreached_line(out, results)
     return code
 

@@ -46,6 +46,11 @@ class SiteView:
         self.config_error: str | None = None
         self.servers: list[str] = list(site.gearman_servers)
         self.pools: list[PoolView] = [PoolView(p) for p in site.pools]
+        # Per reachable server: connections from this host that carry one of the site's pools' whole
+        # function sets, and connections from this host with no function at all (`FD IP ID :`: a worker
+        # that reconnected and registered nothing, or is still registering).
+        self.serving: dict[str, int] = {}
+        self.bare: dict[str, list] = {}
 
     @property
     def prefix(self) -> str:
@@ -163,7 +168,20 @@ def link(snap: Snapshot, backend, connections: bool = True) -> None:
         counts = dict.fromkeys(sets, 0)
         foreign = 0
         exact: set[int] = set()
-        for line in view.local_workers():
+        # Every connection from this host, those without a function too: a line that names its process
+        # and registered nothing marks that instance as not registered.
+        local = [w for w in view.workers if w.ip == view.local_ip]
+        # gearmand lists every connection, ours too: the admin connection that asked is one of this host's
+        # lines with no client id and no function. Leave one such line out.
+        bare = [w for w in local if not w.functions]
+        ours = next((w for w in bare if w.client_id == "-"), None)
+        bare = [w for w in bare if w is not ours]
+        for sv in snap.sites:
+            if server in sv.servers:
+                sets_here = {pv.functions for pv in sv.pools if pv.functions}
+                sv.serving[server] = sum(1 for w in local if w.functions and frozenset(w.functions) in sets_here)
+                sv.bare[server] = bare
+        for line in local:
             funcs = set(line.functions)
             fits = [fs for fs in sets if funcs <= fs]
             # A worker registers its abilities one by one: only a line with the pool's whole function set
@@ -175,7 +193,7 @@ def link(snap: Snapshot, backend, connections: bool = True) -> None:
                 owner.per_server[server] = funcs == pool_of[id(owner)].functions
             elif complete:
                 counts[complete[0]] += 1
-            elif not fits:
+            elif not fits and funcs:
                 foreign += 1
 
         def talks(inst, server=server) -> bool:

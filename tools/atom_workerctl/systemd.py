@@ -158,6 +158,14 @@ class SystemdBackend(Backend):
          state.restart_prevent) = policy
         return state
 
+    def exec_start(self, unit: str) -> list[tuple[str, list[str]]]:
+        """(path, argv) of each ExecStart= line of a loaded unit (doctor checks that its programs exist)."""
+        try:
+            lines = self._get(self._path(unit), SERVICE, b"ExecStart", b"a(sasbttttuii)", unit)
+        except (ManagerError, NoSuchError):
+            return []
+        return [(_text(line[0]), [_text(a) for a in line[1]]) for line in lines]
+
     # -- acting --------------------------------------------------------------------------------------------
     def reset_failed(self, unit: str) -> None:
         with contextlib.suppress(NoSuchError):  # not loaded: nothing to reset
