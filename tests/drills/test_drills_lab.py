@@ -7,14 +7,13 @@ One converge for the module. Hosts:
           --max-job-count=2); RestartSec=2 so that crashes come back in seconds; atom-workerctl (installed in
           the background during the outage drill: it builds pystemd)
   d-w2    2 workers with workers_key `w2` (functions of their own: only d-w2 can take its jobs)
-  d-solo  gearmand, MariaDB and 2 workers on one host, for the power-off drill
+  d-solo  gearmand, MariaDB and 2 workers on one host, for the clean-shutdown drill
 The job server outage (one minute, d-gm cut off from d-w2) runs while the drills on d-w1 and d-solo and
 the bad-input runs against d-gm/d-w2 go on: the tests run in file order, the outage spans several, and a
 timer lifts it after exactly one minute.
 Counting jobs: every id submitted must be in the worker host's record as completed at least once.
 """
 
-import hashlib
 import json
 import os
 import re
@@ -48,8 +47,6 @@ INVENTORY = {"all": {"children": {
         SOLO: {"atom_worker_gearman_group": "solo_gearman", "atom_worker_instances": 2},
     }},
 }}}
-PREFIX_W1 = hashlib.md5(ATOM_ROOT.encode()).hexdigest() + "-"
-PREFIX_W2 = hashlib.md5((ATOM_ROOT + "w2").encode()).hexdigest() + "-"
 OUTAGE_SECONDS = 60
 # Shared between the tests of the module (they run in file order).
 STATE = {}
@@ -117,7 +114,7 @@ def test_job_server_unreachable_from_a_worker_host_begins(drill):
     probe = f"import socket; s=socket.socket(); s.settimeout(3); print(s.connect_ex(('{gm}', 4730)))"
     assert drill.run(W2, f'python3 -c "{probe}"').stdout.strip() != "0"
     # Jobs that only d-w2's workers can take (their workers_key), queued while it is cut off.
-    STATE["w2_ids"] = drill.submit(GM, gm_server(drill), PREFIX_W2 + "arFindingAidJob", "outage", 30)
+    STATE["w2_ids"] = drill.submit(GM, gm_server(drill), drill.function("arFindingAidJob", "w2"), "outage", 30)
     # The bad-input runs touch only d-gm and d-w2 (read-only when they work): they overlap the minute.
     STATE["bad"] = STATE["pool"].submit(run_bad_inputs, drill)
 
@@ -131,7 +128,7 @@ def test_sigkill_mid_job_is_requeued_and_completes(drill):
     restarts = {u: int(drill.show(W1, u, "NRestarts")["NRestarts"]) for u in units}
     mark = len(drill.record(W1))
     # A 15 s job: long enough to be killed in the middle even on a busy machine.
-    [job] = drill.submit(GM, gm_server(drill), PREFIX_W1 + "arFindingAidJob", "kill", 1, sleep=15)
+    [job] = drill.submit(GM, gm_server(drill), drill.function("arFindingAidJob"), "kill", 1, sleep=15)
     started = wait_until(lambda: [e for e in drill.record(W1)[mark:] if e["event"] == "job-start" and e["id"] == job],
                          60, 0.2, "the job to start")
     pid = str(started[0]["pid"])
@@ -162,7 +159,7 @@ def test_recycling_under_load_never_fails_the_unit(drill):
     assert "--max-job-count=2" in drill.show(W1, RECYCLE_UNIT, "ExecStart")["ExecStart"]
     since = int(time.time()) - 1
     mark = len(drill.record(W1))
-    ids = drill.submit(GM, gm_server(drill), PREFIX_W1 + "arGenerateReportJob", "recycle", 50)
+    ids = drill.submit(GM, gm_server(drill), drill.function("arGenerateReportJob"), "recycle", 50)
     drill.wait_all_completed(W1, ids, mark, 180, "50 jobs through the recycling worker")
     exits = [e for e in drill.record(W1)[mark:] if e["event"] == "exit"]
     assert [e["code"] for e in exits] == [111] * 25, exits        # php recycled after every 2nd job, nothing else
@@ -173,20 +170,20 @@ def test_recycling_under_load_never_fails_the_unit(drill):
     assert "Failed with result" not in journal and "Scheduled restart" not in journal, journal
 
 
-# --- a whole host powered off and booted ------------------------------------------------------------------
+# --- a whole host shut down cleanly and booted (power cuts: test_hard_crash_lab.py) --------------------------
 
 
-def test_power_off_and_boot_workers_after_gearmand_and_mariadb(drill):
+def test_clean_shutdown_and_boot_workers_after_gearmand_and_mariadb(drill):
     units = ["atom-worker@1.service", "atom-worker@2.service"]
     for unit in units:
         props = drill.show(SOLO, unit, "After", "Wants")
         for dependency in ("gearman-job-server.service", "mariadb.service"):
             assert dependency in props["After"].split() and dependency in props["Wants"].split(), props
-    # Jobs queued while the workers are away, then the power goes.
+    # Jobs queued while the workers are away, then a clean shutdown (systemd stops every unit).
     drill.run(SOLO, "systemctl stop atom-workers.target")
     mark = len(drill.record(SOLO))
-    ids = drill.submit(SOLO, "127.0.0.1:4730", PREFIX_W1 + "arFindingAidJob", "power", 20)
-    assert drill.gearman_status(SOLO)[PREFIX_W1 + "arFindingAidJob"][0] == 20
+    ids = drill.submit(SOLO, "127.0.0.1:4730", drill.function("arFindingAidJob"), "power", 20)
+    assert drill.gearman_status(SOLO)[drill.function("arFindingAidJob")][0] == 20
     drill.hosts.poweroff(SOLO)
     drill.hosts.boot(SOLO)
     wait_until(lambda: drill.run(SOLO, "systemctl is-system-running", check=False).stdout.strip()
@@ -203,7 +200,7 @@ def test_power_off_and_boot_workers_after_gearmand_and_mariadb(drill):
         assert all(int(props["ExecMainStartTimestampMonotonic"]) >= t for t in ready.values()), (props, ready)
     assert "Failed with result" not in journal and "Couldn't connect" not in journal, journal
     assert journal.count("Running worker") == 2, journal     # one start per instance in this boot
-    drill.wait_all_completed(SOLO, ids, mark, 120, "the jobs queued before the power-off")
+    drill.wait_all_completed(SOLO, ids, mark, 120, "the jobs queued before the shutdown")
 
 
 # --- a crash loop -------------------------------------------------------------------------------------------
@@ -271,14 +268,8 @@ def test_job_server_back_workers_recover_by_themselves_and_drain(drill):
     units = list(STATE["w2_pids"])
     assert main_pids(drill, W2, units) == STATE["w2_pids"]                    # no restart: the same processes
     assert all(drill.show(W2, u, "NRestarts")["NRestarts"] == "0" for u in units)
-    w2 = drill.address[W2]
-
-    def listed():
-        out = drill.run(GM, f"gearadmin -h {drill.address[GM]} --workers").stdout
-        return len([line for line in out.splitlines() if line.split()[1:2] == [w2] and line.split(" : ", 1)[1:]
-                    and line.split(" : ", 1)[1].strip()]) >= 2
-
-    wait_until(listed, 60, 0.5, "gearmand to list d-w2's two workers")
+    wait_until(lambda: drill.gearman_workers(GM, drill.address[GM]).get(drill.address[W2], 0) >= 2, 60, 0.5,
+               "gearmand to list d-w2's two workers")
 
 
 # --- bad input -------------------------------------------------------------------------------------------------
@@ -403,7 +394,7 @@ def test_bad_cli_arguments_fail_with_one_line_and_change_nothing(drill, args, co
 def test_gearmand_restart_with_200_queued_jobs_loses_none(drill):
     units = ["atom-worker@1.service", "atom-worker@2.service"]
     pids = main_pids(drill, W1, units)
-    function = PREFIX_W1 + "arFindingAidJob"
+    function = drill.function("arFindingAidJob")
     mark = len(drill.record(W1))
     # The workers keep running: 200 jobs of 0.2 s for 2 workers, so most are still queued at the restart.
     ids = drill.submit(GM, gm_server(drill), function, "restart", 200, sleep=0.2)
