@@ -129,7 +129,7 @@ def lab(tmp_path_factory):
     jobs["vars"]["gearman_job_server_allowed_addresses"] = [control_address((address, 4730))]
     hosts.inventory.write_text(yaml.safe_dump(generated, sort_keys=False))
     try:
-        result = hosts.playbook("site.yml", with_cli=True)
+        result = hosts.playbook("playbooks/lab/site.yml", with_cli=True)
         assert result.returncode == 0, result
         lab = Lab(hosts, generated)
         wait_until(lab.all_registered, 60, 0.5, "every worker registered after the converge")
