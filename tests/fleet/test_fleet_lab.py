@@ -109,7 +109,9 @@ def test_rolling_restart_keeps_a_worker_for_every_function_and_every_job_complet
     time.sleep(0.5)
     submitter.start()
     try:
+        began = time.monotonic()
         result = fleet.playbook("playbooks/rolling-restart.yml")
+        ended = time.monotonic()
     finally:
         time.sleep(0.5)
         done.set()
@@ -124,12 +126,17 @@ def test_rolling_restart_keeps_a_worker_for_every_function_and_every_job_complet
             (host, before[host], after[host], fleet.journal(host))
     # The sampler: ≥ 1 available worker for every function in every sample, and never fewer than all
     # hosts but one (one host at a time).
+    # The whole restart inside the sampling window (samples before and after it), and the sampler saw it
+    # happen: some function below the fleet's full count at some point (the control for "never below").
     assert not sampler.errors, sampler.errors
     assert len(sampler.samples) >= 20, len(sampler.samples)
+    sampler.check_window(began, ended)
     lowest = sampler.minimum(FUNCTIONS)
     assert min(lowest.values()) >= 1, lowest
     all_but_one = {f: PER_HOST[f] * (len(fleet.workers) - 1) for f in FUNCTIONS}
     assert all(lowest[f] >= all_but_one[f] for f in FUNCTIONS), (lowest, all_but_one)
+    full = expected_available(fleet)
+    assert any(lowest[f] < full[f] for f in FUNCTIONS), f"no sample saw a worker restart: {lowest}"
     # Jobs submitted meanwhile: no "No Gearman worker available", and every one completes.
     assert not failures, failures[:3]
     assert len(submitted) >= 10, submitted
