@@ -165,7 +165,7 @@ def test_allowlist_survives_nftables_restart_and_reload(lab, action):
         assert gearmand_pid(lab) != pid
     else:
         # A reload loads the table again right after nftables' own (ReloadPropagatedFrom=) and leaves gearmand
-        # running. Not sampled: between the two loads there is a window of some 20 ms (role README).
+        # running. Not sampled: between the two loads there is a window of tens of ms (role README).
         lab.run(GM, "systemctl reload nftables.service")
         assert gearmand_pid(lab) == pid
     assert_fails_closed(lab)
