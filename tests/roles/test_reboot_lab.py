@@ -41,7 +41,15 @@ def test_workers_order_after_the_local_gearmand(lab):
     )
 
 
+def boot_id(lab):
+    return lab.run(HOST, "cat /proc/sys/kernel/random/boot_id").stdout.strip()
+
+
 def test_after_a_reboot_workers_run_with_no_start_spent(lab):
+    # The boot id proves the host really booted again (systemd-nspawn gives each boot of a host a new one):
+    # without it, "active with NRestarts=0" would also hold for a host that never went down.
+    before = boot_id(lab)
+    assert before
     lab.hosts.poweroff(HOST)
     lab.hosts.boot(HOST)
     lab.wait_for(
@@ -52,8 +60,8 @@ def test_after_a_reboot_workers_run_with_no_start_spent(lab):
         timeout=60,
         what="the host to boot",
     )
-    boot_mark = lab.run(HOST, "cat /proc/sys/kernel/random/boot_id").stdout.strip()
-    assert boot_mark
+    after = boot_id(lab)
+    assert after and after != before
     gearmand = lab.show(
         HOST,
         "gearman-job-server.service",

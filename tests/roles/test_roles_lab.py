@@ -112,6 +112,12 @@ def test_allowlist_admits_workers_and_refuses_others(lab):
     rules = lab.run(GM, "nft list table inet atom_gearman").stdout
     assert "tcp dport != 4730 accept" in rules
     assert can_connect(lab, W1, address)
+    # The control: the outsider reaches the job server's address on another port (a listener there), so
+    # its refusal on 4730 is the allowlist's.
+    lab.run(GM, f"timeout 60 python3 -c \"import socket,time; s=socket.create_server(('{address}', 4799)); "
+                "time.sleep(60)\" >/dev/null 2>&1 &")
+    lab.wait_for(lambda: ":4799" in lab.run(GM, "ss -Hltn sport = :4799").stdout, timeout=30, what="listener on 4799")
+    assert can_connect(lab, OUT, address, 4799)
     assert not can_connect(lab, OUT, address)
     # gearmand listens on the inventory address only
     assert f"{address}:4730" in lab.run(GM, "ss -Hltn sport = :4730").stdout
@@ -253,6 +259,41 @@ def test_crash_loop_fails_after_exactly_3_starts(lab):
     # A converge is a deliberate start too: it resets the failed state and the worker runs again.
     lab.converge()
     assert lab.show(W1, unit, "ActiveState")["ActiveState"] == "active"
+
+
+def available(lab, function):
+    """gearmand's count of available workers for `function` (0 when it does not list it)."""
+    for line in lab.run(GM, f"gearadmin -h {gm_address(lab)} --status").stdout.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 4 and parts[0] == function:
+            return int(parts[3])
+    return 0
+
+
+def test_config_change_brings_back_a_worker_whose_start_budget_is_spent(lab):
+    unit = "atom-worker@1.service"
+    lab.converge({"atom_worker_restart_sec": 1})
+    lab.control(W1, crash_at_start=1)
+    try:
+        lab.run(W1, f"systemctl reset-failed {unit}; systemctl restart {unit}")
+        lab.wait_for(
+            lambda: lab.show(W1, unit, "ActiveState")["ActiveState"] == "failed",
+            timeout=60,
+            what="the crash-looping worker to fail",
+        )
+    finally:
+        lab.control(W1)
+    # The budget is spent: systemd refuses a plain start now (the crash cause is gone, the limit stays).
+    assert lab.run(W1, f"systemctl start {unit}", check=False).returncode != 0
+    assert lab.show(W1, unit, "ActiveState")["ActiveState"] == "failed"
+    # A configuration change through the role: its handler must bring the worker back, registered
+    # under the new prefix.
+    lab.converge({"atom_worker_restart_sec": 1, "atom_worker_workers_key": "spent"})
+    after = lab.show(W1, unit, "ActiveState", "NRestarts")
+    assert after == {"ActiveState": "active", "NRestarts": "0"}, lab.journal(W1, unit)
+    function = hashlib.md5(f"{ATOM_ROOT}spent".encode()).hexdigest() + "-arFindingAidJob"
+    lab.wait_for(lambda: available(lab, function) >= 1, timeout=60, what=f"{function} served again")
+    lab.converge()
 
 
 def test_queued_jobs_survive_a_gearmand_restart(lab):
