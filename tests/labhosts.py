@@ -18,7 +18,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 LAB = REPO / "tools" / "lab" / "lab"
 VENV_BIN = REPO / ".venv" / "bin"
-# Where lab hosts get the AtoM stand-in (site.yml installs it at the role's default AtoM root).
+# Where lab hosts get the AtoM stand-in (playbooks/lab/site.yml installs it at the role's default AtoM root).
 ATOM_ROOT = "/usr/share/nginx/atom"
 RECAP = re.compile(r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+unreachable=(?P<unreachable>\d+)"
                    r"\s+failed=(?P<failed>\d+)\s+skipped=(?P<skipped>\d+)\s+rescued=(?P<rescued>\d+)")

@@ -97,7 +97,7 @@ def host(tmp_path_factory):
     hosts.down()
     hosts.up()
     try:
-        result = hosts.playbook("site.yml")
+        result = hosts.playbook("playbooks/lab/site.yml")
         assert result.returncode == 0, result
         result = hosts.playbook("tests/cli/install.yml", extra_vars={"workerctl_wheel": str(wheel)})
         assert result.returncode == 0, result
@@ -230,7 +230,7 @@ def test_scale_up_and_down_and_what_the_inventory_says(host):
     assert code == 0 and list(instances(data)) == ["1"] and data["strays"] == []
     assert "atom-worker@2.service" not in host.sh("find /etc/systemd/system -name 'atom-worker@*'").stdout
     # The inventory wins at the next converge (documented in scale's output).
-    result = host.hosts.playbook("site.yml")
+    result = host.hosts.playbook("playbooks/lab/site.yml")
     assert result.returncode == 0, result
     code, data = host.status()
     assert code == 0 and sorted(instances(data)) == ["1", "2"] and data["sites"][0]["pools"][0]["scaled"] is None
@@ -421,7 +421,7 @@ def test_doctor_release_symlink_moved(host):
     try:
         # site.yml sees the release moved (realpath differs from sites.json): it restarts the workers on r1.
         pids = host.sh(f"systemctl show -p MainPID --value {W1} {W2}").stdout.split()
-        result = host.hosts.playbook("site.yml")
+        result = host.hosts.playbook("playbooks/lab/site.yml")
         assert result.returncode == 0, result
         assert host.sh(f"systemctl show -p MainPID --value {W1} {W2}").stdout.split() != pids
         host.wait_doctor(lambda c, d: c == 0, timeout=60, what="healthy on release r1")
@@ -444,5 +444,5 @@ def test_doctor_release_symlink_moved(host):
         # Back to one real directory, as the role installed it, and workers that run from it.
         # (site.yml restarts the workers again: the root's real path changed back.)
         host.sh(f"if [ -L {ROOT} ]; then r=$(readlink -f {ROOT}) && rm {ROOT} && mv $r {ROOT} && rm -rf {releases}; fi")
-        assert host.hosts.playbook("site.yml").returncode == 0
+        assert host.hosts.playbook("playbooks/lab/site.yml").returncode == 0
     host.wait_doctor(lambda c, d: c == 0, timeout=60, what="healthy again in the original layout")

@@ -159,7 +159,7 @@ def fleet(tmp_path_factory):
     jobs = generated["all"]["children"]["gearman_job_servers"]
     jobs.setdefault("vars", {})["gearman_job_server_allowed_addresses"] = [control_address(fleet.gearmand)]
     hosts.inventory.write_text(yaml.safe_dump(generated, sort_keys=False))
-    fleet.first_converge = fleet.playbook("site.yml")
+    fleet.first_converge = fleet.playbook("playbooks/lab/site.yml")
     yield fleet
     if not os.environ.get("ATOM_KEEP_LAB"):
         hosts.down()

@@ -16,7 +16,7 @@ from polling import wait_until
 pytestmark = pytest.mark.timeout(600)
 
 GM, W1, OUT = "s-gm", "s-w1", "s-out"
-PLAYBOOK = "site.yml"
+PLAYBOOK = "playbooks/lab/site.yml"   # the lab's: the AtoM stand-in, then site.yml
 INVENTORY = {"all": {"children": {
     "gearman_job_servers": {"hosts": {GM: {"gearman_job_server_listen_address": "{{ ansible_host }}"}}},
     "atom_workers": {"hosts": {W1: {"atom_worker_instances": 2}}},
