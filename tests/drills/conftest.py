@@ -60,7 +60,6 @@ class Drill:
                 walk(child)
 
         walk(generated["all"])
-        self.unplugged = {}
 
     def run(self, host, command, check=True, timeout=120):
         return self.hosts.run(host, command, check=check, timeout=timeout)
@@ -148,32 +147,12 @@ class Drill:
         return counts
 
     def powercut(self, host):
-        """The host loses power: unplugged from the lab's bridge, then every process SIGKILLed (`lab powercut`).
-        Why unplug first: the host's network namespace outlives its processes, and its kernel would close
-        their TCP connections with FIN or RST, telling every peer at once. A machine that loses power sends
-        nothing: its peers learn it is gone only from their own timeouts. `boot` plugs it back in."""
-        port = self._bridge_port(host)
-        subprocess.run(["ip", "link", "set", port, "down"], check=True)
-        self.unplugged[host] = port
+        """The host loses power (`lab powercut`: unplugged first, so nothing it sends as it dies reaches a peer)."""
         self.hosts.powercut(host)
 
     def boot(self, host):
-        """Boot a host that was cut off (plugged back in first) or shut down; returns once systemd runs."""
-        port = self.unplugged.pop(host, None)
-        if port:
-            subprocess.run(["ip", "link", "set", port, "up"], check=True)
+        """Boot a host that was cut off or shut down; returns once systemd runs."""
         self.hosts.boot(host)
-
-    def _bridge_port(self, host):
-        """The bridge's end of the host's eth0 (a veth pair), found by its interface index: tests run in the
-        lab's network namespace, where the bridge is. (The host's /sys/class/net is not its own namespace's:
-        ask `ip`, which asks the kernel over netlink.)"""
-        [eth0] = json.loads(self.run(host, "ip -j link show eth0").stdout)
-        peer = eth0["link_index"]
-        links = json.loads(subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True,
-                                          check=True).stdout)
-        [port] = [link["ifname"] for link in links if link["ifindex"] == peer]
-        return port
 
     def control(self, host, **knobs):
         self.hosts.standin_control(host, **knobs)

@@ -1,4 +1,5 @@
 """Booting, finding, powering off and removing lab hosts: systemd-nspawn on an overlay of the golden image."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -107,8 +108,23 @@ def write_hosts_file(name: str, content: str) -> None:
 
 
 # power -------------------------------------------------------------------------------------------------
+# Each booted host's systemd holds a few dozen inotify instances, all counted against root's
+# fs.inotify.max_user_instances: Debian's default of 128 runs out at about 16 hosts, and the next boot
+# fails ("Failed to create control group inotify object: Too many open files") or comes up degraded.
+INOTIFY_INSTANCES = Path("/proc/sys/fs/inotify/max_user_instances")
+INOTIFY_INSTANCES_MIN = 8192
+
+
+def _ensure_inotify_instances() -> None:
+    if int(INOTIFY_INSTANCES.read_text()) < INOTIFY_INSTANCES_MIN:
+        # Read-only /proc/sys (a lab run inside a container): boot anyway, fewer hosts will fit.
+        with contextlib.suppress(OSError):
+            INOTIFY_INSTANCES.write_text(str(INOTIFY_INSTANCES_MIN))
+
+
 def start(name: str) -> None:
     """Launch nspawn for a prepared host, each from its own cgroup; does not wait for the boot."""
+    _ensure_inotify_instances()
     base = paths.host_dir(name)
     paths.PIP_CACHE.mkdir(parents=True, exist_ok=True)
     log = open(base / "console.log", "ab")  # noqa: SIM115 - nspawn writes to it for the host's whole life
@@ -162,8 +178,15 @@ def powercut(name: str) -> bool:
     """The host loses power: nspawn and every process of the host SIGKILLed at once, so systemd runs no
     shutdown. The disk (the overlay's upper layer) is kept. False if the host was not running."""
     was_running = nspawn_pid(name) is not None
+    # A machine that loses power sends nothing: its peers learn it is gone only from their own timeouts.
+    # The host's network namespace would outlive its processes and close their TCP connections with
+    # FIN/RST, telling every peer at once; so the link goes down first, and the namespace (with its TCP
+    # state and firewall rules, which a real reboot does not keep either) goes after. `lab boot` plugs
+    # the host in anew at the same address.
+    network.cut(name)
     cgroups.kill(name)
     cgroups.remove(name)
+    network.unplug(name)
     (paths.host_dir(name) / "nspawn.pid").unlink(missing_ok=True)
     return was_running
 

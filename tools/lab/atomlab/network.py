@@ -103,6 +103,12 @@ def plug(name: str) -> str:
     return address
 
 
+def cut(name: str) -> None:
+    """Take the bridge's end of the host's veth down: from now on nothing the host sends reaches anyone."""
+    octet = address_of(name).rsplit(".", 1)[1]
+    run(["ip", "-n", paths.LAB_NETNS, "link", "set", f"atomlab-v{octet}", "down"], check=False, quiet=True)
+
+
 def unplug(name: str) -> None:
     ns = paths.host_netns(name)
     if netns_exists(ns):
