@@ -14,7 +14,7 @@ VENV_STAMP := $(VENV)/.installed
 # One module after another. PYTEST_ARGS="-n 2 --dist loadfile" runs two at a time (README: Tests and CI).
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv wheel lab demo test lint pytest molecule clean distclean bench-cli bench-ops bench-fleet
+.PHONY: help deps venv wheel lab demo test lint pytest molecule clean distclean bench-cli bench-ops bench-fleet bench-gearmand
 help:
 	@echo "make demo       boot the lab, converge it (playbooks/lab/site.yml), show the workers and a completed job"
 	@echo "make test       lint, pytest (stand-in, lab, roles, CLI), Molecule"
@@ -95,3 +95,6 @@ bench-ops: venv wheel
 
 bench-fleet: venv wheel
 	$(LAB) exec -- $(BIN)/python bench/fleet/run.py
+
+bench-gearmand: venv wheel
+	$(LAB) exec -- $(BIN)/python bench/gearmand/run.py
