@@ -28,11 +28,12 @@ $(STAMPS)/apt: apt-packages.txt
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$(grep -v '^#' apt-packages.txt) >/dev/null
 	@touch $@
 
+# --clear below: a venv made by another Python (pyenv, an older Debian) is rebuilt, not patched over.
 $(VENV_STAMP): requirements.txt pyproject.toml $(STAMPS)/apt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "$(PYTHON) is $$($(PYTHON) -V 2>&1); this needs Python 3.11 or newer (Debian 12)" >&2; exit 1; }
 	@echo "== creating the Python venv ($(VENV)): ansible-core, lint, pytest, molecule, pystemd (builds ~1 min)"
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel setuptools
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps -e .
