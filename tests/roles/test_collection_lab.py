@@ -59,17 +59,12 @@ def lab(make_lab):
 
 def converge(lab, collections, *extra) -> PlaybookResult:
     """The playbook from a folder of its own: roles only from the installed collection (and the stand-in's).
-
-    The atom_worker role's tasks call its filters by their short names, which Ansible resolves for a role used
-    in place but not for a role inside a collection: until the tasks say `atom.workers.atom_worker_model` & co,
-    a collection user points filter_plugins at the collection's plugins/filter, as README says, and so does
-    this test (the installed artifact's own files).
-    """
+    Nothing else is configured: the atom_worker role calls its filters by their full names
+    (atom.workers.atom_worker_model & co), which Ansible resolves inside a collection."""
     workdir = lab.hosts.inventory.parent
     playbook = workdir / "collection-site.yml"
     playbook.write_text(yaml.safe_dump(PLAYBOOK, sort_keys=False))
     env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_COLLECTIONS_PATH": str(collections),
-           "ANSIBLE_FILTER_PLUGINS": str(collections / "ansible_collections/atom/workers/plugins/filter"),
            "ANSIBLE_ROLES_PATH": str(REPO / "tests/fixtures/roles"), "ANSIBLE_NOCOLOR": "1"}
     args = [str(VENV_BIN / "ansible-playbook"), "-i", str(lab.hosts.inventory), str(playbook), *extra]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=workdir, env=env, check=False)
@@ -88,7 +83,7 @@ def test_the_artifact_holds_the_collection_and_nothing_of_the_checkout(artifact)
                    "templates/atom-worker@.service.j2", "plugins/filter/atom_worker.py",
                    "plugins/modules/atom_worker_yaml_keys.py", "meta/runtime.yml", "playbooks/reset.yml", "LICENSE"):
         assert wanted in names, wanted
-    for unwanted in (".venv", "build", "tests", "tools/lab", "bench", "molecule", ".git"):
+    for unwanted in (".venv", "build", "tests", "tools/lab", "bench", "molecule", ".git", "collections"):
         assert not any(n == unwanted or n.startswith(unwanted + "/") for n in names), unwanted
 
 
