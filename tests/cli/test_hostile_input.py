@@ -266,11 +266,10 @@ def test_gearman_client_memory_stays_small_under_a_flood(peer):
 
 
 def test_gearman_client_refuses_a_server_that_is_not_host_port():
-    for bad in ("a:b", "-oProxy:4730", "host\n:4730", "[::1:4730", "h:0", "h:70000"):
+    # One parser for the CLI and the playbooks' check: `a..b` is refused before any resolver sees it.
+    for bad in ("a:b", "-oProxy:4730", "host\n:4730", "[::1:4730", "h:0", "h:70000", "a..b:4730", "x" * 64 + ":1"):
         with pytest.raises(GearmanError, match="not host:port"):
             gearman.GearmanAdmin(bad)
-    with pytest.raises(GearmanError, match="a..b is not a valid host name"):
-        gearman.GearmanAdmin("a..b:4730").connect()
     assert gearman.split_server("[::1]:4731") == ("::1", 4731) and gearman.split_server("h") == ("h", 4730)
 
 

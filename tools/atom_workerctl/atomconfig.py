@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import ipaddress
 import os
-import re
 import stat
 
 from .errors import ConfigError
+from .gearman import split_server as parse_server  # the one parser of 'host:port' (AtoM's gearman.yml)
 
-DEFAULT_PORT = 4730
 WORKER_ENV = "worker"
 APP = "qubit"
 # AtoM's configuration files are a few KiB; anything near this is not one.
 MAX_CONFIG_BYTES = 1 << 20
-_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 
 def job_prefix(realpath: str, workers_key: str) -> str:
@@ -110,37 +107,6 @@ def read_config(root: str, name: str, env: str = WORKER_ENV) -> tuple[dict, list
         if isinstance(value, dict):
             config = _replace_recursive(config, value)
     return config, files
-
-
-def parse_server(text: str) -> tuple[str, int]:
-    """'host:port', 'host', '[v6]:port' -> (host, port), as AtoM's Net_Gearman reads them."""
-    text = text.strip()
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"bad server {text!r}")
-        host, rest = text[1:end], text[end + 1:]
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"bad server {text!r}")
-        port = rest[1:] if rest else str(DEFAULT_PORT)
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host, port = text, str(DEFAULT_PORT)
-    if not _valid_host(host) or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise ValueError(f"bad server {text!r}")
-    return host, int(port)
-
-
-def _valid_host(host: str) -> bool:
-    """An IP address or a DNS name of non-empty labels (`a..b` would fail deep inside the resolver)."""
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        pass
-    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
-    return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
 
 
 def format_server(host: str, port: int) -> str:

@@ -29,6 +29,8 @@ Standard library only, and two ways to run:
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import socket
 import sys
 import time
@@ -49,21 +51,37 @@ else:  # run as a script (the playbooks' check): the same error, without the CLI
 
 
 def split_server(text: str) -> tuple[str, int]:
-    """'host:port', '[v6]:port' or 'host' (port 4730) -> (host, port); ValueError for anything else."""
+    """'host:port', '[v6]:port' or 'host' (port 4730) -> (host, port), as AtoM's Net_Gearman reads them;
+    ValueError for anything else. The one parser of a server name: the CLI (AtoM's gearman.yml, --gearman)
+    and the playbooks' registration check. A host is an IP address or a DNS name of non-empty labels: `a..b`
+    would fail deep inside the resolver, and a leading '-' or a control character must never reach a command
+    line or a log line."""
     text = text.strip()
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(text)
+            raise ValueError(f"bad server {text!r}")
         port = rest[1:] if rest else str(DEFAULT_PORT)
     elif text.count(":") == 1:
         host, port = text.split(":")
     else:
         host, port = text, str(DEFAULT_PORT)
-    bad = not host or host.startswith("-") or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in host)
-    if bad or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(text)
+    if not _valid_host(host) or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ValueError(f"bad server {text!r}")
     return host, int(port)
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
 
 
 def format_server(host: str, port: int) -> str:
