@@ -127,6 +127,55 @@ def test_preflight_refuses_hostile_values_one_line_each(preflight, case, extra, 
     assert "changed=0" in proc.stdout, out[-3000:]
 
 
+# -- the gearman_job_server role's preflight ---------------------------------------------------------------------
+GEARMAND_PLAY = PLAY.replace("role: atom_worker", "role: gearman_job_server")
+GEARMAND_BAD = [
+    ("sqlite-db-newline", {"gearman_job_server_sqlite_db": "/var/lib/gearman/q\nExecStartPre=/bin/sh -c id"},
+     [["gearman_job_server_sqlite_db='/var/lib/gearman/q\\nExecStartPre=/bin/sh -c id' holds a control character"]]),
+    ("extra-arg-newline", {"gearman_job_server_extra_args": ["--keepalive\nUser=root"]},
+     [["gearman_job_server_extra_args[0]='--keepalive\\nUser=root' holds a control character"]]),
+    ("allowed-address-tab", {"gearman_job_server_allowed_addresses": ["10.0.0.1\t"]},
+     [["gearman_job_server_allowed_addresses[0]='10.0.0.1\\t' holds a control character"]]),
+]
+
+
+@pytest.fixture(scope="module")
+def gearmand_preflight(tmp_path_factory):
+    """The gearman_job_server role's preflight alone, in check mode on this machine (it changes nothing)."""
+    tmp = tmp_path_factory.mktemp("gearmand-preflight")
+    (tmp / "play.yml").write_text(GEARMAND_PLAY)
+
+    def run(extra: dict) -> subprocess.CompletedProcess:
+        (tmp / "vars.json").write_text(json.dumps(extra))
+        env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "roles"), "ANSIBLE_NOCOLOR": "1",
+               "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")}
+        return subprocess.run([str(VENV / "ansible-playbook"), "-i", "localhost,", str(tmp / "play.yml"), "--check",
+                               "--tags", "gearman_job_server_preflight", "-e", f"@{tmp / 'vars.json'}"],
+                              capture_output=True, text=True, env=env, cwd=tmp, timeout=300, check=False)
+
+    return run
+
+
+def test_gearmand_preflight_passes_sound_values(gearmand_preflight):
+    """The positive control: the same run with sound values (and an extra argument) gets through."""
+    proc = gearmand_preflight({"gearman_job_server_extra_args": ["--keepalive"],
+                               "gearman_job_server_allowed_addresses": ["10.0.0.1"]})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "failed=0" in proc.stdout and "changed=0" in proc.stdout
+
+
+@pytest.mark.parametrize("case, extra, expected", GEARMAND_BAD, ids=[c[0] for c in GEARMAND_BAD])
+def test_gearmand_preflight_refuses_control_characters(gearmand_preflight, case, extra, expected):
+    proc = gearmand_preflight(extra)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    failed = [ln for ln in proc.stdout.splitlines() if ln.startswith(("failed:", "fatal:"))]
+    assert len(failed) == len(expected), (failed, out[-3000:])
+    for words in expected:
+        assert any(all(w in ln for w in words) for ln in out.splitlines()), (words, out[-3000:])
+    assert "changed=0" in proc.stdout, out[-3000:]
+
+
 # -- the gearmand admin client against peers that misbehave ------------------------------------------------------
 PREFIX = "0123456789abcdef0123456789abcdef"
 WORKERS = (f"5 127.0.0.1 - : {PREFIX}-arFindingAidJob {PREFIX}-arObjectMoveJob\n"
