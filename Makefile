@@ -11,13 +11,14 @@ LAB := tools/lab/lab
 STAMPS := build
 # The venv's stamp lives inside the venv: deleting .venv makes the next make build it again.
 VENV_STAMP := $(VENV)/.installed
-# One module after another. PYTEST_ARGS="-n 2 --dist loadfile" runs two at a time (README: Tests and CI).
-PYTEST_ARGS ?=
+# Two test modules at a time, the longest first (tests/conftest.py orders them; xdist keeps that order only
+# with --no-loadscope-reorder). PYTEST_ARGS= runs them one after another (README: Tests and CI).
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: help deps venv wheel lab demo test lint pytest molecule clean distclean bench-cli bench-ops bench-fleet bench-gearmand
 help:
 	@echo "make demo       boot the lab, converge it (playbooks/lab/site.yml), show the workers and a completed job"
-	@echo "make test       lint, pytest (stand-in, lab, roles, CLI), Molecule"
+	@echo "make test       lint, pytest (stand-in, lab, roles, CLI, the Molecule scenarios)"
 	@echo "make lab        boot the lab only"
 	@echo "make clean      remove every lab host;  make distclean  also the venv, build/ and the lab's golden image"
 
@@ -76,7 +77,9 @@ molecule: venv wheel
 	  $(LAB) exec -- env PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/molecule test -s $$scenario; \
 	done
 
-test: lint pytest molecule
+# The Molecule scenarios run inside pytest (tests/molecule), beside the other lab modules; `make molecule`
+# runs them alone.
+test: lint pytest
 
 # Every lab host (other checkouts' too: the lab is one per machine).
 clean:

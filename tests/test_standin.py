@@ -263,6 +263,7 @@ class Blackhole:
         import threading
 
         self.target, self.powered, self.epoch = target, True, 0
+        self.upstreams = {}  # open upstream socket -> the epoch it was made in
         self.lsock = socket.create_server(("127.0.0.1", 0))
         self.port = self.lsock.getsockname()[1]
         self.threading, self.socket = threading, socket
@@ -285,6 +286,7 @@ class Blackhole:
             while True:
                 if self.powered and epoch == self.epoch and upstream is None:
                     upstream = self.socket.create_connection(self.target)
+                    self.upstreams[upstream] = epoch
                 socks = [client] + ([upstream] if upstream else [])
                 ready, _, _ = select.select(socks, [], [], 0.2)
                 for sock in ready:
@@ -304,6 +306,7 @@ class Blackhole:
             client.close()
             if upstream is not None:
                 upstream.close()
+                self.upstreams.pop(upstream, None)
 
     def cut(self):
         self.powered = False
@@ -311,6 +314,10 @@ class Blackhole:
 
     def restore(self):
         self.powered = True
+
+    def stale(self) -> int:
+        """Upstream connections still open from before the last cut: gearmand lists each as a live worker."""
+        return sum(1 for epoch in list(self.upstreams.values()) if epoch != self.epoch)
 
     def close(self):
         self.lsock.close()
@@ -329,6 +336,10 @@ def test_notices_a_dead_connection_and_registers_again(tmp_path, gearmand, worke
         # gearmand still lists the relay's upstream connection while the power is out; once it is back...
         time.sleep(1)
         relay.restore()
+        # gearmand lists the old connection (with its function) until the worker's next byte on it is
+        # answered with a reset: only then does a listing mean the new registration. Waiting for the listing
+        # alone let a submit in between find no worker at all (a CI run under load did).
+        wait_until(lambda: relay.stale() == 0, timeout=40, what="the worker's dead connection reset")
         wait_until(lambda: worker_lines(gearmand, w.pid) == [[fn]] and
                    len(events(root, "start")) == 1, timeout=40, what="registered again after the power came back")
         ids = submit(root, "arFindingAidJob", count=2)

@@ -366,20 +366,28 @@ def test_reset_scale_and_doctor_over_the_fleet(lab):
 
 
 def test_logs_follow_merged_from_every_host(lab):
-    proc = subprocess.Popen([*CTL, "-i", lab.inventory, "logs", "-f", "-n", "0"], stdout=subprocess.PIPE,
+    # -n 1: each host's follower prints its last line first, so the test knows both are following before it
+    # makes new lines (a fixed sleep was not enough on a loaded machine: the restart's systemd lines came
+    # before one follower had started).
+    proc = subprocess.Popen([*CTL, "-i", lab.inventory, "logs", "-f", "-n", "1"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=lab.env)
-    lines, seen = [], threading.Event()
+    lines, following, seen = [], threading.Event(), threading.Event()
+    mark = []  # the index of the first line after both followers started
 
     def read():
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
-            if all(any(f" {h}/atom-worker@1: " in ln and "Running worker" in ln for ln in lines) for h in WORKERS):
+            if all(any(f" {h}/" in ln for ln in lines) for h in WORKERS):
+                following.set()
+            new = lines[mark[0]:] if mark else []
+            if all(any(f" {h}/atom-worker@1: " in ln and "Running worker" in ln for ln in new) for h in WORKERS):
                 seen.set()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        time.sleep(1.5)  # let both ssh sessions start following before the lines are made
+        assert following.wait(60), lines
+        mark.append(len(lines))
         for host in WORKERS:
             lab.run(host, "systemctl restart atom-worker@1.service")
         assert seen.wait(60), lines
@@ -387,7 +395,7 @@ def test_logs_follow_merged_from_every_host(lab):
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
     # systemd's own lines are tagged too; each host's lines in time order.
-    assert any(f" {W1}/atom-worker@1 [systemd]: " in ln for ln in lines), lines
+    assert any(f" {W1}/atom-worker@1 [systemd]: " in ln for ln in lines[mark[0]:]), lines
     for host in WORKERS:
         stamps = [ln[:19] for ln in lines if f" {host}/" in ln]
         assert stamps and stamps == sorted(stamps), lines

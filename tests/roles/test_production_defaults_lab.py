@@ -14,7 +14,10 @@ Run inside the lab network: tools/lab/lab exec -- .venv/bin/pytest tests/roles/t
 import hashlib
 import os
 import shlex
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -72,13 +75,22 @@ def lab_connection(hosts) -> dict:
             "ansible_ssh_private_key_file": inventory["vars"]["ansible_ssh_private_key_file"]}
 
 
-def ping(inventory_path, control_dir) -> subprocess.CompletedProcess:
-    # The repository's ansible.cfg, and ssh control sockets of this test only (a master another test left
-    # open to the same address would skip the host-key check altogether).
+def ping(inventory_path) -> subprocess.CompletedProcess:
+    # The repository's ansible.cfg, and ssh control sockets of this call only (a master another test left
+    # open to the same address would skip the host-key check altogether). A short folder of its own: a unix
+    # socket path may not exceed 107 bytes, and pytest's tmp_path under a test worker (popen-gw0/...) did.
+    control_dir = tempfile.mkdtemp(prefix="cp-", dir="/tmp")
     env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control_dir),
            "ANSIBLE_NOCOLOR": "1"}
-    return subprocess.run([str(VENV_BIN / "ansible"), HOST, "-i", str(inventory_path), "-m", "ansible.builtin.ping"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env, check=False)
+    try:
+        return subprocess.run([str(VENV_BIN / "ansible"), HOST, "-i", str(inventory_path), "-m",
+                               "ansible.builtin.ping"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env,
+                              check=False)
+    finally:
+        for socket_path in Path(control_dir).iterdir():  # no ssh master left behind (ControlPersist keeps one)
+            subprocess.run(["ssh", "-S", str(socket_path), "-O", "exit", "lab"], capture_output=True, check=False,
+                           timeout=30)
+        shutil.rmtree(control_dir, ignore_errors=True)
 
 
 def test_ansible_cfg_checks_host_keys(hosts, tmp_path):
@@ -90,7 +102,7 @@ def test_ansible_cfg_checks_host_keys(hosts, tmp_path):
     inventory = tmp_path / "user.yml"
     inventory.write_text(yaml.safe_dump({"all": {"hosts": {HOST: {
         **lab_connection(hosts), "ansible_ssh_common_args": ssh_files}}}}))
-    unknown = ping(inventory, tmp_path / "cp-unknown")
+    unknown = ping(inventory)
     assert unknown.returncode != 0, unknown.stdout
     assert "Host key verification failed" in unknown.stdout + unknown.stderr, unknown.stdout + unknown.stderr
     assert known_hosts.read_text() == "", "ssh must not have added the key by itself"
@@ -101,7 +113,7 @@ def test_ansible_cfg_checks_host_keys(hosts, tmp_path):
                           check=True)
     assert address in scan.stdout
     known_hosts.write_text(scan.stdout)
-    known = ping(inventory, tmp_path / "cp-known")
+    known = ping(inventory)
     assert known.returncode == 0 and "ping: pong" in known.stdout, known.stdout + known.stderr
 
 

@@ -1,0 +1,192 @@
+"""The roles' restarts on real systemd: configuration changes, scaling, recycling, the crash loop and a
+spent start budget, on a job server and a worker host with the AtoM stand-in.
+
+A module of its own (not part of test_roles_lab.py) so that two test workers can run it beside the other
+role tests: each module boots its own hosts. Run inside the lab network:
+tools/lab/lab exec -- .venv/bin/pytest tests/roles/test_roles_restarts_lab.py
+The tests share the hosts and run in file order; each one leaves the hosts converged to the defaults.
+"""
+
+import hashlib
+
+import pytest
+from labhosts import ATOM_ROOT
+
+pytestmark = pytest.mark.timeout(900)
+
+GM, W1 = "rs-gm", "rs-w1"
+INVENTORY = {
+    "all": {
+        "children": {
+            "gearman_job_servers": {
+                "hosts": {
+                    GM: {"gearman_job_server_listen_address": "{{ ansible_host }}"}
+                }
+            },
+            "atom_workers": {"hosts": {W1: None}},
+            "atom_standin": {"children": {"atom_workers": None}},
+        }
+    }
+}
+
+
+@pytest.fixture(scope="module")
+def lab(make_lab):
+    lab = make_lab(INVENTORY)
+    lab.converge()
+    return lab
+
+
+def gm_address(lab):
+    return lab.run(GM, "hostname -I").stdout.split()[0]
+
+
+def test_config_change_clears_cache_once_then_restarts_once(lab):
+    lab.converge({"atom_worker_instances": 2})
+    mark = len(lab.record(W1))
+    pids = {
+        u: lab.show(W1, u, "MainPID")["MainPID"]
+        for u in ("atom-worker@1.service", "atom-worker@2.service")
+    }
+    lab.converge({"atom_worker_instances": 2, "atom_worker_workers_key": "site-a"})
+    new = lab.record(W1)[mark:]
+    kinds = [e["event"] for e in new if e["event"] in ("cc", "start")]
+    assert kinds == ["cc", "start", "start"], new
+    for unit, pid in pids.items():
+        assert lab.show(W1, unit, "MainPID")["MainPID"] != pid
+    assert (
+        "workers_key: 'site-a'" in lab.run(W1, f"cat {ATOM_ROOT}/config/app.yml").stdout
+    )
+    key_prefix = hashlib.md5(f"{ATOM_ROOT}site-a".encode()).hexdigest()
+    assert key_prefix in lab.run(W1, "cat /etc/atom-worker/sites.json").stdout
+    again = lab.converge(
+        {"atom_worker_instances": 2, "atom_worker_workers_key": "site-a"}
+    )
+    assert again.changed() == 0, again
+    assert [
+        e for e in lab.record(W1)[mark + len(new) :] if e["event"] in ("cc", "start")
+    ] == []
+    lab.converge()
+
+
+def test_scale_4_2_3_leaves_exactly_those_instances(lab):
+    for n in (4, 2, 3):
+        lab.converge({"atom_worker_instances": n})
+        wanted = [f"atom-worker@{i}.service" for i in range(1, n + 1)]
+        assert lab.units(W1, "atom-worker@*") == wanted
+        assert lab.units(W1, "atom-worker@*", state="active") == wanted
+        assert lab.wanted(W1) == wanted
+    lab.converge()
+    assert lab.units(W1, "atom-worker@*") == ["atom-worker@1.service"]
+
+
+def test_recycling_worker_processes_10_jobs_without_failing(lab):
+    pools = [
+        {"name": "recycle", "instances": 1, "types": ["general"], "max_job_count": 1}
+    ]
+    lab.converge({"atom_worker_instances": 0, "atom_worker_pools": pools})
+    unit = "atom-worker-default-recycle@1.service"
+    started = lab.show(W1, unit, "ExecMainStartTimestampMonotonic", "ActiveState")
+    assert started["ActiveState"] == "active"
+    mark = len(lab.record(W1))
+    ids = lab.submit(W1, "arFindingAidJob", 10)
+    lab.wait_for(
+        lambda: (
+            set(ids)
+            <= {
+                e["id"]
+                for e in lab.events(W1, "job", mark)
+                if e["status"] == "completed"
+            }
+        ),
+        timeout=60,
+        what="10 jobs through a recycling worker",
+    )
+    exits = [e for e in lab.events(W1, "exit", mark) if e["code"] == 111]
+    assert len(exits) >= 9
+    after = lab.show(
+        W1,
+        unit,
+        "ExecMainStartTimestampMonotonic",
+        "ActiveState",
+        "NRestarts",
+        "Result",
+    )
+    assert after["ActiveState"] == "active"
+    assert after["NRestarts"] == "0"
+    assert after["Result"] == "success"
+    assert (
+        after["ExecMainStartTimestampMonotonic"]
+        == started["ExecMainStartTimestampMonotonic"]
+    )
+    lab.converge()
+    assert lab.units(W1, "atom-worker-*") == []
+    assert (
+        lab.run(
+            W1,
+            "ls /etc/systemd/system/atom-worker-default-recycle@.service",
+            check=False,
+        ).returncode
+        != 0
+    )
+
+
+def test_crash_loop_fails_after_exactly_3_starts(lab):
+    unit = "atom-worker@1.service"
+    lab.converge({"atom_worker_restart_sec": 1})
+    lab.control(W1, crash_at_start=1)
+    mark = len(lab.record(W1))
+    try:
+        # A deliberate restart (reset-failed first, as the roles and the CLI do), then the worker crashes
+        # at every start: systemd gives up after StartLimitBurst=3 starts.
+        lab.run(W1, f"systemctl reset-failed {unit}; systemctl restart {unit}")
+        lab.wait_for(
+            lambda: lab.show(W1, unit, "ActiveState")["ActiveState"] == "failed",
+            timeout=60,
+            what="the crash-looping worker to fail",
+        )
+        lab.run(W1, "sleep 3")
+        starts = lab.events(W1, "start", mark)
+        assert len(starts) == 3, starts
+        assert lab.show(W1, unit, "ActiveState")["ActiveState"] == "failed"
+        assert "Start request repeated too quickly" in lab.journal(W1, unit)
+    finally:
+        lab.control(W1)
+    # A converge is a deliberate start too: it resets the failed state and the worker runs again.
+    lab.converge()
+    assert lab.show(W1, unit, "ActiveState")["ActiveState"] == "active"
+
+
+def available(lab, function):
+    """gearmand's count of available workers for `function` (0 when it does not list it)."""
+    for line in lab.run(GM, f"gearadmin -h {gm_address(lab)} --status").stdout.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 4 and parts[0] == function:
+            return int(parts[3])
+    return 0
+
+
+def test_config_change_brings_back_a_worker_whose_start_budget_is_spent(lab):
+    unit = "atom-worker@1.service"
+    lab.converge({"atom_worker_restart_sec": 1})
+    lab.control(W1, crash_at_start=1)
+    try:
+        lab.run(W1, f"systemctl reset-failed {unit}; systemctl restart {unit}")
+        lab.wait_for(
+            lambda: lab.show(W1, unit, "ActiveState")["ActiveState"] == "failed",
+            timeout=60,
+            what="the crash-looping worker to fail",
+        )
+    finally:
+        lab.control(W1)
+    # The budget is spent: systemd refuses a plain start now (the crash cause is gone, the limit stays).
+    assert lab.run(W1, f"systemctl start {unit}", check=False).returncode != 0
+    assert lab.show(W1, unit, "ActiveState")["ActiveState"] == "failed"
+    # A configuration change through the role: its handler must bring the worker back, registered
+    # under the new prefix.
+    lab.converge({"atom_worker_restart_sec": 1, "atom_worker_workers_key": "spent"})
+    after = lab.show(W1, unit, "ActiveState", "NRestarts")
+    assert after == {"ActiveState": "active", "NRestarts": "0"}, lab.journal(W1, unit)
+    function = hashlib.md5(f"{ATOM_ROOT}spent".encode()).hexdigest() + "-arFindingAidJob"
+    lab.wait_for(lambda: available(lab, function) >= 1, timeout=60, what=f"{function} served again")
+    lab.converge()
