@@ -13,16 +13,19 @@ from pathlib import Path
 import pytest
 
 LONGEST_FIRST = [
-    "tests/roles/test_roles_lab.py",
+    "tests/roles/test_roles_restarts_lab.py",
     "tests/fleet/test_fleet_lab.py",
-    "tests/molecule/test_molecule_lab.py",
-    "tests/drills/test_drills_lab.py",
-    "tests/drills/test_hard_crash_lab.py",
-    "tests/cli/test_cli_lab.py",
-    "tests/cli/test_doctor_fixes_lab.py",
-    "tests/security/test_security_lab.py",
     "tests/roles/test_gearmand_firewall_lab.py",
+    "tests/molecule/test_molecule_lab.py",
+    "tests/cli/test_doctor_fixes_lab.py",
+    "tests/drills/test_drills_lab.py",
+    "tests/cli/test_cli_lab.py",
+    "tests/drills/test_hard_crash_lab.py",
+    "tests/drills/test_hostile_input_lab.py",
+    "tests/security/test_security_lab.py",
+    "tests/roles/test_roles_lab.py",
     "tests/fleet/test_fleet_cli_lab.py",
+    "tests/roles/test_collection_lab.py",
 ]
 REPO = Path(__file__).resolve().parents[1]
 
