@@ -47,8 +47,11 @@ def artifact(tmp_path_factory):
 @pytest.fixture(scope="module")
 def collections(tmp_path_factory, artifact):
     path = tmp_path_factory.mktemp("col-installed")
-    subprocess.run([str(VENV_BIN / "ansible-galaxy"), "collection", "install", "--offline", "-p", str(path),
-                    str(artifact)], check=True, capture_output=True, text=True, timeout=300)
+    # --force: run from the checkout, ansible-galaxy reads its ansible.cfg, finds the in-place atom.workers on
+    # the collections path and would install nothing ("already installed").
+    subprocess.run([str(VENV_BIN / "ansible-galaxy"), "collection", "install", "--offline", "--force", "-p",
+                    str(path), str(artifact)], check=True, capture_output=True, text=True, timeout=300)
+    assert (path / "ansible_collections" / "atom" / "workers" / "MANIFEST.json").is_file()
     return path
 
 
