@@ -34,7 +34,7 @@ CONTROL = "standin/control.json"
 # Exactly how AtoM's docs start the worker.
 PHP_WORKER = ["php", "-d", "memory_limit=-1", "-d", "error_reporting=E_ALL", "symfony", "jobs:worker"]
 
-# Job classes the stand-in knows (ARCHITECTURE.md section 1).
+# Job classes the stand-in knows (docs/facts.md, "AtoM's worker").
 KNOWN_CLASSES = (
     "arFindingAidJob",
     "arInheritRightsJob",

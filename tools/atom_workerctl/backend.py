@@ -6,7 +6,7 @@ socket plus the atom-worker-policy listener's state file) implement the same met
 UnitState fields, so every command and the `--json` schema stay the same.
 
 Policy that lives here, once: every deliberate start or restart resets the instance's failed state and
-start-limit counter first (ARCHITECTURE section 2), so only crash loops ever spend the start limit.
+start-limit counter first (docs/facts.md, "systemd's start limit"), so only crash loops ever spend the start limit.
 """
 
 from __future__ import annotations
