@@ -97,6 +97,16 @@ class StatusSampler(Samples, threading.Thread):
     def run(self):
         _sample_loop(self.server, self.interval, self.samples, self.errors, self._stop_event)
 
+    def start(self):
+        """Start sampling and return once the first sample is in: an operation begun right after start()
+        then always has a sample before it (on a loaded machine the thread's first read came too late for
+        check_window)."""
+        threading.Thread.start(self)
+        deadline = time.monotonic() + 30
+        while not self.samples and not self.errors and self.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.samples, f"the sampler took no first sample of {self.server}: {self.errors[:1]}"
+
     def stop(self):
         self._stop_event.set()
         self.join(10)
