@@ -10,7 +10,10 @@ Two ways to run it, one implementation:
 What a sampling proves, and the checks that make it mean something (`check_window`, `minimum`):
 - a function missing from a sample had no worker then: it counts as 0 available, not as "not seen";
 - the operation ran inside the window: samples before it began and after it ended, or a restart that
-  outlived the sampling could have left a function without workers unseen.
+  outlived the sampling could have left a function without workers unseen;
+- the probe sees a worker gone when one is: the control is a worker held stopped for a second while
+  sampling (every function at all-but-one there). A restart's own gap is no control: a stand-in worker
+  is back within about 100 ms, and whether a sample falls inside that gap is chance.
 """
 import json
 import socket
@@ -55,10 +58,12 @@ class Samples:
     samples: list
     errors: list
 
-    def minimum(self, functions):
-        """The lowest available-worker count each function had over all samples (missing = 0)."""
-        assert self.samples, "no sample taken"
-        return {f: min(s.get(f, (0, 0, 0))[2] for _, s in self.samples) for f in functions}
+    def minimum(self, functions, between: tuple[float, float] | None = None):
+        """The lowest available-worker count each function had (missing = 0), over all samples or over those
+        taken between two monotonic times."""
+        samples = [(t, s) for t, s in self.samples if between is None or between[0] < t < between[1]]
+        assert samples, f"no sample taken{'' if between is None else f' between {between[0]:.2f} and {between[1]:.2f}'}"
+        return {f: min(s.get(f, (0, 0, 0))[2] for _, s in samples) for f in functions}
 
     def check_window(self, began: float, ended: float) -> None:
         """Fail unless samples were taken both before `began` and after `ended` (monotonic times)."""
@@ -66,6 +71,17 @@ class Samples:
         after = sum(1 for t, _ in self.samples if t > ended)
         assert before and after, (f"the operation ({began:.2f}..{ended:.2f}) is not inside the sampling window: "
                                   f"{before} samples before it, {after} after it, {len(self.samples)} in all")
+
+
+def hold_stopped(stop, start, seconds=1.0) -> tuple[float, float]:
+    """The control for a sampling: call `stop` (one worker instance stops), keep it stopped `seconds`, then
+    call `start`. Returns the monotonic interval over which every sample must show that worker gone: it
+    begins 0.2 s after `stop` returned, time enough for gearmand to see the connection close."""
+    stop()
+    held = (time.monotonic() + 0.2, time.monotonic() + 0.2 + seconds)
+    time.sleep(0.2 + seconds)
+    start()
+    return held
 
 
 def _sample_loop(server, interval, samples, errors, stop: threading.Event):

@@ -21,7 +21,7 @@ import pytest
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 
-from gearman_sampler import HostSampler  # noqa: E402
+from gearman_sampler import HostSampler, hold_stopped  # noqa: E402
 from labhosts import REPO, LabHosts, build_project_wheel  # noqa: E402
 from polling import wait_until  # noqa: E402
 from standin import KNOWN_CLASSES  # noqa: E402
@@ -145,7 +145,11 @@ def test_status_exit_codes_and_reset(host):
 
 def test_rolling_restart_never_leaves_a_job_type_without_a_worker(host):
     # gearmand listens on the host's loopback: the sampler runs there (tests/gearman_sampler.py).
-    sampler = HostSampler(host.hosts, HOST)
+    sampler = HostSampler(host.hosts, HOST, interval=0.02)
+    # The control: W2 held stopped for a second, then started by `reset`; the probe must see 1 of 2 then.
+    def reset():
+        assert host.ctl("reset")[0] == 0, "reset did not start W2"
+    held = hold_stopped(lambda: host.sh(f"systemctl stop {W2}"), reset)
     before = {u: x["main_pid"] for u, x in instances(host.status()[1]).items()}
     began = time.monotonic()
     code, out, err = host.ctl("restart", "--rolling")
@@ -156,12 +160,13 @@ def test_rolling_restart_never_leaves_a_job_type_without_a_worker(host):
     assert "[1/2] atom-worker@1: registered again" in out and "[2/2] atom-worker@2: registered again" in out
     prefix = host.status()[1]["sites"][0]["prefix"]
     functions = [f"{prefix}-{c}" for c in KNOWN_CLASSES]
-    # Inside the window, never 0 available for any function (a missing one counts as 0), and the sampler saw
-    # the restarts: some function at 1 of 2 at some point.
+    # Inside the window, never 0 available for any function (a missing one counts as 0); the same probe saw
+    # every function at 1 of 2 while W2 was held stopped.
     assert not sampler.errors, sampler.errors
+    assert set(sampler.minimum(functions, between=held).values()) == {1}, "the probe missed W2 held stopped"
     sampler.check_window(began, ended)
-    lowest = sampler.minimum(functions)
-    assert min(lowest.values()) == 1, lowest
+    lowest = sampler.minimum(functions, between=(began, ended))
+    assert min(lowest.values()) >= 1, lowest
     after = {u: x["main_pid"] for u, x in instances(host.status()[1]).items()}
     assert all(before[u] != after[u] for u in before)
 

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from gearman_sampler import StatusSampler
+from gearman_sampler import StatusSampler, hold_stopped
 from labhosts import ATOM_ROOT
 
 pytestmark = pytest.mark.timeout(600)
@@ -112,9 +112,24 @@ def test_rolling_restart_keeps_a_worker_for_every_function_and_every_job_complet
             else:
                 failures.append(proc.stdout + proc.stderr)
 
+    full = expected_available(fleet)
+
+    def all_available():
+        status = fleet.status()
+        return all(status.get(f, (0, 0, 0))[2] == full[f] for f in FUNCTIONS)
+
+    def start_held():
+        fleet.run(held_host, "systemctl start atom-worker@2")
+        fleet.wait_for(all_available, what="the held instance registered again")
+
     submitter = threading.Thread(target=submit_meanwhile, daemon=True)
+    fleet.wait_for(all_available, what="worker1's restarted instance registered")
     sampler.start()
-    time.sleep(0.5)
+    # The control: one default-pool instance of the second worker host held stopped for a second (not worker1,
+    # whose starts are spent); the probe must see every function at one below the full count then.
+    held_host = fleet.workers[1]
+    held = hold_stopped(lambda: fleet.run(held_host, "systemctl stop atom-worker@2"), start_held)
+    before[held_host] = fleet.main_pids(held_host)
     submitter.start()
     try:
         began = time.monotonic()
@@ -137,14 +152,13 @@ def test_rolling_restart_keeps_a_worker_for_every_function_and_every_job_complet
     # The whole restart inside the sampling window (samples before and after it), and the sampler saw it
     # happen: some function below the fleet's full count at some point (the control for "never below").
     assert not sampler.errors, sampler.errors
-    assert len(sampler.samples) >= 20, len(sampler.samples)
+    assert sampler.minimum(FUNCTIONS, between=held) == {f: full[f] - 1 for f in FUNCTIONS}, \
+        "the probe missed the instance held stopped"
     sampler.check_window(began, ended)
-    lowest = sampler.minimum(FUNCTIONS)
+    lowest = sampler.minimum(FUNCTIONS, between=(began, ended))
     assert min(lowest.values()) >= 1, lowest
     all_but_one = {f: PER_HOST[f] * (len(fleet.workers) - 1) for f in FUNCTIONS}
     assert all(lowest[f] >= all_but_one[f] for f in FUNCTIONS), (lowest, all_but_one)
-    full = expected_available(fleet)
-    assert any(lowest[f] < full[f] for f in FUNCTIONS), f"no sample saw a worker restart: {lowest}"
     # Jobs submitted meanwhile: no "No Gearman worker available", and every one completes.
     assert not failures, failures[:3]
     assert len(submitted) >= 10, submitted

@@ -119,7 +119,15 @@ SCOPE = f"atom-lab-{INNER}.scope"
 
 
 def _inside(v2, command: str, check=True) -> subprocess.CompletedProcess:
-    return v2.lab("run", HOST, "--", "sh", "-c", f"cd {NESTED_LAB} && {command}", check=check)
+    proc = v2.lab("run", HOST, "--", "sh", "-c", f"cd {NESTED_LAB} && {command}", check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{command} exited {proc.returncode}: {proc.stderr}\n{_journal(v2)}")
+    return proc
+
+
+def _journal(v2) -> str:
+    """What the host's systemd said lately (the inner host's scope starting and ending): a failure's context."""
+    return v2.lab("run", HOST, "--", "journalctl", "--no-pager", "-n", "30", check=False).stdout
 
 
 def _scope_units(v2) -> str:
@@ -135,7 +143,8 @@ def test_on_a_systemd_host_each_lab_host_runs_in_a_delegated_scope(v2):
     up = _inside(v2, "./lab up --inventory /root/inner.yml --out /root/inner-out.yml")
     assert "lab: cgroups: unified cgroup v2, PID 1 is systemd: each host in scope atomlab.slice" in up.stderr, up.stderr
     show = _inside(v2, f"systemctl show -p ActiveState -p Delegate -p ControlGroup {SCOPE}").stdout.split()
-    assert sorted(show) == ["ActiveState=active", f"ControlGroup=/atomlab.slice/{SCOPE}", "Delegate=yes"], show
+    assert sorted(show) == ["ActiveState=active", f"ControlGroup=/atomlab.slice/{SCOPE}", "Delegate=yes"], \
+        f"{show}\n{_journal(v2)}"
     assert _inside(v2, f"./lab run {INNER} -- systemctl is-system-running").stdout.strip() == "running"
     # Its systemd sits in the scope's delegated subtree, where nspawn put the host.
     init = _inside(v2, f"cat /sys/fs/cgroup/atomlab.slice/{SCOPE}/payload/init.scope/cgroup.procs").stdout.split()
@@ -143,7 +152,7 @@ def test_on_a_systemd_host_each_lab_host_runs_in_a_delegated_scope(v2):
 
 
 def test_on_a_systemd_host_powercut_poweroff_and_down_leave_no_unit(v2):
-    assert _scope_units(v2).startswith(SCOPE), "the probe sees the running host's scope"
+    assert _scope_units(v2).startswith(SCOPE), f"the probe sees the running host's scope\n{_journal(v2)}"
     _inside(v2, f"./lab run {INNER} -- sh -c 'echo kept > /root/plain'")
     _inside(v2, f"./lab powercut {INNER}")
     assert _scope_units(v2) == ""

@@ -13,7 +13,7 @@ import subprocess
 import time
 
 import pytest
-from gearman_sampler import HostSampler
+from gearman_sampler import HostSampler, hold_stopped
 from labhosts import REPO
 from standin import KNOWN_CLASSES
 
@@ -69,11 +69,14 @@ def test_status_and_doctor_on_supervisord(supervisor_lab):
 
 def test_rolling_restart_and_deliberate_restarts_keep_the_budget(supervisor_lab):
     lab = supervisor_lab
-    data = status(lab)[1]
-    before = {n: u["main_pid"] for n, u in instances(data).items()}
-    functions = [f"{data['sites'][0]['prefix']}-{c}" for c in KNOWN_CLASSES]
-    # gearmand (on the host's loopback) sampled every 100 ms around the rolling restart.
-    sampler = HostSampler(lab.hosts, lab.host)
+    functions = [f"{status(lab)[1]['sites'][0]['prefix']}-{c}" for c in KNOWN_CLASSES]
+    # gearmand (on the host's loopback) sampled every 20 ms around the rolling restart.
+    sampler = HostSampler(lab.hosts, lab.host, interval=0.02)
+    # The control: W2 held stopped for a second, then started by `reset`; the probe must see 1 of 2 then.
+    def reset():
+        assert ctl(lab, "reset")[0] == 0, "reset did not start W2"
+    held = hold_stopped(lambda: lab.supervisorctl("stop", f"atom-workers:{W2}", check=True), reset)
+    before = {n: u["main_pid"] for n, u in instances(status(lab)[1]).items()}
     began = time.monotonic()
     code, out, err = ctl(lab, "restart", "--rolling")
     ended = time.monotonic()
@@ -83,11 +86,13 @@ def test_rolling_restart_and_deliberate_restarts_keep_the_budget(supervisor_lab)
     assert "[1/2] atom-worker@1: registered again" in out and "[2/2] atom-worker@2: registered again" in out
     after = {n: u["main_pid"] for n, u in instances(status(lab)[1]).items()}
     assert all(before[n] != after[n] for n in before)
-    # Never 0 available for any function (missing counts as 0), and the sampler saw the restarts (1 of 2).
+    # Never 0 available for any function (missing counts as 0) during the rolling restart; the same probe
+    # saw every function at 1 of 2 while W2 was held stopped.
     assert not sampler.errors, sampler.errors
+    assert set(sampler.minimum(functions, between=held).values()) == {1}, "the probe missed W2 held stopped"
     sampler.check_window(began, ended)
-    lowest = sampler.minimum(functions)
-    assert min(lowest.values()) == 1, lowest
+    lowest = sampler.minimum(functions, between=(began, ended))
+    assert min(lowest.values()) >= 1, lowest
     for _ in range(4):  # more than StartLimitBurst deliberate restarts
         assert ctl(lab, "restart", W1, "--no-wait")[0] == 0
     lab.wait(lambda: all_registered(lab), 60, "registered after the restarts")

@@ -80,10 +80,9 @@ def cmd_up(args) -> int:
         if not network.netns_exists(paths.host_netns(name)):
             network.plug(name)
         hosts.prepare(name, image, network.address_of(name))
-        hosts.start(name)
-        to_boot.append(name)
-    for name in to_boot:
-        state = hosts.wait_booted(name)
+        to_boot.append((name, hosts.start(name)))
+    for name, nspawn in to_boot:
+        state = hosts.wait_booted(name, nspawn)
         progress(f"{name} booted ({state}) at {network.address_of(name)}")
     _refresh_names()
     out = Path(args.out) if args.out else paths.DEFAULT_OUT
@@ -169,8 +168,7 @@ def cmd_boot(args) -> int:
     if not network.netns_exists(paths.host_netns(name)):
         network.plug(name)
     hosts.prepare(name, Path(lower), network.address_of(name))
-    hosts.start(name)
-    progress(f"{name} booted ({hosts.wait_booted(name)})")
+    progress(f"{name} booted ({hosts.wait_booted(name, hosts.start(name))})")
     _refresh_names()
     return 0
 

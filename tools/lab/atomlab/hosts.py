@@ -122,7 +122,7 @@ def _ensure_inotify_instances() -> None:
             INOTIFY_INSTANCES.write_text(str(INOTIFY_INSTANCES_MIN))
 
 
-def start(name: str) -> None:
+def start(name: str) -> subprocess.Popen:
     """Launch nspawn for a prepared host, each from its own cgroup; does not wait for the boot."""
     _ensure_inotify_instances()
     base = paths.host_dir(name)
@@ -139,16 +139,21 @@ def start(name: str) -> None:
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                             start_new_session=True, preexec_fn=enter_own_cgroup)  # noqa: PLW1509 - no threads here
     (base / "nspawn.pid").write_text(str(proc.pid))
+    return proc
 
 
-def wait_booted(name: str, timeout: float = BOOT_TIMEOUT) -> str:
-    """Wait until the host's systemd says running (or degraded); return that state."""
+def wait_booted(name: str, nspawn: subprocess.Popen, timeout: float = BOOT_TIMEOUT) -> str:
+    """Wait until the host's systemd says running (or degraded); return that state. `nspawn` is what start()
+    returned: whether it still runs is asked of the process itself, not of nspawn_pid(), whose name check
+    can see the short window of exec in which the kernel has already let Popen return but still shows the
+    child's old name ("python3"); under load that window was seen, and a booting host taken for stopped."""
     deadline = time.monotonic() + timeout
     state = "no init yet"
     while time.monotonic() < deadline:
-        if not nspawn_pid(name):
+        if nspawn.poll() is not None:
             tail = (paths.host_dir(name) / "console.log").read_text(errors="replace").strip().splitlines()[-3:]
-            raise LabError(f"host {name} stopped while booting: {' | '.join(tail)}")
+            raise LabError(f"host {name} stopped while booting (nspawn exited {nspawn.returncode}): "
+                           f"{' | '.join(tail)}")
         pid = init_pid(name)
         if pid:
             proc = subprocess.run(["nsenter", "-t", str(pid), "-a", "systemctl", "is-system-running"],
