@@ -87,6 +87,10 @@ class LabHosts:
             raise AssertionError(f"{host}: `{command}` exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
 
+    def address(self, host: str) -> str:
+        """The host's lab address (the first `hostname -I` lists)."""
+        return self.run(host, "hostname -I").stdout.split()[0]
+
     def poweroff(self, host: str) -> None:
         lab("poweroff", host)
 

@@ -56,7 +56,7 @@ STATE = {}
 def drill(make_drill):
     drill = make_drill(INVENTORY)
     # A real MariaDB on d-solo, from the lab's offline apt repository, before the converge: the role detects
-    # it (service facts) and orders the workers after it.
+    # it (systemctl list-unit-files) and orders the workers after it.
     drill.run(SOLO, "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server "
                     ">/dev/null", timeout=600)
     drill.converge()

@@ -90,10 +90,25 @@ def test_up_boots_a_host_in_its_own_v2_cgroup_and_says_which_world(v2):
     assert len(procs) == 1 and v2.run("cat", f"/proc/{procs[0]}/comm").stdout.strip() == "systemd"
 
 
+def _next_pid_after(pid: int) -> None:
+    """The kernel hands out the next PIDs of this machine's PID namespace (the lab's) from above `pid` on."""
+    Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid))
+
+
+def _init_pid(v2, group: str) -> int:
+    """The machine's PID of the systemd in cgroup `group` (below /sys/fs/cgroup, the unified tree)."""
+    procs = v2.run("cat", f"/sys/fs/cgroup/{group}/init.scope/cgroup.procs").stdout.split()
+    assert len(procs) == 1, procs
+    return int(procs[0])
+
+
 def test_powercut_and_boot_in_the_unified_world(v2):
     v2.lab("run", HOST, "--", "sh", "-c", "echo kept > /root/plain")
     v2.lab("powercut", HOST)
     assert v2.run("test", "-e", f"/sys/fs/cgroup/atom-lab/{HOST}", check=False).returncode == 1
+    # The host comes back with PIDs near the top, so the nested host below can be given lower ones.
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    _next_pid_after(pid_max - 5000)
     v2.lab("boot", HOST)
     assert v2.lab("run", HOST, "--", "cat", "/root/plain").stdout.strip() == "kept"
 
@@ -140,7 +155,13 @@ def test_on_a_systemd_host_each_lab_host_runs_in_a_delegated_scope(v2):
                        f" && cp -r {REPO}/tools/lab {merged}/opt/nest/tools/"
                        f" && rm -rf {merged}{NESTED_LAB}/atomlab/__pycache__")
     _inside(v2, NESTED_SETUP)
+    # The nested host's init gets a lower PID than the host's own, as when PIDs wrap around (pid_max is
+    # 32768 here): both are PID 1 of a namespace in the host's cgroup subtree, and `lab run HOST` must still
+    # pick the host's (it once ran the commands below inside the nested host).
+    host_init = _init_pid(v2, f"atom-lab/{HOST}/payload")
+    _next_pid_after(300)
     up = _inside(v2, "./lab up --inventory /root/inner.yml --out /root/inner-out.yml")
+    assert _init_pid(v2, f"atom-lab/{HOST}/payload/atomlab.slice/{SCOPE}/payload") < host_init
     assert "lab: cgroups: unified cgroup v2, PID 1 is systemd: each host in scope atomlab.slice" in up.stderr, up.stderr
     show = _inside(v2, f"systemctl show -p ActiveState -p Delegate -p ControlGroup {SCOPE}").stdout.split()
     assert sorted(show) == ["ActiveState=active", f"ControlGroup=/atomlab.slice/{SCOPE}", "Delegate=yes"], \

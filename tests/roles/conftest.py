@@ -26,6 +26,9 @@ class Lab:
     def run(self, host, command, check=True, timeout=120):
         return self.hosts.run(host, command, check=check, timeout=timeout)
 
+    def address(self, host):
+        return self.hosts.address(host)
+
     def converge(self, extra_vars=None, *extra, check=True):
         result = self.hosts.playbook(PLAYBOOK, *extra, extra_vars=extra_vars)
         if check:

@@ -48,13 +48,9 @@ def converge(lab, extra_vars=None):
     return result
 
 
-def gm_address(lab):
-    return lab.run(GM, "hostname -I").stdout.split()[0]
-
-
 def connects(lab, host, port=4730):
     """True when a TCP connection from `host` to the job server's address and `port` is accepted."""
-    code = f"import socket; s=socket.socket(); s.settimeout(3); print(s.connect_ex(('{gm_address(lab)}', {port})))"
+    code = f"import socket; s=socket.socket(); s.settimeout(3); print(s.connect_ex(('{lab.address(GM)}', {port})))"
     return lab.run(host, f'python3 -c "{code}"').stdout.strip() == "0"
 
 
@@ -76,7 +72,7 @@ def gearmand_pid(lab):
 
 def start_sampler(lab, host, name):
     lab.run(host, f"cat > /root/sampler.py <<'EOF'\n{SAMPLER}EOF\nrm -f /root/{name}.txt")
-    lab.run(host, f"systemd-run --unit={name} python3 /root/sampler.py {gm_address(lab)} /root/{name}.txt")
+    lab.run(host, f"systemd-run --unit={name} python3 /root/sampler.py {lab.address(GM)} /root/{name}.txt")
 
     def wrote():
         return lab.run(host, f"cat /root/{name}.txt", check=False).stdout.strip()
@@ -91,14 +87,14 @@ def stop_sampler(lab, host, name):
 
 # -- the queue survives a crash ------------------------------------------------------------------------------
 def queue_probe_jobs(lab, count=20):
-    address = gm_address(lab)
+    address = lab.address(GM)
     lab.run(GM, f"for i in $(seq {count}); do gearman -h {address} -b -f {PROBE_FUNCTION} j$i || exit 1; done")
     return queued(lab)
 
 
 def queued(lab):
     """gearmand's admin `status`: jobs queued for the probe function (0 when the function is unknown)."""
-    out = lab.run(GM, f"gearadmin -h {gm_address(lab)} --status").stdout
+    out = lab.run(GM, f"gearadmin -h {lab.address(GM)} --status").stdout
     match = re.search(rf"^{PROBE_FUNCTION}\t(\d+)\t", out, re.M)
     return int(match[1]) if match else 0
 
@@ -108,13 +104,13 @@ def kill_gearmand(lab):
     before = gearmand_pid(lab)
     lab.run(GM, "systemctl kill -s KILL gearman-job-server.service")
     lab.wait_for(lambda: gearmand_pid(lab) not in ("0", before), timeout=30, what="a new gearmand")
-    lab.wait_for(lambda: lab.run(GM, f"gearadmin -h {gm_address(lab)} --status", check=False).returncode == 0,
+    lab.wait_for(lambda: lab.run(GM, f"gearadmin -h {lab.address(GM)} --status", check=False).returncode == 0,
                  timeout=30, what="the new gearmand to answer")
 
 
 def drain_probe_jobs(lab, count):
     """A worker takes `count` probe jobs: each payload comes back once (the jobs were really there)."""
-    out = lab.run(GM, f"timeout 30 gearman -h {gm_address(lab)} -w -f {PROBE_FUNCTION} -c {count}").stdout
+    out = lab.run(GM, f"timeout 30 gearman -h {lab.address(GM)} -w -f {PROBE_FUNCTION} -c {count}").stdout
     return sorted(re.findall(r"j\d+", out))
 
 
@@ -204,7 +200,7 @@ def test_gearmand_does_not_start_when_its_allowlist_cannot_load(lab):
 
 
 def test_an_allowlist_with_a_network_and_a_host_inside_it_converges(lab):
-    network = str(ipaddress.ip_interface(f"{gm_address(lab)}/24").network)  # holds rf-w1 and rf-out
+    network = str(ipaddress.ip_interface(f"{lab.address(GM)}/24").network)  # holds rf-w1 and rf-out
     extra = {"gearman_job_server_allowed_addresses": [network]}
     try:
         converge(lab, extra)
@@ -235,7 +231,7 @@ def test_switching_the_allowlist_off_never_exposes_the_old_address(lab):
         assert tasks.index("Restart gearmand") < tasks.index(removal), tasks
         assert not table_loaded(lab)
         listening = lab.run(GM, "ss -Hltn sport = :4730").stdout.split()
-        assert "127.0.0.1:4730" in listening and f"{gm_address(lab)}:4730" not in listening
+        assert "127.0.0.1:4730" in listening and f"{lab.address(GM)}:4730" not in listening
         assert lab.run(GM, f"systemctl cat {FIREWALL_UNIT}", check=False).returncode != 0
         assert "Requires=" not in lab.run(GM, "systemctl cat gearman-job-server.service").stdout
     finally:

@@ -37,10 +37,6 @@ def lab(make_lab):
     return lab
 
 
-def gm_address(lab):
-    return lab.run(GM, "hostname -I").stdout.split()[0]
-
-
 def can_connect(lab, host, address, port=4730):
     code = (
         f"import socket; s=socket.socket(); s.settimeout(3); "
@@ -90,7 +86,7 @@ def test_converged_worker_runs_registered_and_processes_a_job(lab):
         timeout=30,
         what="the job to complete",
     )
-    status = lab.run(GM, f"gearadmin -h {gm_address(lab)} --status").stdout
+    status = lab.run(GM, f"gearadmin -h {lab.address(GM)} --status").stdout
     assert f"{PREFIX}-arFindingAidJob" in status
 
 
@@ -108,7 +104,7 @@ def test_security_exposure_is_at_most_3(lab):
 
 
 def test_allowlist_admits_workers_and_refuses_others(lab):
-    address = gm_address(lab)
+    address = lab.address(GM)
     rules = lab.run(GM, "nft list table inet atom_gearman").stdout
     assert "tcp dport != 4730 accept" in rules
     assert can_connect(lab, W1, address)
@@ -146,7 +142,7 @@ def test_bad_values_fail_before_any_change(lab, extra_vars, needle):
 
 
 def test_queued_jobs_survive_a_gearmand_restart(lab):
-    address = gm_address(lab)
+    address = lab.address(GM)
     lab.run(W1, "systemctl stop atom-workers.target")
     assert lab.units(W1, "atom-worker@*", state="active") == []
     mark = len(lab.record(W1))

@@ -7,6 +7,7 @@ tools/lab/lab exec -- .venv/bin/pytest tests/roles/test_roles_restarts_lab.py
 The tests share the hosts and run in file order; each one leaves the hosts converged to the defaults.
 """
 
+import contextlib
 import hashlib
 
 import pytest
@@ -35,10 +36,6 @@ def lab(make_lab):
     lab = make_lab(INVENTORY)
     lab.converge()
     return lab
-
-
-def gm_address(lab):
-    return lab.run(GM, "hostname -I").stdout.split()[0]
 
 
 def test_config_change_clears_cache_once_then_restarts_once(lab):
@@ -131,27 +128,36 @@ def test_recycling_worker_processes_10_jobs_without_failing(lab):
     )
 
 
-def test_crash_loop_fails_after_exactly_3_starts(lab):
-    unit = "atom-worker@1.service"
+@contextlib.contextmanager
+def crash_looped(lab, unit):
+    """`unit` on W1 crash-loops until systemd gives up: RestartSec=1 (converged), the stand-in crashing at
+    every start, then a deliberate restart (reset-failed first, as the roles and the CLI do). Yields the
+    stand-in record's length before the restart; the stand-in starts normally again on exit (the unit
+    stays failed)."""
     lab.converge({"atom_worker_restart_sec": 1})
     lab.control(W1, crash_at_start=1)
     mark = len(lab.record(W1))
     try:
-        # A deliberate restart (reset-failed first, as the roles and the CLI do), then the worker crashes
-        # at every start: systemd gives up after StartLimitBurst=3 starts.
         lab.run(W1, f"systemctl reset-failed {unit}; systemctl restart {unit}")
         lab.wait_for(
             lambda: lab.show(W1, unit, "ActiveState")["ActiveState"] == "failed",
             timeout=60,
             what="the crash-looping worker to fail",
         )
+        yield mark
+    finally:
+        lab.control(W1)
+
+
+def test_crash_loop_fails_after_exactly_3_starts(lab):
+    unit = "atom-worker@1.service"
+    with crash_looped(lab, unit) as mark:
+        # systemd gave up after StartLimitBurst=3 starts, and starts no more.
         lab.run(W1, "sleep 3")
         starts = lab.events(W1, "start", mark)
         assert len(starts) == 3, starts
         assert lab.show(W1, unit, "ActiveState")["ActiveState"] == "failed"
         assert "Start request repeated too quickly" in lab.journal(W1, unit)
-    finally:
-        lab.control(W1)
     # A converge is a deliberate start too: it resets the failed state and the worker runs again.
     lab.converge()
     assert lab.show(W1, unit, "ActiveState")["ActiveState"] == "active"
@@ -159,7 +165,7 @@ def test_crash_loop_fails_after_exactly_3_starts(lab):
 
 def available(lab, function):
     """gearmand's count of available workers for `function` (0 when it does not list it)."""
-    for line in lab.run(GM, f"gearadmin -h {gm_address(lab)} --status").stdout.splitlines():
+    for line in lab.run(GM, f"gearadmin -h {lab.address(GM)} --status").stdout.splitlines():
         parts = line.split("\t")
         if len(parts) == 4 and parts[0] == function:
             return int(parts[3])
@@ -168,17 +174,8 @@ def available(lab, function):
 
 def test_config_change_brings_back_a_worker_whose_start_budget_is_spent(lab):
     unit = "atom-worker@1.service"
-    lab.converge({"atom_worker_restart_sec": 1})
-    lab.control(W1, crash_at_start=1)
-    try:
-        lab.run(W1, f"systemctl reset-failed {unit}; systemctl restart {unit}")
-        lab.wait_for(
-            lambda: lab.show(W1, unit, "ActiveState")["ActiveState"] == "failed",
-            timeout=60,
-            what="the crash-looping worker to fail",
-        )
-    finally:
-        lab.control(W1)
+    with crash_looped(lab, unit):
+        pass
     # The budget is spent: systemd refuses a plain start now (the crash cause is gone, the limit stays).
     assert lab.run(W1, f"systemctl start {unit}", check=False).returncode != 0
     assert lab.show(W1, unit, "ActiveState")["ActiveState"] == "failed"

@@ -45,10 +45,6 @@ def hosts(tmp_path_factory):
             hosts.down()
 
 
-def address(hosts, host):
-    return hosts.run(host, "hostname -I").stdout.split()[0]
-
-
 def readme_figure(role, unit):
     """The exposure the role's README states for `systemd-analyze security UNIT`."""
     text = (REPO / "roles" / role / "README.md").read_text()
@@ -86,7 +82,7 @@ def test_no_worker_and_not_gearmand_runs_as_root(hosts):
 def test_gearmand_listens_only_on_the_configured_address(hosts):
     out = hosts.run(GM, "ss -Hltnp").stdout
     sockets = sorted(line.split()[3] for line in out.splitlines() if '"gearmand"' in line)
-    assert sockets == [f"{address(hosts, GM)}:4730"], out
+    assert sockets == [f"{hosts.address(GM)}:4730"], out
 
 
 PROBE = """
@@ -122,7 +118,7 @@ def connects(hosts, host, server, port):
 
 
 def test_port_4730_unreachable_outside_the_allowlist_and_open_inside(hosts):
-    server, outsider = address(hosts, GM), address(hosts, OUT)
+    server, outsider = hosts.address(GM), hosts.address(OUT)
     assert answers(hosts, W1, server)
     # Controls first: the outsider reaches the job server host (a listener on another port of the same
     # address), so a refusal on 4730 below is the allowlist's doing, not a broken path.

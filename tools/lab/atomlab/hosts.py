@@ -52,17 +52,19 @@ def running_hosts() -> list[str]:
 
 # init: found in the host's cgroup subtree (atomlab/cgroups.py knows where that is) ----------------------
 def init_pid(name: str) -> int | None:
-    """PID (in our namespace) of the host's systemd: the process in its cgroup that is PID 1 inside."""
+    """PID (in our namespace) of the host's systemd: the process in its cgroup that is PID 1 of the PID
+    namespace right below ours (NSpid: ours, then 1). A lab run inside the host has hosts of its own in the
+    same cgroup subtree, whose inits are PID 1 one namespace further down (NSpid: ours, the host's, 1); with
+    PIDs wrapping around (pid_max 32768 on this machine) such an init can have the lower PID, and taking it
+    ran `lab run HOST` inside the nested host instead."""
     for pid in cgroups.pids(name):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
         except FileNotFoundError:
             continue
         for line in status.splitlines():
-            if line.startswith("NSpid:"):
-                ids = line.split()[1:]
-                if len(ids) > 1 and ids[-1] == "1":
-                    return pid
+            if line.startswith("NSpid:") and line.split()[2:] == ["1"]:  # "NSpid: OURS 1", nothing further
+                return pid
     return None
 
 
