@@ -78,7 +78,8 @@ def hold_stopped(stop, start, seconds=1.0) -> tuple[float, float]:
     call `start`. Returns the monotonic interval over which every sample must show that worker gone: it
     begins 0.2 s after `stop` returned, time enough for gearmand to see the connection close."""
     stop()
-    held = (time.monotonic() + 0.2, time.monotonic() + 0.2 + seconds)
+    stopped = time.monotonic()
+    held = (stopped + 0.2, stopped + 0.2 + seconds)
     time.sleep(0.2 + seconds)
     start()
     return held

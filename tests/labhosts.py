@@ -88,8 +88,8 @@ class LabHosts:
         return proc
 
     def address(self, host: str) -> str:
-        """The host's lab address (the first `hostname -I` lists)."""
-        return self.run(host, "hostname -I").stdout.split()[0]
+        """The host's lab address: its ansible_host in the inventory `lab up` wrote (no command on the host)."""
+        return _host_vars(yaml.safe_load(self.inventory.read_text())["all"], host)["ansible_host"]
 
     def poweroff(self, host: str) -> None:
         lab("poweroff", host)
@@ -170,6 +170,19 @@ def build_project_wheel(dest: Path) -> Path:
 
 def repo_path(*parts: str) -> Path:
     return REPO.joinpath(*parts)
+
+
+def _host_vars(group: dict | None, host: str) -> dict:
+    """The variables a generated inventory gives `host` where it lists it with ansible_host."""
+    group = group or {}
+    found = ((group.get("hosts") or {}).get(host)) or {}
+    if "ansible_host" in found:
+        return found
+    for child in (group.get("children") or {}).values():
+        found = _host_vars(child, host)
+        if found:
+            return found
+    return {}
 
 
 def _host_names(group: dict | None) -> set[str]:

@@ -149,8 +149,8 @@ def test_rolling_restart_keeps_a_worker_for_every_function_and_every_job_complet
             (host, before[host], after[host], fleet.journal(host))
     # The sampler: ≥ 1 available worker for every function in every sample, and never fewer than all
     # hosts but one (one host at a time).
-    # The whole restart inside the sampling window (samples before and after it), and the sampler saw it
-    # happen: some function below the fleet's full count at some point (the control for "never below").
+    # The whole restart inside the sampling window (samples before and after it); the control for "never
+    # below": the same probe saw every function one below the full count while an instance was held stopped.
     assert not sampler.errors, sampler.errors
     assert sampler.minimum(FUNCTIONS, between=held) == {f: full[f] - 1 for f in FUNCTIONS}, \
         "the probe missed the instance held stopped"
