@@ -9,7 +9,10 @@
 # 3. Inside, as root, does what the README's Quick start says: `apt-get install make git`, `git clone` this
 #    repository (from a `git bundle` of HEAD copied in: the commit, not uncommitted changes), `make demo`.
 # 4. Then one Molecule scenario the way the Makefile runs it (STOCK_MOLECULE=0 skips it).
-# 5. Writes results.json and results.md next to this script, powers the VM off and removes the run's files.
+# 5. Writes results.json and results.md next to this script, powers the VM off and removes the run's files,
+#    except after a stopped run: its disk is kept, and STOCK_RESUME=1 boots that disk again and runs
+#    `make demo` once more in the same clone, as a user would after an interruption. The results then
+#    show every leg (under TCG the whole of `make demo` takes longer than one working session here).
 #
 # Needs, on the machine running it (Debian 12, root): qemu-system-x86 and debootstrap
 # (`apt-get install qemu-system-x86 debootstrap`), plus openssh-client, e2fsprogs and python3 (for the JSON).
@@ -17,6 +20,7 @@
 # Kept under $STOCK_WORK (default /var/tmp/stock-debian) for reruns: the pristine image (bookworm-stock.img)
 # with its kernel and initrd, and the full logs of the last run (logs/). A rerun boots a fresh copy of the
 # pristine image; STOCK_REBUILD=1 builds the image again; `rm -rf /var/tmp/stock-debian` removes everything.
+# A stopped run keeps its VM disk in $STOCK_WORK/run for STOCK_RESUME=1.
 #
 # Everything heavy runs under `nice -n 19 ionice -c3`: the machine may be running other work (a test suite).
 #
@@ -26,6 +30,9 @@
 # HTTPS registries through a proxy with its own CA (STOCK_COPY_HOST_CA=0 skips the copy where not needed).
 #
 # Usage: bench/stock-debian/run.sh            (as root, from any directory)
+#        STOCK_RESUME=1 bench/stock-debian/run.sh   (a stopped run's disk, make demo again)
+# To stop a run cleanly (the VM powered off, its disk kept): signal its process group, e.g.
+#        setsid bench/stock-debian/run.sh > run.out 2>&1 &   ...   kill -TERM -- -<the script's PID>
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -47,6 +54,7 @@ MOLECULE=${STOCK_MOLECULE:-1}
 MOLECULE_TIMEOUT=${STOCK_MOLECULE_TIMEOUT:-5400}   # seconds; the scenario is stopped after that
 COPY_HOST_CA=${STOCK_COPY_HOST_CA:-1}
 REBUILD=${STOCK_REBUILD:-0}
+RESUME=${STOCK_RESUME:-0}
 BOOT_TIMEOUT=${STOCK_BOOT_TIMEOUT:-900}
 
 # Lowest CPU and I/O priority for everything that does real work on this machine.
@@ -76,7 +84,8 @@ run_step() {
     t0=$(date +%s.%N)
     # A subshell outside any `||`, so that `set -e` still stops CMD at its first failing command.
     set +e
-    (set -e; "$@") >"$LOGS/$name.log" 2>&1
+    # Appended: a resumed run adds its leg to the same log.
+    (set -e; "$@") >>"$LOGS/$name.log" 2>&1
     rc=$?
     set -e
     t1=$(date +%s.%N)
@@ -96,6 +105,30 @@ stamp() {
     while IFS= read -r line; do
         printf '%(%s)T %s\n' -1 "$line"
     done
+}
+
+# Busy CPU ticks of the whole machine so far (user, nice, system, irq, softirq, steal; not idle or iowait).
+machine_busy() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
+
+# CPU ticks qemu has used so far (its /proc/PID/stat utime + stime), or nothing when it is gone.
+qemu_ticks() {
+    local pid
+    pid=$(cat "$RUN/qemu.id" 2>/dev/null) || return 0
+    awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || true
+}
+
+# Records how much of the machine's CPU other work used while the VM ran (qemu's own use left out):
+# whether the VM had the machine to itself is measured, not assumed.
+record_sharing() {
+    local busy0 t0 busy1 q now
+    busy0=$(cat "$RUN/busy0" 2>/dev/null) || return 0
+    t0=$(cat "$RUN/boot0")
+    q=$(qemu_ticks)
+    [[ -n $q ]] || return 0
+    busy1=$(machine_busy)
+    now=$(date +%s)
+    fact others_cpu_share "$(awk -v b="$((busy1 - busy0))" -v q="$q" -v s="$((now - t0))" -v n="$(nproc)" \
+        'BEGIN { x = s > 0 ? (b - q) / (s * n * 100) : 0; if (x < 0) x = 0; printf "%.0f%%", 100 * x }')"
 }
 
 # --- 1. the image ---------------------------------------------------------------------------------------
@@ -149,6 +182,8 @@ EOF
 # --- 2. boot ---------------------------------------------------------------------------------------------
 
 boot_vm() {
+    machine_busy >"$RUN/busy0"
+    date +%s >"$RUN/boot0"
     # In the background rather than -daemonize: qemu's own messages and how it ended (exit code, or 128 +
     # the signal that killed it; on SIGTERM qemu names the sender's PID) stay in qemu.log.
     (
@@ -239,17 +274,27 @@ def rows(path, n):
 
 steps = [{"step": n, "start": int(t0), "seconds": float(s), "exit": int(rc)} for n, t0, s, rc in rows(steps_f, 4)]
 facts = {k: v for k, v in rows(facts_f, 2)}
+# Facts written once per leg (a resumed run adds a leg): every value, in order.
+legs_of = {k: [v for k2, v in rows(facts_f, 2) if k2 == k] for k in ("others_cpu_share", "stopped_by", "resumed")}
 phases = []
 stamped = logs / "make-demo.log"
 if stamped.exists():
     lines = [line.split(" ", 1) for line in stamped.read_text().splitlines() if " " in line]
     marks = [(int(t), text) for t, text in lines if text.startswith("== ") and t.isdigit()]
-    # The last phase ends when the step did (the output may stop long before, e.g. in a stopped run).
-    demo = [s for s in steps if s["step"] == "make-demo"]
-    end = round(demo[0]["start"] + demo[0]["seconds"]) if demo else None
+    # A phase ends at the next mark of the same leg, or when its leg did (the output may stop long before,
+    # e.g. in a stopped run); each leg is one make-demo step.
+    legs = [(s["start"], round(s["start"] + s["seconds"])) for s in steps if s["step"] == "make-demo"]
+
+    def leg_end(t):
+        return next((end for start, end in legs if start <= t <= end), None)
+
     for i, (t, text) in enumerate(marks):
-        nxt = marks[i + 1][0] if i + 1 < len(marks) else end
-        phases.append({"phase": text[3:], "seconds": (nxt - t) if nxt is not None else None})
+        end = leg_end(t)
+        nxt = marks[i + 1][0] if i + 1 < len(marks) else None
+        if nxt is None or (end is not None and nxt > end):
+            nxt = end
+        leg = next((n for n, (start, e) in enumerate(legs, 1) if start <= t <= e), None)
+        phases.append({"phase": text[3:], "leg": leg, "seconds": (nxt - t) if nxt is not None else None})
 
 
 def tail(name, n, keep=None):
@@ -268,6 +313,7 @@ result = {
     "recorded": facts.get("recorded"),
     "qemu_died_early": facts.get("qemu_died_early"),
     "status": status,
+    "legs": {k: v for k, v in legs_of.items() if v},
     "host": {k[5:]: v for k, v in facts.items() if k.startswith("host_")},
     "guest": {k[6:]: v for k, v in facts.items() if k.startswith("guest_")},
     "commit": facts.get("commit"),
@@ -284,12 +330,28 @@ sec = {s["step"]: s for s in steps}
 
 
 def t(name):
-    s = sec.get(name)
-    if not s:
+    runs = [s for s in steps if s["step"] == name]
+    if not runs:
         return "not run"
-    m, r = divmod(round(s["seconds"]), 60)
-    took = f"{m} min {r} s" if m else f"{r} s"
-    return took if s["exit"] == 0 else f"{took} (failed, exit {s['exit']})"
+    out = []
+    for n, s in enumerate(runs):
+        m, r = divmod(round(s["seconds"]), 60)
+        took = f"{m} min {r} s" if m else f"{r} s"
+        if s["exit"] != 0:
+            # A leg ended by a signal is a stop, not a failure of the step.
+            stop = legs_of["stopped_by"][n] if n < len(legs_of["stopped_by"]) else None
+            took = f"stopped after {took} ({stop})" if stop else f"{took} (failed, exit {s['exit']})"
+        out.append(took)
+    return out[0] if len(out) == 1 else " + ".join(f"leg {n}: {x}" for n, x in enumerate(out, 1))
+
+
+shares = legs_of["others_cpu_share"]
+if shares:
+    sharing = ("Other work used " + ", ".join(f"leg {n}: {x}" if len(shares) > 1 else x
+                                           for n, x in enumerate(shares, 1))
+               + " of the machine's CPU while the VM ran (qemu's own use left out, measured from /proc/stat)")
+else:
+    sharing = "How much other work ran beside the VM was not measured"
 
 
 g = result["guest"]
@@ -301,9 +363,8 @@ md = [
     f"`{result['commit']}` cloned inside the VM.",
     "",
     f"Machine: {h.get('cpu')}, {h.get('nproc')} cores, kernel {h.get('kernel')}; load average at the end "
-    f"{h.get('loadavg_end')}. **The run shared the machine with a test suite** (`make test` of another clone) "
-    "and qemu ran at `nice -n 19`, `ionice -c3`: every time below is an upper bound, and all of them are "
-    "times under software emulation (qemu TCG, no KVM: this machine's /dev/kvm cannot boot a stock kernel), "
+    f"{h.get('loadavg_end')}. {sharing}; qemu ran at `nice -n 19`, `ionice -c3`, so other work slows it and "
+    "every time below is an upper bound. All of them are times under software emulation (qemu TCG, no KVM: this machine's /dev/kvm cannot boot a stock kernel), "
     "several times slower than the same steps on real hardware.",
     "",
     *([f"**The VM died before the end**: `{result['qemu_died_early']}`.", ""]
@@ -351,7 +412,8 @@ if phases:
            "| phase | time |", "| --- | --- |"]
     for p in phases:
         s = p["seconds"]
-        md.append(f"| {p['phase']} | {'?' if s is None else f'{s // 60} min {s % 60} s'} |")
+        leg = f" (leg {p['leg']})" if p.get("leg") and len(legs_of["resumed"]) else ""
+        md.append(f"| {p['phase']}{leg} | {'?' if s is None else f'{s // 60} min {s % 60} s'} |")
     md.append("")
 md += [
     "## What the lab said and how `make demo` ended",
@@ -371,8 +433,10 @@ if result["lab_status_after"]:
 if result["molecule_last_lines"]:
     md += ["Last lines of `molecule test -s default`:", "", "```", *result["molecule_last_lines"], "```", ""]
 md += [
-    "`make test` in full was not run: under TCG it would take many hours (it takes about 30 minutes "
-    "natively here, and guest code runs several times slower).",
+    *([f"The run was resumed (`STOCK_RESUME=1`: the kept disk booted again, `make demo` run again in the "
+       f"same clone) at {', '.join(legs_of['resumed'])}.", ""] if legs_of["resumed"] else []),
+    "`make test` in full was not run: under TCG it would take many hours (it takes about 55 minutes "
+    "natively on this 2-core machine, and guest code runs many times slower).",
     "",
     "Full logs of the run are in `/var/tmp/stock-debian/logs/` on the machine that ran it; the pristine "
     "image, its kernel and initrd are kept in `/var/tmp/stock-debian/` for reruns (`STOCK_REBUILD=1` "
@@ -386,7 +450,8 @@ PYEOF
 # --- teardown --------------------------------------------------------------------------------------------
 
 teardown() {
-    local pid="" i
+    local keep=$1 pid="" i
+    record_sharing
     if [[ -f $RUN/qemu.id ]]; then
         pid=$(cat "$RUN/qemu.id")
     elif [[ -f $RUN/qemu.pid ]]; then
@@ -409,16 +474,33 @@ teardown() {
             kill -9 "$pid" 2>/dev/null || true
         fi
     fi
-    rm -rf "$RUN" "$WORK/root"
+    rm -rf "$WORK/root"
+    if ((keep)); then
+        rm -f "$RUN/qemu.pid" "$RUN/qemu.id" "$RUN/atom-worker.bundle"
+        log "kept the VM's disk in $RUN: STOCK_RESUME=1 $0 runs make demo again in it; rm -rf $RUN discards it"
+    else
+        rm -rf "$RUN"
+    fi
+}
+
+# A run stopped by a signal says so (and by which), instead of passing for a failed step.
+on_signal() {
+    fact stopped_by "SIG$1 at $(date -u +%H:%M:%S)"
+    exit $((128 + $(kill -l "$1")))
 }
 
 on_exit() {
     local rc=$?
     trap - EXIT
-    local status=completed
-    ((rc == 0)) || status="stopped (exit $rc)"
+    local status=completed stopped keep=0
+    if ((rc != 0)); then
+        stopped=$(sed -n 's/^stopped_by\t//p' "$FACTS" | tail -n 1)
+        status="stopped (exit $rc${stopped:+, $stopped})"
+        # The disk is worth keeping once the Quick start has begun in it.
+        [[ -f $RUN/disk.img && -f $RUN/cloned ]] && keep=1
+    fi
     fact host_loadavg_end "$(cut -d' ' -f1-3 /proc/loadavg)"
-    teardown
+    teardown "$keep"
     write_results "$status" || log "writing the results failed"
     log "done ($status); results in $HERE/results.md, logs in $LOGS"
     exit "$rc"
@@ -437,9 +519,26 @@ main() {
         exit 1
     fi
     mkdir -p "$WORK"
-    rm -rf "$LOGS" "$RUN"
-    mkdir -p "$LOGS" "$RUN"
+    if [[ $RESUME == 1 ]]; then
+        [[ -f $RUN/disk.img && -f $RUN/cloned && -f $LOGS/facts.tsv ]] ||
+            { echo "nothing to resume: no disk kept from a stopped run in $RUN" >&2; exit 1; }
+    else
+        rm -rf "$LOGS" "$RUN"
+        mkdir -p "$LOGS" "$RUN"
+    fi
     trap on_exit EXIT
+    trap 'on_signal TERM' TERM
+    trap 'on_signal INT' INT
+    trap 'on_signal HUP' HUP
+
+    if [[ $RESUME == 1 ]]; then
+        fact resumed "$(date -u '+%Y-%m-%d %H:%M UTC')"
+        fact host_loadavg_start "$(cut -d' ' -f1-3 /proc/loadavg)"
+        run_step boot boot_vm
+        run_step make-demo make_demo
+        finish
+        return
+    fi
 
     fact recorded "$(date -u '+%Y-%m-%d %H:%M UTC')"
     fact host_cpu "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
@@ -477,7 +576,13 @@ main() {
 
     run_step prereq guest 'apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y make git'
     run_step clone clone_repo
+    touch "$RUN/cloned"
     run_step make-demo make_demo
+    finish
+}
+
+# After make demo: one Molecule scenario, and the lab's view.
+finish() {
     if [[ $MOLECULE == 1 ]]; then
         # Optional: its failure (or timeout, exit 124) is recorded, not fatal.
         run_step molecule-default molecule_default || log "molecule test -s default failed or timed out"
