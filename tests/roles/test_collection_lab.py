@@ -84,7 +84,8 @@ def test_the_artifact_holds_the_collection_and_nothing_of_the_checkout(artifact)
     assert manifest["license"] == ["AGPL-3.0-or-later"]
     for wanted in ("roles/atom_worker/meta/argument_specs.yml", "roles/gearman_job_server/tasks/main.yml",
                    "templates/atom-worker@.service.j2", "plugins/filter/atom_worker.py",
-                   "plugins/modules/atom_worker_yaml_keys.py", "meta/runtime.yml", "playbooks/reset.yml", "LICENSE"):
+                   "plugins/modules/atom_worker_yaml_keys.py", "plugins/modules/atom_host_probe.py",
+                   "plugins/modules/atom_files.py", "meta/runtime.yml", "playbooks/reset.yml", "LICENSE"):
         assert wanted in names, wanted
     for unwanted in (".venv", "build", "tests", "tools/lab", "bench", "molecule", ".git", "collections"):
         assert not any(n == unwanted or n.startswith(unwanted + "/") for n in names), unwanted

@@ -255,17 +255,16 @@ def atom_worker_model(cfg):
     return {"sites": sites, "pools": pools, "targets": targets}
 
 
-def atom_worker_moved_sites(realpath_results, previous_state):
+def atom_worker_moved_sites(realpaths, previous_state):
     """Sites whose root resolves elsewhere than the last run recorded in sites.json (a release symlink moved).
 
-    realpath_results: the `realpath -e ROOT` loop results (item.name, stdout); previous_state: the parsed
-    sites.json of the last run ({} on the first run, when nothing moved).
+    realpaths: site name to the real path of its root now (None where it does not resolve); previous_state:
+    the parsed sites.json of the last run ({} on the first run, when nothing moved).
     """
     sites = (previous_state or {}).get("sites", [])
     recorded = {s.get("name"): s.get("realpath") for s in sites if isinstance(s, dict)}
     moved = []
-    for result in realpath_results:
-        name, now = result["item"]["name"], (result.get("stdout") or "").strip()
+    for name, now in realpaths.items():
         if now and recorded.get(name) and recorded[name] != now:
             moved.append(name)
     return moved

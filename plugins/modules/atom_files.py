@@ -1,0 +1,1 @@
+../../roles/atom_worker/library/atom_files.py
