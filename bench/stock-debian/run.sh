@@ -31,8 +31,10 @@
 #
 # Usage: bench/stock-debian/run.sh            (as root, from any directory)
 #        STOCK_RESUME=1 bench/stock-debian/run.sh   (a stopped run's disk, make demo again)
-# To stop a run cleanly (the VM powered off, its disk kept): signal its process group, e.g.
-#        setsid bench/stock-debian/run.sh > run.out 2>&1 &   ...   kill -TERM -- -<the script's PID>
+#        bench/stock-debian/run.sh pause | continue   (freezes the running VM and this script, e.g. while
+#            the machine runs a test suite that must have it alone; paused time is left out of the figures)
+#        bench/stock-debian/run.sh stop    (powers the VM off cleanly, keeps its disk; a stop in the middle
+#            of an apt-get inside leaves dpkg for the resumed run to finish)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -127,8 +129,47 @@ record_sharing() {
     [[ -n $q ]] || return 0
     busy1=$(machine_busy)
     now=$(date +%s)
-    fact others_cpu_share "$(awk -v b="$((busy1 - busy0))" -v q="$q" -v s="$((now - t0))" -v n="$(nproc)" \
+    # Paused spans of this leg (`pause`/`continue`): their time and the machine's busy ticks are left out.
+    local ps=0 pb=0 start end busy
+    while read -r start end busy; do
+        ((start >= t0)) || continue
+        ps=$((ps + end - start))
+        pb=$((pb + busy))
+    done < <(sed -n 's/^paused\t//p' "$FACTS")
+    fact others_cpu_share "$(awk -v b="$((busy1 - busy0 - pb))" -v q="$q" -v s="$((now - t0 - ps))" -v n="$(nproc)" \
         'BEGIN { x = s > 0 ? (b - q) / (s * n * 100) : 0; if (x < 0) x = 0; printf "%.0f%%", 100 * x }')"
+}
+
+# pause | continue | stop: act on the run going on (its script's process group, and qemu, which runs in a
+# group of its own so that stopping the script's group leaves the VM to be powered off cleanly).
+control() {
+    local pgid qemu
+    pgid=$(cat "$WORK/script.pid" 2>/dev/null || true)
+    if [[ -z $pgid ]] || ! kill -0 -- "-$pgid" 2>/dev/null; then
+        echo "no run going on" >&2
+        exit 1
+    fi
+    qemu=$(cat "$RUN/qemu.id" 2>/dev/null || true)
+    case $1 in
+    pause)
+        [[ ! -f $RUN/paused-at ]] || { echo "already paused" >&2; exit 1; }
+        kill -STOP -- "-$pgid"
+        [[ -z $qemu ]] || kill -STOP "$qemu"
+        echo "$(date +%s) $(machine_busy)" >"$RUN/paused-at"
+        echo "paused (qemu ${qemu:-not started}, script group $pgid)" ;;
+    continue)
+        local at busy
+        read -r at busy <"$RUN/paused-at" || { echo "not paused" >&2; exit 1; }
+        [[ -z $qemu ]] || kill -CONT "$qemu"
+        kill -CONT -- "-$pgid"
+        fact paused "$at $(date +%s) $(($(machine_busy) - busy))"
+        rm -f "$RUN/paused-at"
+        echo "running again after $(($(date +%s) - at)) s" ;;
+    stop)
+        [[ ! -f $RUN/paused-at ]] || control continue
+        kill -TERM -- "-$pgid"
+        echo "stopping: the script powers the VM off and keeps its disk" ;;
+    esac
 }
 
 # --- 1. the image ---------------------------------------------------------------------------------------
@@ -188,7 +229,7 @@ boot_vm() {
     # the signal that killed it; on SIGTERM qemu names the sender's PID) stay in qemu.log.
     (
         set +e
-        "${LOW[@]}" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m "$MEM" \
+        "${LOW[@]}" setsid qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m "$MEM" \
             -kernel "$KERNEL" -initrd "$INITRD" -append "root=/dev/vda rw console=ttyS0" \
             -drive "file=$DISK,if=virtio,format=raw" \
             -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$PORT-:22" -device virtio-net-pci,netdev=n0 \
@@ -276,6 +317,14 @@ steps = [{"step": n, "start": int(t0), "seconds": float(s), "exit": int(rc)} for
 facts = {k: v for k, v in rows(facts_f, 2)}
 # Facts written once per leg (a resumed run adds a leg): every value, in order.
 legs_of = {k: [v for k2, v in rows(facts_f, 2) if k2 == k] for k in ("others_cpu_share", "stopped_by", "resumed")}
+# Spans the run was paused (`run.sh pause` ... `continue`): left out of every time below.
+pauses = [tuple(int(x) for x in v.split()[:2]) for k, v in rows(facts_f, 2) if k == "paused"]
+
+
+def paused_within(start, end):
+    return sum(max(0, min(end, b) - max(start, a)) for a, b in pauses)
+
+
 phases = []
 stamped = logs / "make-demo.log"
 if stamped.exists():
@@ -294,7 +343,8 @@ if stamped.exists():
         if nxt is None or (end is not None and nxt > end):
             nxt = end
         leg = next((n for n, (start, e) in enumerate(legs, 1) if start <= t <= e), None)
-        phases.append({"phase": text[3:], "leg": leg, "seconds": (nxt - t) if nxt is not None else None})
+        secs = (nxt - t - paused_within(t, nxt)) if nxt is not None else None
+        phases.append({"phase": text[3:], "leg": leg, "seconds": secs})
 
 
 def tail(name, n, keep=None):
@@ -314,6 +364,7 @@ result = {
     "qemu_died_early": facts.get("qemu_died_early"),
     "status": status,
     "legs": {k: v for k, v in legs_of.items() if v},
+    "paused": [{"from": a, "to": b} for a, b in pauses],
     "host": {k[5:]: v for k, v in facts.items() if k.startswith("host_")},
     "guest": {k[6:]: v for k, v in facts.items() if k.startswith("guest_")},
     "commit": facts.get("commit"),
@@ -335,8 +386,11 @@ def t(name):
         return "not run"
     out = []
     for n, s in enumerate(runs):
-        m, r = divmod(round(s["seconds"]), 60)
+        held = paused_within(s["start"], round(s["start"] + s["seconds"]))
+        m, r = divmod(round(s["seconds"] - held), 60)
         took = f"{m} min {r} s" if m else f"{r} s"
+        if held:
+            took += f" (paused {held // 60} min besides, left out)"
         if s["exit"] != 0:
             # A leg ended by a signal is a stop, not a failure of the step.
             stop = legs_of["stopped_by"][n] if n < len(legs_of["stopped_by"]) else None
@@ -510,6 +564,19 @@ on_exit() {
 
 main() {
     [[ $(id -u) == 0 ]] || { echo "run as root" >&2; exit 1; }
+    case ${1:-} in
+    pause | continue | stop) control "$1"; return ;;
+    "") ;;
+    *) echo "usage: $0 [pause|continue|stop]" >&2; exit 2 ;;
+    esac
+    # `stop` and `pause` signal this process group: the script must lead one.
+    if [[ $(ps -o pgid= -p $$ | tr -d ' ') != "$$" ]]; then
+        exec setsid "$0" "$@"
+    fi
+    if [[ -f $WORK/script.pid ]] && kill -0 -- "-$(cat "$WORK/script.pid")" 2>/dev/null; then
+        echo "a run is going on (process group $(cat "$WORK/script.pid")): $0 stop first" >&2
+        exit 1
+    fi
     local tool
     for tool in qemu-system-x86_64 debootstrap mkfs.ext4 debugfs ssh-keygen python3; do
         command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install qemu-system-x86 debootstrap)" >&2; exit 1; }
@@ -526,6 +593,7 @@ main() {
         rm -rf "$LOGS" "$RUN"
         mkdir -p "$LOGS" "$RUN"
     fi
+    echo $$ >"$WORK/script.pid"
     trap on_exit EXIT
     trap 'on_signal TERM' TERM
     trap 'on_signal INT' INT
