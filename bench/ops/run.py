@@ -104,6 +104,40 @@ def converge(hosts, expect_changed=None):
     return result.changed()
 
 
+# Tasks that run only on the control host (they cost no round trip to the lab hosts).
+LOCAL_ACTIONS = {"ansible.builtin.assert", "ansible.builtin.fail", "ansible.builtin.set_fact", "ansible.builtin.meta",
+                 "ansible.builtin.include_tasks", "ansible.builtin.include_role", "ansible.builtin.group_by",
+                 "ansible.builtin.validate_argument_spec", "ansible.builtin.debug"}
+
+
+def timed_rerun(hosts, work, n):
+    """A no-change converge with per-task timing (bench/ops/callback_plugins): its time and its phases."""
+    path = work / f"timing-{n}.jsonl"
+    path.unlink(missing_ok=True)
+    env = {"ANSIBLE_CALLBACK_PLUGINS": str(OUT / "callback_plugins"), "ANSIBLE_CALLBACKS_ENABLED": "task_timing",
+           "ATOM_TASK_TIMING": str(path)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        seconds, _ = timed(lambda: converge(hosts, expect_changed=0))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    phases = {}
+    for row in rows:
+        phase = phases.setdefault(row["role"] or "play (facts, registration wait)",
+                                  {"seconds": 0.0, "tasks": 0, "remote_tasks": 0})
+        phase["seconds"] += row["seconds"]
+        phase["tasks"] += 1
+        # A skipped task takes a few ms; a remote one at least one round trip.
+        phase["remote_tasks"] += row["action"] not in LOCAL_ACTIONS and row["seconds"] > 0.2
+    return seconds, phases
+
+
 def main() -> int:
     if not in_lab_network():
         print("run inside the lab network: tools/lab/lab exec -- .venv/bin/python bench/ops/run.py", file=sys.stderr)
@@ -118,9 +152,13 @@ def main() -> int:
         ansible_ping(hosts)   # opens the ssh control connections, as a converge's first task would
         ping = [timed(lambda: ansible_ping(hosts))[0] for _ in range(PING_ROUNDS)]
         first, changed = timed(lambda: converge(hosts))
-        reruns = [timed(lambda: converge(hosts, expect_changed=0))[0] for _ in range(RERUN_ROUNDS)]
+        timed_reruns = [timed_rerun(hosts, work, n) for n in range(RERUN_ROUNDS)]
+        reruns = [seconds for seconds, _ in timed_reruns]
         ping += [timed(lambda: ansible_ping(hosts))[0] for _ in range(PING_ROUNDS)]
-        data["converge"] = {"ping": ping, "first": first, "first_changed": changed, "rerun": reruns}
+        # The phases of the median re-run.
+        phases = sorted(timed_reruns, key=lambda r: r[0])[len(timed_reruns) // 2][1]
+        data["converge"] = {"ping": ping, "first": first, "first_changed": changed, "rerun": reruns,
+                            "rerun_phases": phases}
         print("converge:", json.dumps(data["converge"]), flush=True)
 
         gm_address = hosts.run(GM, "hostname -I").stdout.split()[0]
@@ -169,11 +207,12 @@ def write(data):
                 if line.startswith("model name")), platform.machine())
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     load = os.getloadavg()[0]
+    phases = conv.get("rerun_phases", {})
     lines = [
         "# Operations benchmark",
         "",
         (f"Recorded {now} by `bench/ops/run.py` on {platform.node()} ({os.cpu_count()} cores of {cpu}; "
-        f"kernel {platform.release()}; load average {load:.1f} at the end; the lab is shared with other work). "
+        f"kernel {platform.release()}; load average {load:.1f} at the end). "
         "Lab of 3 hosts: `b-gm` (gearmand on its lab address, allowlist on), `b-w1` and `b-w2` (2 workers of "
         "the AtoM stand-in each). All figures from one run, measured side by side."),
         "",
@@ -194,6 +233,14 @@ def write(data):
         (f"| fewest available workers of any function during the rolling restarts "
         f"({sum(r['samples'] for r in roll)} samples of gearmand `status`, every 100 ms) | "
         f"{min(r['min_available'] for r in roll)} (of 4) | |"),
+        "",
+        ("Where the no-change re-run's time goes (its median run, per-task wall time from "
+        "`bench/ops/callback_plugins/task_timing.py`; a remote task is one that made at least one round trip "
+        "to the hosts, the others run on the control host or were skipped):"),
+        "",
+        "| phase | time | tasks | remote tasks |",
+        "| --- | --- | --- | --- |",
+        *(f"| {name} | {p['seconds']:.1f} s | {p['tasks']} | {p['remote_tasks']} |" for name, p in phases.items()),
         "",
         "Raw figures (seconds) are in `results.json`.",
         "",

@@ -9,6 +9,9 @@ description:
   - A converge that changes nothing is made of reads. Each read as a task of its own costs a round trip
     to every host; this module answers all of a role's reads at once and changes nothing.
   - Every option is a list; an empty or omitted one is not probed.
+  - On a host where systemd is not PID 1 (no C(/run/systemd/system)), the unit options give empty results
+    and C(systemd) is false, rather than failing: a preflight may run on such a host (in check mode, say)
+    and leave the verdict to its own checks.
 options:
   stat:
     description: Paths to describe (exists, type, mode, owner, group, link target). Links are not followed.
@@ -48,6 +51,14 @@ options:
     default: []
   glob:
     description: Shell patterns; each gives the sorted paths it matches, with their type (file, link, dir).
+    type: list
+    elements: str
+    default: []
+  packages:
+    description:
+      - Debian package names; each gives its installed version, or null when it is not installed (or the
+        name is not one dpkg knows, such as a virtual package or a name with a version: the caller then lets
+        apt decide).
     type: list
     elements: str
     default: []
@@ -112,6 +123,10 @@ glob:
   description: Pattern to a list of {path, type}.
   type: dict
   returned: always
+packages:
+  description: Package name to its installed version, or null.
+  type: dict
+  returned: always
 unit_files:
   description: Installed unit file names (with their state) among the patterns given.
   type: dict
@@ -123,6 +138,10 @@ units_loaded:
 units:
   description: Unit name to {ActiveState, SubState, UnitFileState, LoadState}.
   type: dict
+  returned: always
+systemd:
+  description: Whether systemd runs as PID 1 here (the unit options were answered).
+  type: bool
   returned: always
 """
 
@@ -217,6 +236,21 @@ def matches(pattern):
     return out
 
 
+def installed_packages(module, names):
+    # Exit 1 when some name is unknown to dpkg: those stay null.
+    rc, out, err = module.run_command(
+        ["dpkg-query", "--show", "--showformat=${Package}\t${db:Status-Abbrev}\t${Version}\n", "--", *names])
+    if rc not in (0, 1):
+        module.fail_json(msg=f"dpkg-query failed (exit {rc}): {(err or out).strip()}")
+    found = {}
+    for line in out.splitlines():
+        fields = line.split("\t")
+        # "ii " is installed; "rc " (removed, config files left) and the others are not.
+        if len(fields) == 3 and fields[1].startswith("ii"):
+            found[fields[0]] = fields[2]
+    return {name: found.get(name) for name in names}
+
+
 def systemctl(module, args, ok=(0,)):
     # --plain --no-legend: one unit per line, no bullets or headers; exit 1 of list-unit-files means "none".
     rc, out, err = module.run_command(["systemctl", *args], environ_update={"SYSTEMD_COLORS": "0"})
@@ -253,12 +287,14 @@ def unit_states(module, units):
 
 def main():
     lists = ("stat", "realpath", "sha256", "read", "users", "groups", "resolve", "glob",
-             "unit_files", "units_loaded", "units")
+             "packages", "unit_files", "units_loaded", "units")
     module = AnsibleModule(
         argument_spec={name: {"type": "list", "elements": "str", "default": []} for name in lists},
         supports_check_mode=True,
     )
     p = module.params
+    # sd_booted(): systemd as PID 1 creates this folder. Elsewhere systemctl cannot answer.
+    booted = os.path.isdir("/run/systemd/system")
     result = {
         "changed": False,
         "stat": {path: describe(path) for path in p["stat"]},
@@ -269,9 +305,11 @@ def main():
         "groups": {name: gid_of(name) for name in p["groups"]},
         "resolve": {name: addresses(name) for name in p["resolve"]},
         "glob": {pattern: matches(pattern) for pattern in p["glob"]},
-        "unit_files": unit_files(module, p["unit_files"]) if p["unit_files"] else {},
-        "units_loaded": units_loaded(module, p["units_loaded"]) if p["units_loaded"] else {},
-        "units": unit_states(module, p["units"]) if p["units"] else {},
+        "packages": installed_packages(module, p["packages"]) if p["packages"] else {},
+        "unit_files": unit_files(module, p["unit_files"]) if p["unit_files"] and booted else {},
+        "units_loaded": units_loaded(module, p["units_loaded"]) if p["units_loaded"] and booted else {},
+        "units": unit_states(module, p["units"]) if p["units"] and booted else {},
+        "systemd": booted,
     }
     module.exit_json(**result)
 
