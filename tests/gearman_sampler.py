@@ -65,6 +65,12 @@ class Samples:
         assert samples, f"no sample taken{'' if between is None else f' between {between[0]:.2f} and {between[1]:.2f}'}"
         return {f: min(s.get(f, (0, 0, 0))[2] for _, s in samples) for f in functions}
 
+    def check_held(self, held: tuple[float, float], expected: dict, what: str) -> None:
+        """The control of a sampling: over `held` (from hold_stopped) the lowest available count of each
+        function was exactly `expected` ({function: count}), so the probe does see a worker missing."""
+        seen = self.minimum(expected, between=held)
+        assert seen == expected, f"the probe missed {what}: lowest available {seen}, expected {expected}"
+
     def check_window(self, began: float, ended: float) -> None:
         """Fail unless samples were taken both before `began` and after `ended` (monotonic times)."""
         before = sum(1 for t, _ in self.samples if t < began)

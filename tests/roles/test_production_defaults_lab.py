@@ -163,6 +163,26 @@ def test_a_wheel_that_is_not_the_pinned_one_changes_nothing(hosts, wheel):
     assert right.returncode == 0 and right.changed() == 0, right
 
 
+def test_a_converge_repairs_an_install_it_would_otherwise_skip(hosts, wheel):
+    """The role reads what is installed once and skips apt, the copy, pip, the link and the completion
+    when they are as wanted. Each skip must still see damage: a package removed, the wheel's copy altered,
+    the package uninstalled from the venv, the link gone, the completion's mode. (The control: the
+    converges of the tests above changed nothing once installed.)"""
+    hosts.run(HOST, "apt-get remove -y -q python3-yaml >/dev/null")
+    hosts.run(HOST, f"printf x >> {WHEEL_DIR}/{wheel.name} && {VENV}/bin/pip uninstall -y -q atom-workerctl "
+                    f"&& rm {LINK} && chmod 0600 {COMPLETION}")
+    assert not installed(hosts, "python3-yaml") and not exists(hosts, LINK)
+
+    repaired = install(hosts, wheel)
+    assert repaired.returncode == 0 and repaired.changed() > 0, repaired
+    assert installed(hosts, "python3-yaml")
+    assert hosts.run(HOST, f"sha256sum {WHEEL_DIR}/{wheel.name}").stdout.split()[0] == sha256(wheel)
+    assert hosts.run(HOST, "atom-workerctl --version").stdout.strip().endswith(wheel.name.split("-")[1])
+    assert hosts.run(HOST, f"stat -c %a {COMPLETION}").stdout.strip() == "644"
+    again = install(hosts, wheel)
+    assert again.returncode == 0 and again.changed() == 0, again
+
+
 def test_state_absent_uninstalls(hosts, wheel):
     paths = (VENV, LINK, COMPLETION, WHEEL_DIR)
     assert [p for p in paths if not exists(hosts, p)] == []  # the probe sees them while installed

@@ -95,6 +95,38 @@ def test_second_run_changes_nothing(lab):
     assert result.changed() == 0, result
 
 
+def test_a_converge_repairs_a_host_it_would_otherwise_skip(lab):
+    """The roles read each host once and then skip apt, folders, files and service starts that are already
+    as wanted. Each skip must still see a damaged host: a package removed, a unit file's mode, a folder's
+    mode, an edited helper, the workers' target disabled, the (one) instance stopped, a stopped gearmand.
+    (The control: the run before this one changed nothing on the same hosts.)"""
+    helper = "/usr/local/lib/atom-worker/atom-worker-recycle"
+    pristine = lab.run(W1, f"md5sum {helper}").stdout
+    lab.run(W1, "apt-get remove -y -q php-gearman >/dev/null")
+    lab.run(W1, f"chmod 0600 /etc/systemd/system/atom-worker@.service && chmod 0700 /etc/atom-worker "
+                f"&& echo '# edited' >> {helper}")
+    lab.run(W1, "systemctl disable -q atom-workers.target && systemctl stop atom-worker@1.service")
+    lab.run(GM, "systemctl stop gearman-job-server.service")
+    assert lab.run(W1, "dpkg-query -W -f '${db:Status-Status}' php-gearman", check=False).stdout != "installed"
+
+    result = lab.converge()
+    assert result.changed() > 0, result
+    assert lab.run(W1, "dpkg-query -W -f '${db:Status-Status}' php-gearman").stdout == "installed"
+    modes = lab.run(W1, "stat -c '%a %U' /etc/systemd/system/atom-worker@.service /etc/atom-worker").stdout.split("\n")
+    assert modes[:2] == ["644 root", "755 root"], modes
+    assert lab.run(W1, f"md5sum {helper}").stdout == pristine
+    assert lab.run(W1, "systemctl is-enabled atom-workers.target atom-worker@1.service").stdout.split() == [
+        "enabled", "enabled"]
+    assert lab.units(W1, state="active") == ["atom-worker@1.service"]
+    assert lab.show(GM, "gearman-job-server.service", "ActiveState")["ActiveState"] == "active"
+    # site.yml waited until gearmand listed both workers again; the repaired host runs a job.
+    ids = lab.submit(W1, "arFindingAidJob", 1)
+    lab.wait_for(lambda: ids[0] in {e["id"] for e in lab.events(W1, "job") if e["status"] == "completed"},
+                 timeout=60, what="the job to complete")
+    again = lab.converge()
+    assert again.changed() == 0, again
+
+
 def test_security_exposure_is_at_most_3(lab):
     out = lab.run(
         W1, "systemd-analyze security atom-worker@1.service --no-pager | tail -1"

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 
 import pytest
+from gearman_sampler import parse_status
 from labhosts import ATOM_ROOT
 
 pytestmark = pytest.mark.timeout(900)
@@ -165,11 +166,8 @@ def test_crash_loop_fails_after_exactly_3_starts(lab):
 
 def available(lab, function):
     """gearmand's count of available workers for `function` (0 when it does not list it)."""
-    for line in lab.run(GM, f"gearadmin -h {lab.address(GM)} --status").stdout.splitlines():
-        parts = line.split("\t")
-        if len(parts) == 4 and parts[0] == function:
-            return int(parts[3])
-    return 0
+    status = parse_status(lab.run(GM, f"gearadmin -h {lab.address(GM)} --status").stdout.splitlines())
+    return status.get(function, (0, 0, 0))[2]
 
 
 def test_config_change_brings_back_a_worker_whose_start_budget_is_spent(lab):
