@@ -36,7 +36,9 @@ PING_ROUNDS, RERUN_ROUNDS, RECOVERY_ROUNDS, ROLLING_ROUNDS = 5, 3, 3, 2
 OUT = Path(__file__).resolve().parent
 
 # Runs on the worker host: kill -9 the unit's main PID, then time the new main PID and the registration
-# (gearmand's admin `workers` lists the host's connections again).
+# (gearmand's admin `workers` lists the host's connections again). Each round first resets the unit's start
+# limit as `atom-workerctl reset` would: the rounds are deliberate kills, and three of them in a row would
+# otherwise spend the 3-starts budget (the converge's start counts too), so the last restart is refused.
 RECOVERY = r'''
 import json, os, signal, socket, subprocess, sys, time
 unit, server, address, instances = sys.argv[1], (sys.argv[2], 4730), sys.argv[3], int(sys.argv[4])
@@ -50,12 +52,17 @@ def workers():
     s.close()
     return buf.decode().splitlines()[:-1]
 restart_sec = int(show("RestartUSec")["RestartUSec"].rstrip("s"))
+subprocess.run(["systemctl", "reset-failed", unit], check=True)
 old = show("MainPID")["MainPID"]
 t0 = time.monotonic(); os.kill(int(old), signal.SIGKILL)
+def give_up(what):
+    if time.monotonic() - t0 > restart_sec + 60:
+        sys.exit(f"{what} within RestartSec + 60 s: {show('ActiveState', 'SubState', 'NRestarts', 'Result')}")
 while True:
     p = show("MainPID", "ActiveState")
     if p["MainPID"] not in ("0", old) and p["ActiveState"] == "active":
         t_start = time.monotonic(); new = p["MainPID"]; break
+    give_up("not started again")
     time.sleep(0.05)
 # By now the killed process's connection is gone (RestartSec later): registered again when gearmand lists
 # as many connections with functions from this host's address as the host has instances.
@@ -63,6 +70,7 @@ while True:
     ours = [l for l in workers() if " : " in l and l.split()[1] == address and l.split(" : ", 1)[1].strip()]
     if len(ours) >= instances:
         t_reg = time.monotonic(); break
+    give_up("not registered again")
     time.sleep(0.05)
 print(json.dumps({"restart_sec": restart_sec, "started": t_start - t0, "registered": t_reg - t0}))
 '''
