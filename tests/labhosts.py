@@ -87,9 +87,12 @@ class LabHosts:
             raise AssertionError(f"{host}: `{command}` exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
 
+    def addresses(self) -> dict[str, str]:
+        """Every host's lab address: its ansible_host in the inventory `lab up` wrote (no command on a host)."""
+        return _addresses(yaml.safe_load(self.inventory.read_text())["all"])
+
     def address(self, host: str) -> str:
-        """The host's lab address: its ansible_host in the inventory `lab up` wrote (no command on the host)."""
-        return _host_vars(yaml.safe_load(self.inventory.read_text())["all"], host)["ansible_host"]
+        return self.addresses()[host]
 
     def poweroff(self, host: str) -> None:
         lab("poweroff", host)
@@ -172,17 +175,14 @@ def repo_path(*parts: str) -> Path:
     return REPO.joinpath(*parts)
 
 
-def _host_vars(group: dict | None, host: str) -> dict:
-    """The variables a generated inventory gives `host` where it lists it with ansible_host."""
+def _addresses(group: dict | None) -> dict[str, str]:
+    """Host name to ansible_host, for every host a generated inventory lists with one (children too)."""
     group = group or {}
-    found = ((group.get("hosts") or {}).get(host)) or {}
-    if "ansible_host" in found:
-        return found
+    out = {name: hvars["ansible_host"] for name, hvars in (group.get("hosts") or {}).items()
+           if hvars and "ansible_host" in hvars}
     for child in (group.get("children") or {}).values():
-        found = _host_vars(child, host)
-        if found:
-            return found
-    return {}
+        out = _addresses(child) | out
+    return out
 
 
 def _host_names(group: dict | None) -> set[str]:

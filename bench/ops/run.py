@@ -169,8 +169,7 @@ def main() -> int:
                             "rerun_phases": phases}
         print("converge:", json.dumps(data["converge"]), flush=True)
 
-        gm_address = hosts.run(GM, "hostname -I").stdout.split()[0]
-        w1_address = hosts.run(W1, "hostname -I").stdout.split()[0]
+        gm_address, w1_address = hosts.address(GM), hosts.address(W1)
         hosts.run(W1, f"cat > /root/recovery.py <<'EOF'\n{RECOVERY}EOF")
         recovery = []
         for _ in range(RECOVERY_ROUNDS):

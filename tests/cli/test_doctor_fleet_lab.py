@@ -46,8 +46,7 @@ class Lab:
         self.hosts = hosts
         self.inventory = str(hosts.inventory)
         generated = yaml.safe_load(hosts.inventory.read_text())
-        self.address = {name: hvars["ansible_host"] for group in generated["all"]["children"].values()
-                        for name, hvars in ((group or {}).get("hosts") or {}).items()}
+        self.address = hosts.addresses()
         self.gearmand = (self.address[JOBS], 4730)
         self.server = f"{self.address[JOBS]}:4730"
         lab_vars = generated["all"]["vars"]

@@ -10,7 +10,6 @@ import shlex
 import subprocess
 
 import pytest
-import yaml
 from labhosts import ATOM_ROOT, LAB, LabHosts, booted_per_module
 from polling import wait_until
 
@@ -49,17 +48,7 @@ class Drill:
 
     def __init__(self, hosts: LabHosts):
         self.hosts = hosts
-        generated = yaml.safe_load(hosts.inventory.read_text())
-        self.address = {}
-
-        def walk(group):
-            for name, hvars in ((group or {}).get("hosts") or {}).items():
-                if hvars and "ansible_host" in hvars:
-                    self.address[name] = hvars["ansible_host"]
-            for child in ((group or {}).get("children") or {}).values():
-                walk(child)
-
-        walk(generated["all"])
+        self.address = hosts.addresses()
 
     def run(self, host, command, check=True, timeout=120):
         return self.hosts.run(host, command, check=check, timeout=timeout)

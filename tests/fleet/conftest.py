@@ -62,11 +62,7 @@ class Fleet:
         self.web = group_hosts(source, "atom_web")[0]
         self.workers = group_hosts(source, "atom_workers")
         self.outsider = group_hosts(source, "outsiders")[0]
-        generated = yaml.safe_load(hosts.inventory.read_text())
-        self.address = {}
-        for group in generated["all"]["children"].values():
-            for name, hvars in ((group or {}).get("hosts") or {}).items():
-                self.address[name] = hvars["ansible_host"]
+        self.address = hosts.addresses()
         self.gearmand = (self.address[self.job_server], 4730)
 
     # -- running things ----------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ class Lab:
     def __init__(self, hosts: LabHosts, generated: dict):
         self.hosts = hosts
         self.inventory = str(hosts.inventory)
-        self.address = {name: hosts.address(name) for name in (JOBS, *WORKERS)}
+        self.address = hosts.addresses()
         self.gearmand = (self.address[JOBS], 4730)
         self.server = f"{self.address[JOBS]}:4730"
         lab_vars = generated["all"]["vars"]

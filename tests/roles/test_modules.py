@@ -6,6 +6,7 @@ The lab tests use both on real hosts (tests/roles/test_roles_lab.py: a converge 
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -100,3 +101,20 @@ def test_atom_host_probe_answers_every_read(tmp_path):
     else:
         assert found["units"]["atom-worker@1.service"]["LoadState"] in ("loaded", "not-found")
     assert found["changed"] is False
+
+
+def test_stat_is_tells_a_path_as_wanted_from_one_that_is_not(tmp_path):
+    """The filter the roles skip a step with: a probe's stat entry against the wanted type and attributes."""
+    spec = importlib.util.spec_from_file_location("filters", REPO / "roles/atom_worker/filter_plugins/atom_worker.py")
+    filters = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(filters)
+    (tmp_path / "d").mkdir(mode=0o755)
+    (tmp_path / "d").chmod(0o755)
+    (tmp_path / "l").symlink_to(tmp_path / "d")
+    paths = [str(tmp_path / n) for n in ("d", "l", "missing")]
+    d, link, missing = (run_module("atom_host_probe", tmp_path, stat=paths)["stat"][p] for p in paths)
+    stat_is = filters.atom_worker_stat_is
+    assert stat_is(d, "dir", "0755", "root", "root") and stat_is(d, "dir")
+    assert not stat_is(d, "dir", "0700") and not stat_is(d, "dir", owner="www-data") and not stat_is(d, "file")
+    assert stat_is(link, "link", target=str(tmp_path / "d")) and not stat_is(link, "link", target="/elsewhere")
+    assert not stat_is(link, "dir") and not stat_is(missing, "dir") and not stat_is(None, "dir")

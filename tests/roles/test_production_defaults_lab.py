@@ -70,8 +70,7 @@ def installed_files(hosts) -> str:
 def lab_connection(hosts) -> dict:
     """The address and key `lab up` wrote for the host (without its ssh relaxations)."""
     inventory = yaml.safe_load(hosts.inventory.read_text())["all"]
-    address = inventory["children"]["atom_workers"]["hosts"][HOST]["ansible_host"]
-    return {"ansible_host": address, "ansible_user": "root",
+    return {"ansible_host": hosts.address(HOST), "ansible_user": "root",
             "ansible_ssh_private_key_file": inventory["vars"]["ansible_ssh_private_key_file"]}
 
 

@@ -255,6 +255,15 @@ def atom_worker_model(cfg):
     return {"sites": sites, "pools": pools, "targets": targets}
 
 
+def atom_worker_stat_is(st, kind, mode=None, owner=None, group=None, target=None):
+    """Whether an atom_host_probe `stat` entry is a `kind` (dir, file, link) with these attributes (None:
+    any): the roles skip a step whose path is already as wanted."""
+    if not st or st.get("type") != kind:
+        return False
+    wanted = {"mode": mode, "owner": owner, "group": group, "target": target}
+    return all(value is None or st.get(key) == value for key, value in wanted.items())
+
+
 def atom_worker_moved_sites(realpaths, previous_state):
     """Sites whose root resolves elsewhere than the last run recorded in sites.json (a release symlink moved).
 
@@ -481,6 +490,7 @@ class FilterModule:
     def filters(self):
         return {
             "atom_worker_moved_sites": atom_worker_moved_sites,
+            "atom_worker_stat_is": atom_worker_stat_is,
             "atom_worker_model": atom_worker_model,
             "atom_worker_units": atom_worker_units,
             "atom_worker_state": atom_worker_state,

@@ -127,6 +127,10 @@ packages:
   description: Package name to its installed version, or null.
   type: dict
   returned: always
+packages_missing:
+  description: The package names asked for that are not installed, in the order asked (apt then decides).
+  type: list
+  returned: always
 unit_files:
   description: Installed unit file names (with their state) among the patterns given.
   type: dict
@@ -311,6 +315,7 @@ def main():
         "units": unit_states(module, p["units"]) if p["units"] and booted else {},
         "systemd": booted,
     }
+    result["packages_missing"] = [name for name, version in result["packages"].items() if version is None]
     module.exit_json(**result)
 
 
