@@ -278,12 +278,14 @@ def submit(
     cls: str,
     count: int = 1,
     payload: dict[str, Any] | None = None,
+    user: str | None = None,
 ) -> list[str]:
-    """Submit ``count`` background jobs of ``cls``; return their ids.
+    """Submit ``count`` background jobs of ``cls``; return their ids (the job rows' ids when the site has a
+    database; ``user`` then names the signed-in user the rows belong to).
 
     Raises SubmitError when the stand-in refuses (no worker available, no server).
     """
-    args = ["standin:submit", f"--class={cls}", f"--count={count}"]
+    args = ["standin:submit", f"--class={cls}", f"--count={count}", *([f"--user={user}"] if user else [])]
     if payload is not None:
         args.append("--payload=" + json.dumps(payload))
     proc = symfony(root, *args)

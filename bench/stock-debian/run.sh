@@ -223,6 +223,8 @@ EOF
 # --- 2. boot ---------------------------------------------------------------------------------------------
 
 boot_vm() {
+    # A run killed outright (not stopped) leaves its qemu's PID files behind: they name no VM of this boot.
+    rm -f "$RUN/qemu.pid" "$RUN/qemu.id"
     machine_busy >"$RUN/busy0"
     date +%s >"$RUN/boot0"
     # In the background rather than -daemonize: qemu's own messages and how it ended (exit code, or 128 +

@@ -1,0 +1,129 @@
+"""A throw-away MariaDB (Debian's mariadb-server-core) for tests, and an AtoM site's database settings.
+
+`MariaDB` runs `mariadbd` on a loopback port with its data in a temporary folder: no system service, so
+it works on a machine whose PID 1 is not systemd as well as on a lab host. `write_site_database()`
+writes `config/config.php` the way AtoM's installer does (PHP's own var_export, so the CLI reads the real
+format), and creates AtoM's job tables through the stand-in (`php symfony standin:db-init`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Self
+
+from polling import wait_until
+from standin import free_port
+
+DATABASE = "atom"
+USER = "atom"
+# Not a secret: a throw-away database on loopback. Tests check the CLI never prints it.
+PASSWORD = "s3cret-'quoted'\\pass"
+
+
+class MariaDB:
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.dir = ""
+
+    def start(self, timeout: float = 60) -> Self:
+        self.dir = tempfile.mkdtemp(prefix="test-mariadb-")
+        data = os.path.join(self.dir, "data")
+        run = subprocess.run(
+            ["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--user=root",
+             "--auth-root-authentication-method=normal", "--skip-test-db"],
+            capture_output=True, text=True, check=False)
+        if run.returncode != 0:
+            raise RuntimeError(f"mariadb-install-db failed: {run.stderr[-2000:]}")
+        self.proc = subprocess.Popen(
+            ["mariadbd", "--no-defaults", f"--datadir={data}", "--user=root", f"--port={self.port}",
+             f"--bind-address={self.host}", f"--socket={self.dir}/mysqld.sock", f"--pid-file={self.dir}/mysqld.pid",
+             "--skip-log-bin", "--innodb-buffer-pool-size=16M", "--skip-name-resolve"],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "error.log"), "wb"))  # noqa: SIM115
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"mariadbd exited with {self.proc.returncode}: {self.log()[-2000:]}")
+            try:
+                self.root_sql("SELECT 1")
+                return True
+            except Exception:
+                return False
+
+        wait_until(ready, timeout)
+        esc = PASSWORD.replace("\\", "\\\\").replace("'", "\\'")
+        self.root_sql(f"CREATE DATABASE {DATABASE} CHARACTER SET utf8mb4",
+                      f"CREATE USER '{USER}'@'%' IDENTIFIED BY '{esc}'",
+                      f"GRANT ALL ON {DATABASE}.* TO '{USER}'@'%'")
+        return self
+
+    def log(self) -> str:
+        try:
+            return Path(self.dir, "error.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def connect(self, database: str | None = DATABASE, user: str = "root", password: str = ""):
+        import pymysql
+
+        return pymysql.connect(unix_socket=os.path.join(self.dir, "mysqld.sock"), user=user, password=password,
+                               database=database, autocommit=True)
+
+    def root_sql(self, *statements: str) -> None:
+        conn = self.connect(database=None)
+        try:
+            with conn.cursor() as cur:
+                for statement in statements:
+                    cur.execute(statement)
+        finally:
+            conn.close()
+
+    def query(self, sql: str, *args) -> list[tuple]:
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, args)
+                return list(cur.fetchall())
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def write_site_database(root: os.PathLike[str] | str, db: MariaDB, init: bool = True) -> None:
+    """config/config.php as AtoM's installer writes it (arInstall::configureDatabase: var_export), then the
+    job tables (standin:db-init)."""
+    config = {"all": {"propel": {"class": "sfPropelDatabase", "param": {
+        "encoding": "utf8mb4", "persistent": True, "pooling": True,
+        "dsn": f"mysql:dbname={DATABASE};host={db.host};port={db.port}",
+        "username": USER, "password": PASSWORD}}},
+        "dev": {"propel": {"param": {"classname": "DebugPDO"}}}}
+    php = ('$c = json_decode(stream_get_contents(STDIN), true);'
+           'echo "<?php\\n// auto-generated by arInstall::configureDatabase()\\n// date: ", date("Y/m/d H:i:s"),'
+           '"\\n\\nreturn ", var_export($c, true), ";\\n";')
+    text = subprocess.run(["php", "-r", php], input=json.dumps(config), capture_output=True, text=True,
+                          check=True).stdout
+    Path(root, "config", "config.php").write_text(text)
+    if init:
+        subprocess.run(["php", "symfony", "standin:db-init"], cwd=root, check=True, capture_output=True)
