@@ -75,6 +75,15 @@ COMMAND_HELP = {
                "enabled or not registered; unit files changed but not reloaded.\n\n"
                "examples:\n  atom-workerctl doctor\n  atom-workerctl doctor --json | jq '.findings[].code'\n\n"
                "exit codes: 0 healthy (warnings allowed), 3 faults found, 1 error.")),
+    "jobs": ("AtoM's jobs (its job table) beside gearmand's queue: find a job stuck at Running, fail it alone",
+             ("examples:\n  atom-workerctl jobs                    the newest 50, and who runs those in progress\n"
+              "  atom-workerctl jobs --status error --since '1 week ago'\n"
+              "  atom-workerctl jobs --stale            rows in progress that nothing runs or will, with evidence\n"
+              "  atom-workerctl jobs fail 1234          mark a stale row error (with a note), as AtoM does\n"
+              "  atom-workerctl jobs export > jobs.csv  the history as AtoM's own jobs CSV\n"
+              "  atom-workerctl jobs clear --before '90 days ago'   delete finished rows only\n\n"
+              "The database comes from each site's config/config.php (never from the command line).\n"
+              "exit codes: 0 ok; 3 stale rows found (--stale); 4 no such site or job; 1 error.")),
     "daemon-reload": ("make systemd reread changed unit files (Manager.Reload)",
                       "example:\n  atom-workerctl daemon-reload && atom-workerctl restart --rolling"),
     "completion": ("print a shell completion script",
@@ -213,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", metavar="TIME", help="journalctl's --until")
 
     add("doctor")
+    _jobs_parser(add("jobs"))
     add("daemon-reload", json_opt=False)
 
     p = add("completion", json_opt=False)
@@ -223,6 +233,41 @@ def build_parser() -> argparse.ArgumentParser:
     # Keep `_complete` out of the help's command list.
     sub._choices_actions = [a for a in sub._choices_actions if a.dest != "_complete"]
     return parser
+
+
+def _jobs_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--site", metavar="SITE", help="only this site's database (default: every site's)")
+    p.add_argument("--status", metavar="S", help="running, completed, error or all; several with commas")
+    p.add_argument("--since", metavar="TIME", help="submitted since ('1 day ago', '2026-05-01 10:00')")
+    p.add_argument("-n", "--lines", metavar="N", type=int, default=50,
+                   help="the newest N rows (default 50; 0: all)")
+    p.add_argument("--stale", action="store_true",
+                   help="only rows in progress that nothing runs or will, with the evidence and the fix")
+    actions = p.add_subparsers(dest="jobs_action", metavar="ACTION")
+    f = actions.add_parser("fail", help="mark stale rows error, with a note", parents=[_common()],
+                           description="Mark rows in progress that nothing runs as error (completed_at, an "
+                                       "error note), as AtoM's own error path does. Refuses a row a worker or "
+                                       "gearmand may still run, unless --force.")
+    f.add_argument("ids", nargs="+", type=int, metavar="ID", help="the job rows' ids (jobs --stale names them)")
+    f.add_argument("--site", metavar="SITE", default=argparse.SUPPRESS, help="the site's database")
+    f.add_argument("--note", metavar="TEXT", help="the error note (default: who marked it and why)")
+    f.add_argument("--force", action="store_true", help="even when a worker or gearmand may still run it")
+    e = actions.add_parser("export", help="the history as AtoM's jobs CSV on stdout", parents=[_common()],
+                           description="AtoM's jobs CSV (startDate, endDate, jobName, jobStatus, jobInfo, jobUser),"
+                                       " oldest first, on stdout.")
+    e.add_argument("--site", metavar="SITE", default=argparse.SUPPRESS, help="only this site's database")
+    e.add_argument("--status", metavar="S", default=argparse.SUPPRESS, help="running, completed, error or all")
+    e.add_argument("--since", metavar="TIME", default=argparse.SUPPRESS, help="submitted since TIME")
+    e.add_argument("--before", metavar="TIME", help="finished (or, in progress, submitted) before TIME")
+    c = actions.add_parser("clear", help="delete finished rows older than a time, and their notes",
+                           parents=[_common()],
+                           description="Delete finished rows (completed, error) finished before --before, and "
+                                       "their notes; never a row in progress. Says how many first.")
+    c.add_argument("--before", metavar="TIME", required=True, help="finished before TIME ('90 days ago')")
+    c.add_argument("--site", metavar="SITE", default=argparse.SUPPRESS, help="only this site's database")
+    c.add_argument("--status", metavar="S", default=argparse.SUPPRESS,
+                   help="completed, error or both (default completed,error)")
+    c.add_argument("--yes", action="store_true", help="do not ask (needed when not on a terminal)")
 
 
 def _long_options(parser: argparse.ArgumentParser) -> list[str]:
@@ -314,6 +359,10 @@ def dispatch(args) -> int:
         except ManagerError:
             backend = None  # the journal does not need D-Bus; stray instances are just not listed
         return cmd_logs.run(args, host, backend)
+    if args.command == "jobs" and getattr(args, "jobs_action", None) in ("export", "clear"):
+        from . import cmd_jobs
+
+        return cmd_jobs.run(args, host, None)  # the database only: no process manager needed
     backend = _backend(host)
     try:
         if args.command == "status":
@@ -324,6 +373,10 @@ def dispatch(args) -> int:
             from . import cmd_doctor
 
             return cmd_doctor.run(args, host, backend)
+        if args.command == "jobs":
+            from . import cmd_jobs
+
+            return cmd_jobs.run(args, host, backend)
         from . import cmd_actions
 
         return {"reset": cmd_actions.reset, "restart": cmd_actions.restart, "scale": cmd_actions.scale,

@@ -17,7 +17,8 @@ FAULT, WARNING = "fault", "warning"
 # Causes before their symptoms: an unreachable gearmand or a wrong prefix explains "no worker for job".
 ORDER = ["config_unreadable", "worker_cannot_read", "executable_missing", "gearmand_unreachable", "prefix_mismatch",
          "restart_policy_down", "unit_changed_not_reloaded",
-         "start_limit_hit", "crash_loop", "unit_missing", "instance_down", "not_registered", "no_worker_for_job"]
+         "start_limit_hit", "crash_loop", "unit_missing", "instance_down", "not_registered", "no_worker_for_job",
+         "stale_job"]
 # A fix line is a command to run as root on this host, as printed, unless it starts with one of these: a step for
 # a person (edit a file, change the inventory) or a command for another host.
 HUMAN = "by hand: "
@@ -472,6 +473,10 @@ def run(args, host: model.Host, backend) -> int:
     else:
         journal_error = None
     findings = diagnose(snap, journal_lines, backend)
+    from .cmd_jobs import stale_findings
+
+    findings += stale_findings(host, backend, snap, Finding, FAULT, WARNING)
+    findings.sort(key=lambda f: (f.severity != FAULT, ORDER.index(f.code) if f.code in ORDER else len(ORDER)))
     if backend.name == "supervisor":
         findings = _policy_findings(backend) + findings
     faults = [f for f in findings if f.severity == FAULT]

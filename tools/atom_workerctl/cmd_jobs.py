@@ -1,0 +1,408 @@
+"""`atom-workerctl jobs`: AtoM's job table beside gearmand's queue and the workers' logs.
+
+    jobs [--status S] [--since T] [--stale]     the rows, newest first; for rows in progress, who runs them
+    jobs fail ID... [--note TEXT] [--force]     mark stale rows error, as AtoM's own error path does
+    jobs export [--status S] [--since T] [--before T]   the history as AtoM's jobs CSV, on stdout
+    jobs clear --before T [--status completed,error] [--yes]   delete finished rows older than T
+
+Each site's database comes from its config/config.php (phpconfig.py); sites sharing one database are read
+once. Only `fail` and `clear` write, and only the rows they name or select.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from . import job_evidence, model
+from .errors import EXIT_NOT_ACTIVE, EXIT_OK, EXIT_USAGE, NoSuchError, WorkerctlError
+from .jobtable import COMPLETED, ERROR, IN_PROGRESS, STATUS_IDS, Job, JobTable
+from .render import Out, dump_json
+
+CSV_COLUMNS = ["startDate", "endDate", "jobName", "jobStatus", "jobInfo", "jobUser"]
+CSV_STATUS = {COMPLETED: "Completed", IN_PROGRESS: "Running", ERROR: "Error"}
+
+
+class SiteJobs:
+    """One database and the sites of this host that use it."""
+
+    def __init__(self, db, sites: list[model.Site]):
+        self.db = db
+        self.sites = sites
+        self.table: JobTable | None = None
+        self.jobs: list[Job] = []          # the rows shown
+        self.in_progress: list[Job] = []   # every row in progress, judged whether shown or not
+        self.verdicts: dict[int, job_evidence.Verdict] = {}
+
+    @property
+    def name(self) -> str:
+        return ", ".join(s.name for s in self.sites)
+
+
+def databases(host: model.Host, site: str | None, explicit: bool = True) -> list[SiteJobs]:
+    """The databases of the selected sites. Without --site, sites with no config/config.php are left out
+    (an error only when none has one)."""
+    from .phpconfig import site_database
+
+    chosen = [host.site(site)] if site else host.sites
+    out: dict[tuple, SiteJobs] = {}
+    errors = []
+    for s in chosen:
+        try:
+            db = site_database(s.root)
+        except WorkerctlError as exc:
+            if site or not explicit:
+                raise
+            errors.append(str(exc))
+            continue
+        out.setdefault(db.key, SiteJobs(db, [])).sites.append(s)
+    if not out:
+        raise WorkerctlError(errors[0] if len(errors) == 1 else "no site of this host has a database configured: "
+                             + "; ".join(errors))
+    return list(out.values())
+
+
+def _time(text: str | None) -> str | None:
+    """A --since/--before time as the database's DATETIME text (this host's local time)."""
+    if not text:
+        return None
+    from .journal import parse_time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(parse_time(text) / 1e6))
+
+
+def _statuses(text: str | None, default: list[int] | None) -> list[int] | None:
+    if not text:
+        return default
+    out = []
+    for raw in text.split(","):
+        word = raw.strip().lower()
+        if word == "all":
+            return None
+        if word not in STATUS_IDS:
+            raise WorkerctlError(f"unknown status {word!r} (running, completed, error, all)", exit_code=EXIT_USAGE)
+        out.append(STATUS_IDS[word])
+    return out
+
+
+def judge_sites(host: model.Host, backend, groups: list[SiteJobs], timeout: float, snap=None) -> None:
+    """Verdicts for every row in progress: gearmand asked after the rows were read (or doctor's snapshot,
+    taken before: a row submitted since is younger than the grace time), the workers' logs since the oldest
+    such row."""
+    pending = [g for g in groups if g.in_progress]
+    if not pending:
+        return
+    from .snapshot import take
+
+    units = [u for g in pending for s in g.sites for p in s.pools for u in p.units]
+    if snap is None:
+        snap = take(host, backend, units=units, timeout=timeout)
+    oldest = max(j.age_s or 0 for g in pending for j in g.in_progress)
+    alive = {u: set(i.pids) for u, i in snap.instances.items() if i.state.active}
+    entries = _logs(host, backend, units, time.time() - oldest - 60)
+    running, abandoned = job_evidence.scan(entries, alive)
+    for g in pending:
+        for s in g.sites:
+            sv = snap.site_view(s)
+            g.verdicts.update(job_evidence.judge(
+                [j for j in g.in_progress if j.id not in g.verdicts], sv.prefix, sv.servers, snap.gearman,
+                {k: t for k, t in running.items() if t.instance in {model.short(u) for p in s.pools for u in p.units}},
+                abandoned, snap.taken_at))
+
+
+def stale_findings(host: model.Host, backend, snap, Finding, fault: str, warning: str) -> list:
+    """doctor: a stale row is a fault with its fixing command; a database that cannot be read, a warning.
+    Sites without config/config.php are not looked at."""
+    import os
+
+    from .phpconfig import CONFIG_PHP
+
+    with_db = [s.name for s in host.sites if os.path.exists(os.path.join(s.root, CONFIG_PHP))]
+    if not with_db:
+        return []
+    findings = []
+    groups = []
+    for name in with_db:
+        try:
+            groups += [g for g in databases(host, name) if g.db.key not in {x.db.key for x in groups}]
+        except WorkerctlError as exc:
+            findings.append(Finding("jobs_unreadable", warning, f"site {name}",
+                                    "AtoM's job table cannot be read: stale jobs are not looked for", [str(exc)],
+                                    ["atom-workerctl jobs --site " + name + "   # shows the same error"]))
+    try:
+        for g in groups:
+            try:
+                g.table = JobTable(g.db)
+                g.in_progress = g.table.jobs(statuses=[IN_PROGRESS])
+            except WorkerctlError as exc:
+                findings.append(Finding("jobs_unreadable", warning, f"site {g.name}",
+                                        "AtoM's job table cannot be read: stale jobs are not looked for",
+                                        [str(exc)], [f"atom-workerctl jobs --site {g.sites[0].name}"]))
+        judge_sites(host, backend, [g for g in groups if g.table is not None], 0, snap=snap)
+    finally:
+        _close(groups)
+    for g in groups:
+        for v in g.verdicts.values():
+            if v.state != "stale":
+                continue
+            blocks = (f"; it blocks {len(v.blocking)} later move/import job(s): "
+                      + ", ".join(str(b.id) for b in v.blocking)) if v.blocking else ""
+            findings.append(Finding(
+                "stale_job", fault, f"job {v.job.id} (site {g.name})",
+                f"AtoM shows job {v.job.id} {v.job.name} as Running, but nothing runs it or will{blocks}",
+                [f"job {v.job.id}: {v.job.name}, in progress since {_short(v.job.created_at)}", *v.evidence],
+                [_fail_command(g, v)]))
+    return findings
+
+
+def _logs(host: model.Host, backend, units: list[str], since: float):
+    from . import journal
+
+    if host.manager == "supervisor":
+        from .cmd_logs import namespecs_of
+
+        return journal.read_files(backend.settings["log_dir"], units, namespecs_of(host, units, backend),
+                                  since=f"@{since:.0f}")
+    return journal.read(units, since=f"@{since:.0f}")
+
+
+def _open(groups: list[SiteJobs]) -> None:
+    for g in groups:
+        g.table = JobTable(g.db)
+
+
+def _close(groups: list[SiteJobs]) -> None:
+    for g in groups:
+        if g.table is not None:
+            g.table.close()
+
+
+def run(args, host: model.Host, backend) -> int:
+    action = getattr(args, "jobs_action", None)
+    if action == "export":
+        return export(args, host)
+    if action == "clear":
+        return clear(args, host)
+    if action == "fail":
+        return fail(args, host, backend)
+    return listing(args, host, backend)
+
+
+# -- jobs [--stale] -------------------------------------------------------------------------------------------
+
+def listing(args, host: model.Host, backend) -> int:
+    groups = databases(host, args.site)
+    statuses = [IN_PROGRESS] if args.stale else _statuses(args.status, None)
+    since = _time(args.since)
+    try:
+        _open(groups)
+        for g in groups:
+            g.jobs = g.table.jobs(statuses=statuses, since=since, notes=True)
+            if args.lines and not args.stale:
+                g.jobs = g.jobs[:args.lines]
+            g.in_progress = g.table.jobs(statuses=[IN_PROGRESS])
+        judge_sites(host, backend, groups, args.gearman_timeout)
+    finally:
+        _close(groups)
+    stale = [v for g in groups for v in g.verdicts.values() if v.state == "stale"]
+    code = EXIT_NOT_ACTIVE if args.stale and stale else EXIT_OK
+    if args.json:
+        dump_json({"schema": 1, "command": "jobs", "exit_code": code, "sites": [
+            {"sites": [s.name for s in g.sites], "database": g.db.describe(), "jobs": [
+                {**j.as_dict(), **({"now": g.verdicts[j.id].as_dict()} if j.id in g.verdicts else {})}
+                for j in g.jobs if not args.stale or (j.id in g.verdicts and g.verdicts[j.id].state == "stale")]}
+            for g in groups]})
+        return code
+    out = Out()
+    for n, g in enumerate(groups):
+        if n:
+            out.line()
+        out.line(out.paint(f"site {g.name}", "bold") + f": {g.db.describe()}")
+        if args.stale:
+            _render_stale(out, g)
+            continue
+        if not g.jobs:
+            out.line("  no jobs" + (" of that status" if statuses else "") + (f" since {since}" if since else ""))
+            continue
+        rows, styles = [], []
+        for j in g.jobs:
+            v = g.verdicts.get(j.id)
+            now = "" if v is None else (f"STALE: {v.summary}" if v.state == "stale" else v.summary)
+            rows.append([str(j.id), j.name or "-", j.user or "-", j.status, _short(j.created_at),
+                         _short(j.completed_at), _age(j.age_s), now])
+            styles.append(["", "", "", {"error": "red", "completed": "green"}.get(j.status, "yellow"), "", "", "",
+                           "red" if v is not None and v.state == "stale" else ""])
+        out.table(["ID", "CLASS", "USER", "STATUS", "STARTED", "COMPLETED", "AGE", "NOW"], rows, styles,
+                  indent="  ")
+        for v in g.verdicts.values():
+            if v.state == "stale":
+                out.line()
+                out.line(f"  job {v.job.id} is stale: `atom-workerctl jobs --stale` shows why; fix: "
+                         + out.paint(_fail_command(g, v), "bold"))
+    return code
+
+
+def _render_stale(out: Out, g: SiteJobs) -> None:
+    stale = [v for v in g.verdicts.values() if v.state == "stale"]
+    others = [v for v in g.verdicts.values() if v.state != "stale"]
+    if not stale:
+        out.line(f"  no stale job ({len(others)} in progress: "
+                 + ", ".join(f"{v.job.id} {v.state}" for v in others) + ")" if others else "  no job in progress")
+        return
+    for v in stale:
+        j = v.job
+        out.line(f"  {out.paint('STALE', 'red')} job {j.id} {j.name} (user {j.user or 'none'}), in progress since "
+                 f"{_short(j.created_at)} ({_age(j.age_s)}): {v.summary}")
+        for e in v.evidence:
+            out.line(f"    evidence: {e}")
+        if v.blocking:
+            out.line(f"    blocks:   {len(v.blocking)} later move/import job(s), AtoM runs them one at a time: "
+                     + ", ".join(f"{b.id} {b.name}" for b in v.blocking))
+        out.line("    fix:      " + out.paint(_fail_command(g, v), "bold"))
+    for v in others:
+        out.line(f"  job {v.job.id} {v.job.name}: {v.state}, {v.summary}")
+
+
+def _fail_command(g: SiteJobs, v) -> str:
+    site = f" --site {g.sites[0].name}" if g.sites[0].name != "default" else ""
+    return f"atom-workerctl jobs fail {v.job.id}{site}"
+
+
+def _short(value) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
+
+
+def _age(seconds) -> str:
+    if seconds is None:
+        return "-"
+    from .render import ago
+
+    return ago(int((time.time() - seconds) * 1e6)).removesuffix(" ago")
+
+
+# -- jobs fail ------------------------------------------------------------------------------------------------
+
+def fail(args, host: model.Host, backend) -> int:
+    groups = databases(host, args.site)
+    if len(groups) > 1:
+        raise WorkerctlError("this host's sites use several databases: name one with --site", exit_code=EXIT_USAGE)
+    g = groups[0]
+    ids = list(dict.fromkeys(args.ids))
+    out = Out()
+    try:
+        _open(groups)
+        g.jobs = g.table.jobs(ids=ids)
+        g.in_progress = g.table.jobs(statuses=[IN_PROGRESS])  # all of them: which later ones each blocks
+        found = {j.id: j for j in g.jobs}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise NoSuchError(f"no such job in {g.db.describe()}: {', '.join(map(str, missing))}")
+        finished = [j for j in g.jobs if not j.running]
+        if finished:
+            raise WorkerctlError("not in progress, nothing to do: "
+                                 + ", ".join(f"job {j.id} is {j.status}" for j in finished) + " (nothing changed)")
+        judge_sites(host, backend, groups, args.gearman_timeout)
+        refused = [g.verdicts[i] for i in ids if g.verdicts[i].state != "stale"]
+        if refused and not args.force:
+            v = refused[0]
+            raise WorkerctlError(f"job {v.job.id} is not stale ({v.state}: {v.summary}); nothing changed "
+                                 "(--force marks it failed anyway)")
+        note = args.note or (f"Marked as failed by atom-workerctl on {_hostname()}: no worker ran it and no job "
+                             "server held it")
+        changed = g.table.fail(ids, note)
+        # Rows that blocked later moves or imports: say which can go on now.
+        unblocked = sorted({b.id for i in changed for b in g.verdicts[i].blocking} - set(changed))
+    finally:
+        _close(groups)
+    if args.json:
+        dump_json({"schema": 1, "command": "jobs fail", "failed": changed, "note": note, "unblocked": unblocked})
+        return EXIT_OK
+    for i in changed:
+        j = found[i]
+        out.line(f"job {i} {j.name}: marked error (in progress since {_short(j.created_at)}), note: {note}")
+    if unblocked:
+        out.line(f"later moves/imports it held back can run now: {', '.join(map(str, unblocked))}")
+    return EXIT_OK
+
+
+def _hostname() -> str:
+    from .snapshot import hostname
+
+    return hostname()
+
+
+# -- jobs export ----------------------------------------------------------------------------------------------
+
+def export(args, host: model.Host) -> int:
+    groups = databases(host, args.site)
+    try:
+        _open(groups)
+        for g in groups:
+            g.jobs = g.table.jobs(statuses=_statuses(args.status, None), since=_time(args.since),
+                                  before=_time(args.before), oldest_first=True, notes=True)
+    finally:
+        _close(groups)
+    write = sys.stdout.write
+    write(csv_line(CSV_COLUMNS))
+    for g in groups:
+        for j in g.jobs:
+            write(csv_line([_atom_date(j.created_at), _atom_date(j.completed_at), j.name or "",
+                            CSV_STATUS.get(j.status_id, "Unknown"), " | ".join(j.notes), j.user or "None"]))
+    return EXIT_OK
+
+
+def _atom_date(value) -> str:
+    """QubitJob::formatDate(): 'Y-m-d h:i A', 'N/A' when unset."""
+    return value.strftime("%Y-%m-%d %I:%M %p") if value is not None else "N/A"
+
+
+def csv_line(fields: list[str]) -> str:
+    """One line as PHP's fputcsv writes it (AtoM's export uses it): a field is quoted when it holds the
+    delimiter, a quote, a backslash, a space, a tab or a line break; quotes inside are doubled."""
+    out = []
+    for field in fields:
+        text = str(field)
+        if any(c in text for c in ',"\\ \t\r\n'):
+            text = '"' + text.replace('"', '""') + '"'
+        out.append(text)
+    return ",".join(out) + "\n"
+
+
+# -- jobs clear -----------------------------------------------------------------------------------------------
+
+def clear(args, host: model.Host) -> int:
+    statuses = _statuses(args.status, [COMPLETED, ERROR])
+    if statuses is None or IN_PROGRESS in statuses:
+        raise WorkerctlError("jobs clear deletes finished jobs only: --status completed, error or both",
+                             exit_code=EXIT_USAGE)
+    before = _time(args.before)
+    groups = databases(host, args.site)
+    out = Out(sys.stderr)
+    total = 0
+    try:
+        _open(groups)
+        for g in groups:
+            g.jobs = g.table.jobs(statuses=statuses, before=before)
+            total += len(g.jobs)
+        if not total:
+            out.line(f"no finished jobs before {before}: nothing to delete")
+            return EXIT_OK
+        for g in groups:
+            counts = {s: sum(1 for j in g.jobs if j.status == s) for s in ("completed", "error")}
+            out.line(f"site {g.name} ({g.db.describe()}): {len(g.jobs)} finished job(s) before {before} "
+                     f"({counts['completed']} completed, {counts['error']} error) and their notes will be deleted; "
+                     "rows in progress and later rows stay")
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise WorkerctlError(f"refusing to delete {total} job(s) without --yes (not on a terminal); "
+                                     "keep them first: atom-workerctl jobs export > jobs.csv", exit_code=EXIT_USAGE)
+            sys.stderr.write(f"delete {total} job(s)? [y/N] ")
+            sys.stderr.flush()
+            if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+                out.line("nothing deleted")
+                return EXIT_OK
+        deleted = sum(g.table.clear([j.id for j in g.jobs]) for g in groups)
+    finally:
+        _close(groups)
+    out.line(f"deleted {deleted} job(s)")
+    return EXIT_OK
