@@ -14,6 +14,7 @@ short enough for a crash loop to reach the start limit (3 starts in 24 h, the do
 
 import json
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,10 @@ ROOT = "/usr/share/nginx/atom"
 GEARMAN_YML = f"{ROOT}/config/gearman.yml"
 INVENTORY = {"all": {"children": {
     "gearman_job_servers": {"hosts": {HOST: None}},
-    "atom_workers": {"hosts": {HOST: {"atom_worker_instances": 2, "atom_worker_restart_sec": 10}}},
+    # The stand-in keeps AtoM's job table in a local MariaDB; gearmand drops a job whose worker died (one
+    # attempt, as against poison jobs), so a killed move's row stays "Running" with nothing to run it.
+    "atom_workers": {"hosts": {HOST: {"atom_worker_instances": 2, "atom_worker_restart_sec": 10,
+                                      "atom_standin_database": True, "gearman_job_server_job_retries": 1}}},
 }}}
 W1, W2 = "atom-worker@1", "atom-worker@2"
 HUMAN = "by hand: "
@@ -343,6 +347,71 @@ def test_no_pool_for_job(host):
         result = host.hosts.playbook("playbooks/lab/site.yml")
         assert result.returncode == 0, result
     fix_as_printed(host, ["no_pool_for_job"], human=run_site_yml, settle=RECONNECT)
+
+
+def sql(host, query):
+    """One query on the site's database as root (MariaDB's socket authentication); rows of tab-separated text."""
+    out = host.sh(f"mariadb --batch --skip-column-names atom -e {shlex.quote(query)}").stdout
+    return [line.split("\t") for line in out.splitlines()]
+
+
+def test_a_lost_move_is_a_stale_job(host):
+    """Issue 15's drill on systemd: a move whose worker is SIGKILLed is dropped by gearmand, its row stays in
+    progress and a second move waits behind it; doctor names the row with the fix, which (with the crash
+    loop's reset) makes the host healthy, the second move completes and no other row changed."""
+    host.hosts.standin_control(HOST, sensitive_wait=1, sensitive_retries=120)
+    host.sh(f"systemctl restart {W1} {W2}")  # the knobs are read at start
+    host.wait_healthy(what="both workers registered again")
+
+    def submit(payload):
+        out = host.sh(f"cd {ROOT} && runuser -u www-data -- php symfony standin:submit --class=arObjectMoveJob "
+                      f"--user=archivist --payload={shlex.quote(json.dumps(payload))}").stdout
+        return int(out.split()[0])
+
+    def started_by(job_id):
+        for line in host.sh(f"cat {ROOT}/log/standin-record.jsonl").stdout.splitlines():
+            event = json.loads(line)
+            if event.get("event") == "job-start" and event.get("id") == job_id:
+                return event["pid"]
+        return None
+
+    # Some history the fix must leave alone: a completed job and one that ended in error (with its note).
+    for payload in ({}, {"fail": "disk full"}):
+        host.sh(f"cd {ROOT} && runuser -u www-data -- php symfony standin:submit --class=arFindingAidJob "
+                f"--payload={shlex.quote(json.dumps(payload))}")
+    wait_until(lambda: sql(host, "SELECT COUNT(*) FROM job WHERE status_id IN (184, 185)") == [["2"]],
+               timeout=30, interval=0.5, what="two finding aids done")
+    first = submit({"sleep": 600})
+    pid = wait_until(lambda: started_by(first), timeout=30, interval=0.5, what=f"job {first} started")
+    # Positive control: while its worker runs it, the row is not stale.
+    assert host.sh("atom-workerctl jobs --stale", check=False).returncode == 0
+    host.sh(f"kill -KILL {pid}")
+    wait_until(lambda: host.sh("gearadmin --status").stdout.count("arObjectMoveJob\t0\t0\t") == 1,
+               timeout=30, interval=0.5, what="gearmand dropped the lost move")
+    second = submit({})
+    wait_until(lambda: f'Job {second} "arObjectMoveJob": Another sensitive job'
+               in host.sh("journalctl -u 'atom-worker@*' -o cat --since '-2min'").stdout,
+               timeout=60, interval=1, what=f"job {second} waiting behind job {first}")
+    wait_until(lambda: int(sql(host, f"SELECT TIMESTAMPDIFF(SECOND, created_at, NOW()) FROM object "
+                                     f"WHERE id = {first}")[0][0]) > 10, timeout=20, interval=1,
+               what="the lost row older than the grace time")
+    stale = host.sh("atom-workerctl jobs --stale --json", check=False)
+    assert stale.returncode == 3, stale.stdout + stale.stderr
+    (row,) = [j for site in json.loads(stale.stdout)["sites"] for j in site["jobs"]]
+    assert row["id"] == first and row["now"]["blocking"] == [second], row
+    assert any(f"(PID {pid}) started it" in e for e in row["now"]["evidence"]), row
+
+    def other_rows():
+        """Every row of the job, object and note tables but the two moves'."""
+        return [sql(host, f"SELECT * FROM {table} WHERE {key} NOT IN ({first}, {second}) ORDER BY id")
+                for table, key in (("job", "id"), ("object", "id"), ("note", "object_id"))]
+    before = other_rows()
+    assert len(before[0]) >= 2 and before[2], "no other rows: the check below would prove nothing"
+    out = fix_as_printed(host, ["crash_loop", "stale_job"], settle=RECONNECT)
+    assert "healthy" in out
+    assert sql(host, f"SELECT status_id FROM job WHERE id = {first}") == [["185"]]
+    assert sql(host, f"SELECT status_id FROM job WHERE id = {second}") == [["184"]]
+    assert other_rows() == before
 
 
 def test_every_finding_code_of_the_readme_is_made_here():

@@ -359,10 +359,12 @@ def dispatch(args) -> int:
         except ManagerError:
             backend = None  # the journal does not need D-Bus; stray instances are just not listed
         return cmd_logs.run(args, host, backend)
-    if args.command == "jobs" and getattr(args, "jobs_action", None) in ("export", "clear"):
+    if args.command == "jobs":
         from . import cmd_jobs
 
-        return cmd_jobs.run(args, host, None)  # the database only: no process manager needed
+        cmd_jobs.check_args(args, host)  # bad input is refused before anything is asked
+        if getattr(args, "jobs_action", None) in ("export", "clear"):
+            return cmd_jobs.run(args, host, None)  # the database only: no process manager needed
     backend = _backend(host)
     try:
         if args.command == "status":

@@ -177,6 +177,17 @@ def _close(groups: list[SiteJobs]) -> None:
             g.table.close()
 
 
+def check_args(args, host: model.Host) -> None:
+    """Everything the command line says, checked before a database, gearmand or systemd is asked."""
+    if args.site:
+        host.site(args.site)
+    _statuses(getattr(args, "status", None), None)
+    for name in ("since", "before"):
+        _time(getattr(args, name, None))
+    if getattr(args, "lines", 0) < 0:
+        raise WorkerctlError("-n must be 0 (all) or more", exit_code=EXIT_USAGE)
+
+
 def run(args, host: model.Host, backend) -> int:
     action = getattr(args, "jobs_action", None)
     if action == "export":

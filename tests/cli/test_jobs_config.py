@@ -1,0 +1,157 @@
+"""How `atom-workerctl jobs` finds a site's database, locally: config/config.php as PHP itself writes it
+(var_export, so the reader is checked against the real format), never executed, the password never printed;
+and the CLI's one-line errors. A throw-away MariaDB answers the positive controls.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "tests"))
+
+import standin  # noqa: E402
+from atom_workerctl import cmd_jobs, phpconfig  # noqa: E402
+from atom_workerctl.errors import ConfigError  # noqa: E402
+from mariadb import PASSWORD, MariaDB, write_site_database  # noqa: E402
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO / "tools"), "NO_COLOR": "1"}
+pytestmark = pytest.mark.timeout(90)
+
+
+def php_export(value) -> str:
+    """config.php as AtoM's installer writes it: PHP's own var_export."""
+    code = ('$c = json_decode(stream_get_contents(STDIN), true);'
+            'echo "<?php\\n// auto-generated\\n\\nreturn ", var_export($c, true), ";\\n";')
+    return subprocess.run(["php", "-r", code], input=json.dumps(value), capture_output=True, text=True,
+                          check=True).stdout
+
+
+@pytest.mark.parametrize("password", ["plain", "it's \\ tricky\" $x {y} \n new line", "", "ünïcödé"])
+def test_reads_what_php_var_export_writes(tmp_path, password):
+    value = {"all": {"propel": {"class": "sfPropelDatabase", "param": {
+        "encoding": "utf8mb4", "persistent": True, "pooling": True, "dsn": "mysql:dbname=atom;port=3307",
+        "username": "atom", "password": password}}}, "dev": {"propel": {"param": {"classname": "DebugPDO",
+                                                                                    "debug": {"n": 0.1, "l": [1, 2]}}}}}
+    assert phpconfig.parse(php_export(value)) == as_php(value)
+    root = standin.make_root(tmp_path / "atom")
+    (root / "config" / "config.php").write_text(php_export(value))
+    db = phpconfig.site_database(str(root))
+    assert (db.dbname, db.username, db.password) == ("atom", "atom", password)
+    # No host in the dsn is PDO's localhost: the Unix socket, as PHP's mysqlnd uses it on Debian.
+    assert (db.unix_socket, db.host) == (phpconfig.DEFAULT_SOCKET, None)
+    assert password == "" or password not in db.describe()
+
+
+def as_php(value):
+    """A PHP array is one kind: lists are arrays with keys 0, 1, ..."""
+    if isinstance(value, list):
+        return {i: as_php(v) for i, v in enumerate(value)}
+    if isinstance(value, dict):
+        return {k: as_php(v) for k, v in value.items()}
+    return value
+
+
+def test_host_port_and_socket_in_the_dsn():
+    text = php_export({"all": {"propel": {"param": {"dsn": "mysql:dbname=a;host=db1;port=3307",
+                                                    "username": "u", "password": "p"}}}})
+    config = phpconfig.parse(text)
+    assert config["all"]["propel"]["param"]["dsn"].endswith("port=3307")
+    assert phpconfig.parse_dsn("mysql:dbname=a;unix_socket=/x/s.sock", "f")["unix_socket"] == "/x/s.sock"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("<?php\nsystem('touch /tmp/pwned'); return array();\n", "expected return"),
+    ("<?php\nreturn array('all' => getenv('X'));\n", "unexpected"),
+    ("<?php\nreturn array('a' => 'b')\n", "expected ;"),
+    ("<?php\nreturn array('a' => 'b'); echo 1;\n", "after the returned array"),
+    ("<?php\nreturn \"$x\";\n", "unexpected"),
+    ("return array();", "does not start with <?php"),
+])
+def test_php_code_is_refused_never_run(tmp_path, text, words):
+    marker = tmp_path / "pwned"
+    with pytest.raises(ConfigError) as err:
+        phpconfig.parse(text.replace("/tmp/pwned", str(marker)))
+    assert words in str(err.value)
+    assert not marker.exists()
+
+
+def test_a_dsn_that_is_not_mysql_is_one_line(tmp_path):
+    root = standin.make_root(tmp_path / "atom")
+    (root / "config" / "config.php").write_text(php_export(
+        {"all": {"propel": {"param": {"dsn": "pgsql:dbname=a", "username": "u", "password": "p"}}}}))
+    with pytest.raises(ConfigError, match="not a MySQL one"):
+        phpconfig.site_database(str(root))
+
+
+def test_csv_quoting_is_phps_fputcsv():
+    # fputcsv encloses a field holding a space, a comma, a quote, a backslash or a line break.
+    assert cmd_jobs.csv_line(["2026-05-01 10:00 AM", "N/A", "arFindingAidJob", 'say "hi"', "a,b", "x\\y"]) == \
+        '"2026-05-01 10:00 AM",N/A,arFindingAidJob,"say ""hi""","a,b","x\\y"\n'
+    code = 'fputcsv(STDOUT, ["2026-05-01 10:00 AM", "N/A", "arFindingAidJob", "say \\"hi\\"", "a,b", "plain"]);'
+    php = subprocess.run(["php", "-r", code], capture_output=True, text=True, check=True).stdout
+    assert cmd_jobs.csv_line(["2026-05-01 10:00 AM", "N/A", "arFindingAidJob", 'say "hi"', "a,b", "plain"]) == php
+
+
+# -- the CLI against a real database ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def db():
+    with MariaDB() as m:
+        yield m
+
+
+def site(tmp_path, root):
+    config = tmp_path / "sites.json"
+    config.write_text(json.dumps({"schema": 1, "manager": "systemd", "sites": [
+        {"name": "default", "root": str(root), "gearman_servers": ["127.0.0.1:4730"],
+         "pools": [{"name": "default", "unit_template": "atom-worker@.service", "units": []}]}]}))
+    return config
+
+
+def cli(config, *args):
+    return subprocess.run([sys.executable, "-m", "atom_workerctl", "--config", str(config), *args],
+                          capture_output=True, text=True, env=ENV, timeout=60, check=False)
+
+
+def test_export_reads_the_database_and_a_wrong_password_is_one_line_without_it(tmp_path, db):
+    root = standin.make_root(tmp_path / "atom")
+    write_site_database(root, db)
+    config = site(tmp_path, root)
+    good = cli(config, "jobs", "export")
+    assert good.returncode == 0, good.stderr
+    assert good.stdout == "startDate,endDate,jobName,jobStatus,jobInfo,jobUser\n"
+    text = (root / "config" / "config.php").read_text()
+    (root / "config" / "config.php").write_text(text.replace("s3cret", "wrong"))
+    bad = cli(config, "jobs", "export")
+    assert bad.returncode == 1 and bad.stdout == ""
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Access denied" in lines[0] and "Traceback" not in bad.stderr, bad.stderr
+    assert "wrong" not in bad.stderr and PASSWORD not in bad.stderr
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["jobs", "--status", "stuck"], 2, "unknown status 'stuck'"),
+    (["jobs", "clear", "--before", "30 days ago", "--status", "running", "--yes"], 2, "finished jobs only"),
+    (["jobs", "clear"], 2, "--before"),
+    (["jobs", "fail"], 2, "ID"),
+    (["jobs", "fail", "x1"], 2, "invalid int"),
+    (["jobs", "--site", "nope"], 4, "no such site"),
+    (["jobs", "export", "--since", "the day before"], 2, "cannot parse the time"),
+])
+def test_bad_jobs_input_is_one_line(tmp_path, db, args, code, words):
+    root = standin.make_root(tmp_path / "atom")
+    write_site_database(root, db)
+    result = cli(site(tmp_path, root), *args)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == code and len(lines) == 1 and words in lines[0], result.stderr
+
+
+def test_a_site_without_config_php_is_named(tmp_path):
+    root = standin.make_root(tmp_path / "atom")
+    result = cli(site(tmp_path, root), "jobs", "export")
+    assert result.returncode == 1 and "config/config.php does not exist" in result.stderr
