@@ -361,7 +361,10 @@ def test_jobs_are_processed_and_recorded(root, gearmand, workers):
     assert job_counts(root) == {i: 1 for i in ids}
     assert {e["pid"] for e in events(root, "job")} == {w.pid}
     w.wait_for_message("Jobs completed: 5")
-    assert f'Job {ids[0]} "arFindingAidJob": Job finished.' in w.messages()
+    # As AtoM's console: the job's own lines without its id (the id is in the Parameters line).
+    messages = w.messages()
+    assert messages.count("Job started.") == 5 and messages.count("Job finished.") == 5
+    assert f'Parameters: {{"id":"{ids[0]}","name":"arFindingAidJob"}}' in messages
     assert [e["id"] for e in events(root, "submit")] == ids
 
 

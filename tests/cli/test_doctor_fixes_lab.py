@@ -389,8 +389,8 @@ def test_a_lost_move_is_a_stale_job(host):
     wait_until(lambda: host.sh("gearadmin --status").stdout.count("arObjectMoveJob\t0\t0\t") == 1,
                timeout=30, interval=0.5, what="gearmand dropped the lost move")
     second = submit({})
-    wait_until(lambda: f'Job {second} "arObjectMoveJob": Another sensitive job'
-               in host.sh("journalctl -u 'atom-worker@*' -o cat --since '-2min'").stdout,
+    wait_until(lambda: "Another sensitive job" in "".join(c for r in sql(host, f"SELECT output FROM job WHERE id = "
+                                                                     f"{second}") for c in r),
                timeout=60, interval=1, what=f"job {second} waiting behind job {first}")
     wait_until(lambda: int(sql(host, f"SELECT TIMESTAMPDIFF(SECOND, created_at, NOW()) FROM object "
                                      f"WHERE id = {first}")[0][0]) > 10, timeout=20, interval=1,
@@ -412,6 +412,16 @@ def test_a_lost_move_is_a_stale_job(host):
     assert sql(host, f"SELECT status_id FROM job WHERE id = {first}") == [["185"]]
     assert sql(host, f"SELECT status_id FROM job WHERE id = {second}") == [["184"]]
     assert other_rows() == before
+
+
+def test_the_database_down(host):
+    """AtoM's job table cannot be read: a warning (the workers do not need it to run), whose fix starts the
+    local MariaDB."""
+    host.sh("systemctl stop mariadb")
+    code, out, fixes = host.doctor()
+    assert code == 0 and "WARNING [jobs_unreadable]" in out and "Can't connect" in out, out
+    assert fixes[0].startswith("systemctl start mariadb"), fixes
+    fix_as_printed(host, ["jobs_unreadable"])
 
 
 def test_every_finding_code_of_the_readme_is_made_here():

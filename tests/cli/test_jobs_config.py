@@ -155,3 +155,76 @@ def test_a_site_without_config_php_is_named(tmp_path):
     root = standin.make_root(tmp_path / "atom")
     result = cli(site(tmp_path, root), "jobs", "export")
     assert result.returncode == 1 and "config/config.php does not exist" in result.stderr
+
+
+# -- the verdict on rows in progress (job_evidence), on made-up evidence -------------------------------------
+def _row(job_id, cls, started, age=600, created="2026-05-01 10:00:00"):
+    import datetime
+
+    from atom_workerctl.jobtable import Job
+
+    output = f'[info] [{started}] Job {job_id} "{cls}": Job started.\n' if started else ""
+    return Job((job_id, cls, 183, datetime.datetime.fromisoformat(created), None, None, age, output))
+
+
+def _view(server, functions, error=None):
+    from atom_workerctl.gearman import FunctionStatus, ServerView
+
+    v = ServerView(server)
+    v.error = error
+    v.functions = {f: FunctionStatus(f, total, running, 1) for f, (total, running) in functions.items()}
+    return v
+
+
+def _entries(*lines):
+    from atom_workerctl.journal import Entry
+
+    return [Entry(1_000_000 * (i + 1), unit, None, 6, "worker", msg) for i, (unit, msg) in enumerate(lines)]
+
+
+MOVE = "arObjectMoveJob"
+U1, U2 = "atom-worker@1.service", "atom-worker@2.service"
+
+
+def _verdicts(rows, functions, takens_lines, alive, error=None):
+    from atom_workerctl import job_evidence
+
+    takens = job_evidence.scan(_entries(*takens_lines), alive)
+    gearman = {"g:4730": _view("g:4730", {f"p-{c}": n for c, n in functions.items()}, error)}
+    return job_evidence.judge(rows, "p", ["g:4730"], gearman, takens, 0)
+
+
+# Worker 1 (PID 11) took row 1 and was killed; worker 2 (PID 22) waits with row 2, tied by its start's time.
+LINES = [(U1, "PID 11"), (U1, "2026-05-01 10:00:00 > Job started."),
+         (U1, 'Parameters: {"id":1,"name":"arObjectMoveJob"}'), (U1, "PID 12"),
+         (U2, "PID 22"), (U2, "2026-05-01 10:00:30 > Job started."),
+         (U2, "2026-05-01 10:00:30 > Another sensitive job is being executed, will retry in 10 seconds")]
+ALIVE = {U1: {12}, U2: {22}}
+
+
+def test_a_lost_move_with_everything_accounted_for_is_stale():
+    rows = [_row(1, MOVE, "2026-05-01 10:00:00"), _row(2, MOVE, "2026-05-01 10:00:31", created="2026-05-01 10:00:29")]
+    v = _verdicts(rows, {MOVE: (1, 1)}, LINES, ALIVE)
+    assert v[2].state == "waiting" and "atom-worker@2 (PID 22)" in v[2].summary
+    assert v[1].state == "stale" and [j.id for j in v[1].blocking] == [2]
+    assert any("atom-worker@1 (PID 11) started it" in e and "gone" in e for e in v[1].evidence), v[1].evidence
+
+
+@pytest.mark.parametrize("functions, error, words", [
+    ({MOVE: (2, 1)}, None, "wait at gearmand"),                       # a move waiting: it may be row 1
+    ({MOVE: (2, 2)}, None, "not tied to a row (another host's"),       # a move running somewhere else
+    ({MOVE: (1, 1)}, "timed out", "did not answer"),                    # a job server silent
+])
+def test_a_row_that_may_still_run_is_never_stale(functions, error, words):
+    rows = [_row(1, MOVE, "2026-05-01 10:00:00"), _row(2, MOVE, "2026-05-01 10:00:31", created="2026-05-01 10:00:29")]
+    v = _verdicts(rows, functions, LINES, ALIVE, error)
+    assert v[1].state == "uncertain" and words in v[1].summary, v[1].summary
+
+
+def test_a_young_row_and_a_row_running_here_are_not_stale():
+    young = _verdicts([_row(1, MOVE, None, age=3)], {MOVE: (0, 0)}, [], {})
+    assert (young[1].state, young[1].summary) == ("uncertain", "just submitted")
+    old = _verdicts([_row(1, MOVE, None)], {MOVE: (0, 0)}, [], {})
+    assert old[1].state == "stale" and "its own log is empty" in " ".join(old[1].evidence)
+    running = _verdicts([_row(1, MOVE, "2026-05-01 10:00:00")], {MOVE: (1, 1)}, LINES[:3], {U1: {11}})
+    assert running[1].state == "running" and "tied by its Parameters line" in running[1].evidence[0]

@@ -153,8 +153,9 @@ def test_a_lost_move_is_found_stale_reported_failed_alone_and_the_next_move_comp
 
     # A second move waits behind it, as AtoM's do.
     (second,) = submit(lab.root, "arObjectMoveJob")
-    wait_until(lambda: any(f'Job {second} "arObjectMoveJob": Another sensitive job' in line
-                           for line in _worker_logs(lab)), 20)
+    wait_until(lambda: "Another sensitive job" in _output(lab, second), 20)
+    assert any(line.endswith("> Another sensitive job is being executed, will retry in 1 seconds")
+               for line in _worker_logs(lab))
 
     # A row younger than the grace time is never called stale (the web app commits it just before it
     # submits the job); the lost one is, once it is older.
@@ -221,6 +222,10 @@ def test_a_lost_move_is_found_stale_reported_failed_alone_and_the_next_move_comp
     assert remaining == {recent, int(first), int(second)}
     assert lab.db.query("SELECT COUNT(*) FROM note WHERE object_id IN (%s, %s)", old_completed, old_error) == [(0,)]
     assert lab.checksum() == keep
+
+
+def _output(lab, job_id) -> str:
+    return lab.db.query("SELECT output FROM job WHERE id = %s", int(job_id))[0][0] or ""
 
 
 def _age(lab, job_id) -> int:

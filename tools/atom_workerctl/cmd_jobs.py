@@ -99,15 +99,14 @@ def judge_sites(host: model.Host, backend, groups: list[SiteJobs], timeout: floa
         snap = take(host, backend, units=units, timeout=timeout)
     oldest = max(j.age_s or 0 for g in pending for j in g.in_progress)
     alive = {u: set(i.pids) for u, i in snap.instances.items() if i.state.active}
-    entries = _logs(host, backend, units, time.time() - oldest - 60)
-    running, abandoned = job_evidence.scan(entries, alive)
+    takens = job_evidence.scan(_logs(host, backend, units, time.time() - oldest - 60), alive)
     for g in pending:
         for s in g.sites:
             sv = snap.site_view(s)
+            own = {model.short(u) for p in s.pools for u in p.units}
             g.verdicts.update(job_evidence.judge(
                 [j for j in g.in_progress if j.id not in g.verdicts], sv.prefix, sv.servers, snap.gearman,
-                {k: t for k, t in running.items() if t.instance in {model.short(u) for p in s.pools for u in p.units}},
-                abandoned, snap.taken_at))
+                [t for t in takens if t.instance in own], snap.taken_at))
 
 
 def stale_findings(host: model.Host, backend, snap, Finding, fault: str, warning: str) -> list:
@@ -122,22 +121,23 @@ def stale_findings(host: model.Host, backend, snap, Finding, fault: str, warning
         return []
     findings = []
     groups = []
+
+    def unreadable(name: str, exc: WorkerctlError, db=None) -> None:
+        findings.append(Finding("jobs_unreadable", warning, f"site {name}",
+                                "AtoM's job table cannot be read: stale jobs are not looked for", [str(exc)],
+                                _database_fix(db, str(exc), backend)))
     for name in with_db:
         try:
             groups += [g for g in databases(host, name) if g.db.key not in {x.db.key for x in groups}]
         except WorkerctlError as exc:
-            findings.append(Finding("jobs_unreadable", warning, f"site {name}",
-                                    "AtoM's job table cannot be read: stale jobs are not looked for", [str(exc)],
-                                    ["atom-workerctl jobs --site " + name + "   # shows the same error"]))
+            unreadable(name, exc)
     try:
         for g in groups:
             try:
                 g.table = JobTable(g.db)
-                g.in_progress = g.table.jobs(statuses=[IN_PROGRESS])
+                g.in_progress = g.table.jobs(statuses=[IN_PROGRESS], output=True)
             except WorkerctlError as exc:
-                findings.append(Finding("jobs_unreadable", warning, f"site {g.name}",
-                                        "AtoM's job table cannot be read: stale jobs are not looked for",
-                                        [str(exc)], [f"atom-workerctl jobs --site {g.sites[0].name}"]))
+                unreadable(g.name, exc, g.db)
         judge_sites(host, backend, [g for g in groups if g.table is not None], 0, snap=snap)
     finally:
         _close(groups)
@@ -153,6 +153,24 @@ def stale_findings(host: model.Host, backend, snap, Finding, fault: str, warning
                 [f"job {v.job.id}: {v.job.name}, in progress since {_short(v.job.created_at)}", *v.evidence],
                 [_fail_command(g, v)]))
     return findings
+
+
+def _database_fix(db, error: str, backend) -> list[str]:
+    """What to do when the job table cannot be read: start the database when it runs here and does not
+    answer; otherwise the settings or the server elsewhere are a person's step."""
+    if db is None:
+        return ["by hand: correct config/config.php (named above): AtoM reads its database settings there"]
+    from .cmd_doctor import is_local
+
+    local = db.unix_socket is not None or is_local(db.host)
+    refused = "Can't connect" in error or "Connection refused" in error or "No such file" in error
+    if local and refused:
+        start = "systemctl start mariadb" if backend is not None and backend.name == "systemd" else \
+            "service mariadb start"
+        return [f"{start}   # the site's database runs on this host and does not answer"]
+    if refused:
+        return [f"on {db.host}: start the database server, and check it accepts connections from this host"]
+    return [f"by hand: correct config/config.php's database settings, or {db.username}'s grants in the database"]
 
 
 def _logs(host: model.Host, backend, units: list[str], since: float):
@@ -211,7 +229,7 @@ def listing(args, host: model.Host, backend) -> int:
             g.jobs = g.table.jobs(statuses=statuses, since=since, notes=True)
             if args.lines and not args.stale:
                 g.jobs = g.jobs[:args.lines]
-            g.in_progress = g.table.jobs(statuses=[IN_PROGRESS])
+            g.in_progress = g.table.jobs(statuses=[IN_PROGRESS], output=True)
         judge_sites(host, backend, groups, args.gearman_timeout)
     finally:
         _close(groups)
@@ -303,7 +321,7 @@ def fail(args, host: model.Host, backend) -> int:
     try:
         _open(groups)
         g.jobs = g.table.jobs(ids=ids)
-        g.in_progress = g.table.jobs(statuses=[IN_PROGRESS])  # all of them: which later ones each blocks
+        g.in_progress = g.table.jobs(statuses=[IN_PROGRESS], output=True)  # all of them: which later ones each blocks
         found = {j.id: j for j in g.jobs}
         missing = [i for i in ids if i not in found]
         if missing:

@@ -27,11 +27,16 @@ class DatabaseError(WorkerctlError):
 
 
 class Job:
-    __slots__ = ("id", "name", "status_id", "created_at", "completed_at", "user", "age_s", "notes")
+    __slots__ = ("id", "name", "status_id", "created_at", "completed_at", "user", "age_s", "notes", "output")
 
     def __init__(self, row: tuple):
-        self.id, self.name, self.status_id, self.created_at, self.completed_at, self.user, self.age_s = row
+        self.id, self.name, self.status_id, self.created_at, self.completed_at, self.user, self.age_s = row[:7]
+        self.output: str = (row[7] if len(row) > 7 else None) or ""
         self.notes: list[str] = []
+
+    def output_lines(self) -> list[str]:
+        """The lines the job logged (arJobLogger: `[level] [Y-m-d H:i:s] Job <id> "<Class>": message`)."""
+        return [line for line in self.output.splitlines() if line.strip()]
 
     @property
     def status(self) -> str:
@@ -93,7 +98,8 @@ class JobTable:
             raise DatabaseError(f"{self.db.describe()}: {_reason(exc)}") from None
 
     def jobs(self, statuses: list[int] | None = None, since: str | None = None, before: str | None = None,
-             ids: list[int] | None = None, oldest_first: bool = False, notes: bool = False) -> list[Job]:
+             ids: list[int] | None = None, oldest_first: bool = False, notes: bool = False,
+             output: bool = False) -> list[Job]:
         """Rows newest first (by object.created_at, then id); `since`/`before` are 'YYYY-MM-DD HH:MM:SS'."""
         where, args = [], []
         if statuses:
@@ -111,7 +117,8 @@ class JobTable:
         order = "ASC" if oldest_first else "DESC"
         rows = self._run(
             "SELECT j.id, j.name, j.status_id, o.created_at, j.completed_at, u.username, "
-            "TIMESTAMPDIFF(SECOND, o.created_at, NOW()) FROM job j JOIN object o ON o.id = j.id "
+            "TIMESTAMPDIFF(SECOND, o.created_at, NOW())" + (", j.output" if output else "")
+            + " FROM job j JOIN object o ON o.id = j.id "
             "LEFT JOIN user u ON u.id = j.user_id"
             + (" WHERE " + " AND ".join(where) if where else "")
             + f" ORDER BY o.created_at {order}, j.id {order}", args)
