@@ -1,15 +1,17 @@
-"""What a crash-proof queue costs: background submits per second to gearmand, in both queue durabilities.
+"""What a crash-proof queue costs: background submits per second to gearmand, in each durable queue.
 
 Run inside the lab network from the repository (writes bench/gearmand/results.md and results.json):
     tools/lab/lab exec -- .venv/bin/python bench/gearmand/run.py
 
-One lab host, `bg-gm` (gearmand on 127.0.0.1, libsqlite3 queue), converged by `site.yml` in each mode:
+One lab host, `bg-gm` (gearmand on 127.0.0.1), converged by `site.yml` in each mode:
   crash           the role's default: each job is written to the sqlite queue when it is queued
   clean-shutdown  `--store-queue-on-shutdown`: the queue is written only when gearmand stops cleanly
+  mysql           `gearman_job_server_queue_type: mysql`: each job is written to a MariaDB table on the same
+                  host (Debian's mariadb-server, its defaults) when it is queued
 The modes alternate (ROUNDS of each); in each round a client on the host itself submits background jobs
 over one connection, one at a time (SUBMIT_JOB_BG, wait for JOB_CREATED, as AtoM's doBackground does), for
-SECONDS (at most MAX_JOBS), with no worker. Before each round gearmand is stopped and its queue file removed,
-so every round starts from an empty queue.
+SECONDS (at most MAX_JOBS), with no worker. Before each round gearmand is stopped and its queue (file or
+table) emptied, so every round starts from an empty queue.
 """
 import datetime
 import json
@@ -26,7 +28,9 @@ from labhosts import LabHosts, in_lab_network  # noqa: E402
 
 GM = "bg-gm"
 INVENTORY = {"all": {"children": {"gearman_job_servers": {"hosts": {GM: None}}}}}
-MODES = ["crash", "clean-shutdown"]
+MODES = ["crash", "clean-shutdown", "mysql"]
+MYSQL_PASSWORD = "bench-lab-only"
+MYSQL = {"gearman_job_server_queue_type": "mysql", "gearman_job_server_mysql_password": MYSQL_PASSWORD}
 ROUNDS, SECONDS, MAX_JOBS = 3, 3.0, 200_000
 OUT = Path(__file__).resolve().parent
 
@@ -55,15 +59,27 @@ print(json.dumps({"jobs": n, "seconds": time.monotonic() - start}))
 
 
 def converge(hosts, mode):
-    result = hosts.playbook("site.yml", extra_vars={"gearman_job_server_queue_durability": mode})
+    extra = MYSQL if mode == "mysql" else {"gearman_job_server_queue_durability": mode}
+    result = hosts.playbook("site.yml", extra_vars=extra)
     assert result.returncode == 0, result
-    flag = "--store-queue-on-shutdown" in hosts.run(GM, "cat /etc/default/gearman-job-server").stdout
-    assert flag == (mode == "clean-shutdown"), mode
+    params = hosts.run(GM, "cat /etc/default/gearman-job-server").stdout
+    assert ("--store-queue-on-shutdown" in params) == (mode == "clean-shutdown"), mode
+    assert ("--queue-type=MySQL" in params) == (mode == "mysql"), mode
+
+
+def install_mariadb(hosts):
+    """Debian's mariadb-server (from the lab's served packages), the queue's database and user."""
+    hosts.run(GM, "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server",
+              timeout=600)
+    hosts.run(GM, "mariadb -e \"CREATE DATABASE IF NOT EXISTS gearman; CREATE USER IF NOT EXISTS "
+                  f"'gearman'@'localhost' IDENTIFIED BY '{MYSQL_PASSWORD}'; "
+                  "GRANT ALL ON gearman.* TO 'gearman'@'localhost';\"")
 
 
 def one_round(hosts, mode, n):
     # An empty queue for each round: stop (clean-shutdown writes the queue here), remove it, start.
     hosts.run(GM, "systemctl stop gearman-job-server; rm -f /var/lib/gearman/queue.sqlite3*; "
+                  "mariadb -e 'DROP TABLE IF EXISTS gearman.gearman_queue' 2>/dev/null; "
                   "systemctl reset-failed gearman-job-server; systemctl start gearman-job-server", timeout=300)
     hosts.run(GM, "for i in $(seq 100); do gearadmin -h 127.0.0.1 --status >/dev/null 2>&1 && exit 0; "
                   "sleep 0.1; done; exit 1")
@@ -87,6 +103,7 @@ def main() -> int:
     runs = {mode: [] for mode in MODES}
     try:
         hosts.run(GM, f"cat > /root/submit.py <<'EOF'\n{CLIENT}EOF")
+        install_mariadb(hosts)
         for n in range(ROUNDS):
             for mode in MODES:
                 converge(hosts, mode)
@@ -105,20 +122,22 @@ def write(runs):
                 if line.startswith("model name")), platform.machine())
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        "# gearmand queue durability benchmark",
+        "# gearmand queue benchmark: what durability costs",
         "",
         (f"Recorded {now} by `bench/gearmand/run.py` on {platform.node()} ({os.cpu_count()} cores of {cpu}; "
          f"kernel {platform.release()}; load average {os.getloadavg()[0]:.1f} at the end; the lab is shared "
          "with other work). One lab host, gearmand 1.1.20 with the libsqlite3 queue on the host's disk (an "
-         f"overlay on this machine's file system); {ROUNDS} rounds of each mode, alternating, each "
+         "overlay on this machine's file system) or its MySQL queue in MariaDB 10.11 on the same host (Debian's "
+         f"defaults: InnoDB, a log flush at each commit); {ROUNDS} rounds of each mode, alternating, each "
          f"{SECONDS:g} s of background submits from one client on the host, one at a time, from an empty queue."),
         "",
-        "| `gearman_job_server_queue_durability` | background submits/s (median) | runs | ratio |",
+        "| queue (`_queue_type` / `_queue_durability`) | background submits/s (median) | runs | ratio |",
         "| --- | --- | --- | --- |",
     ]
     for mode in MODES:
         each = ", ".join(f"{r['rate']:.0f}" for r in runs[mode])
-        lines.append(f"| `{mode}` | {rate[mode]:.0f} | {each} | {rate[mode] / rate['clean-shutdown']:.2f} |")
+        name = "`mysql`" if mode == "mysql" else f"`libsqlite3` / `{mode}`"
+        lines.append(f"| {name} | {rate[mode]:.0f} | {each} | {rate[mode] / rate['clean-shutdown']:.2f} |")
     lines += ["", "Raw figures are in `results.json`.", ""]
     (OUT / "results.md").write_text("\n".join(lines))
     (OUT / "results.json").write_text(json.dumps({"recorded": now, "host": platform.node(), "rounds": ROUNDS,

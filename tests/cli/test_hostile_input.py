@@ -142,6 +142,10 @@ GEARMAND_BAD = [
      [["gearman_job_server_extra_args[0]='--keepalive\\nUser=root' holds a control character"]]),
     ("allowed-address-tab", {"gearman_job_server_allowed_addresses": ["10.0.0.1\t"]},
      [["gearman_job_server_allowed_addresses[0]='10.0.0.1\\t' holds a control character"]]),
+    ("mysql-no-password", {"gearman_job_server_queue_type": "mysql"}, [["queue_type mysql needs", "password empty"]]),
+    ("mysql-password-newline", {"gearman_job_server_queue_type": "mysql",
+                                "gearman_job_server_mysql_password": "s3cret\nExecStartPre=/bin/id"},
+     [["queue_type mysql needs", "password set"]]),
 ]
 
 
@@ -164,7 +168,16 @@ def test_gearmand_preflight_passes_sound_values(gearmand_preflight):
 
 @pytest.mark.parametrize("case, extra, expected", GEARMAND_BAD, ids=[c[0] for c in GEARMAND_BAD])
 def test_gearmand_preflight_refuses_control_characters(gearmand_preflight, case, extra, expected):
-    assert_refused_one_line_each(gearmand_preflight(extra), expected)
+    proc = gearmand_preflight(extra)
+    assert_refused_one_line_each(proc, expected)
+    assert "s3cret" not in proc.stdout + proc.stderr  # the queue's password is never shown
+
+
+def test_gearmand_preflight_passes_a_sound_mysql_queue(gearmand_preflight):
+    proc = gearmand_preflight({"gearman_job_server_queue_type": "mysql",
+                               "gearman_job_server_mysql_password": "s3cret#'x"})
+    assert proc.returncode == 0 and "failed=0" in proc.stdout, proc.stdout[-3000:]
+    assert "s3cret" not in proc.stdout + proc.stderr
 
 
 # -- the gearmand admin client against peers that misbehave ------------------------------------------------------

@@ -19,8 +19,7 @@ PASSWORD = "queue-lab-only#1"   # lab only; a real one comes from a vault
 OPTIONS = "/etc/atom-gearman/gearmand-mysql.conf"
 INVENTORY = {"all": {"children": {
     "gearman_job_servers": {"hosts": {HOST: None}},
-    # The stand-in's database option installs MariaDB on the host (from the lab's served packages).
-    "atom_workers": {"hosts": {HOST: {"atom_worker_instances": 2, "atom_standin_database": True}}},
+    "atom_workers": {"hosts": {HOST: {"atom_worker_instances": 2}}},
 }}}
 MYSQL = {"gearman_job_server_queue_type": "mysql", "gearman_job_server_mysql_password": PASSWORD}
 
@@ -28,8 +27,10 @@ MYSQL = {"gearman_job_server_queue_type": "mysql", "gearman_job_server_mysql_pas
 @pytest.fixture(scope="module")
 def drill(make_drill):
     drill = make_drill(INVENTORY)
-    drill.converge()   # gearmand with its default queue; MariaDB installed with the stand-in's database
-    # What a database administrator does once: the queue's database and user (gearmand makes the table).
+    # MariaDB from the lab's offline apt repository; then what a database administrator does once: the
+    # queue's database and user (gearmand makes the table).
+    drill.run(HOST, "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server "
+                    ">/dev/null", timeout=600)
     drill.run(HOST, "mariadb -e " + shlex.quote(
         "CREATE DATABASE gearman; CREATE USER 'gearman'@'localhost' IDENTIFIED BY '" + PASSWORD + "'; "
         "GRANT ALL ON gearman.* TO 'gearman'@'localhost';"))
@@ -72,7 +73,7 @@ def test_the_password_is_in_a_private_file_not_on_gearmands_command_line(drill):
     assert "mariadb.service" in after.split(), after
     # A second converge changes nothing.
     result = drill.converge(extra_vars=MYSQL)
-    assert result.changed == 0, result
+    assert result.changed() == 0, result
 
 
 def test_gearmand_sigkill_with_200_queued_jobs_in_mariadb_loses_none(drill):

@@ -213,6 +213,8 @@ def test_ansible_and_plain_jinja_render_the_same_text(tmp_path):
         "allowed_v4": ["10.0.0.7", "10.0.1.0/24"],
         "allowed_v6": ["fd00::7"],
     }
+    mysql_queue = {**gearmand, "queue_type": "mysql", "mysql_local": True,
+                   "mysql_options_file": "/etc/atom-gearman/gearmand-mysql.conf"}
     cases = [("atom-worker@.service.j2", {"unit": u}) for u in units] + [
         (
             "atom-workers.target.j2",
@@ -230,6 +232,10 @@ def test_ansible_and_plain_jinja_render_the_same_text(tmp_path):
         ("gearman-job-server.override.conf.j2", {"gearmand": gearmand}),
         ("atom-gearman.nft.j2", {"gearmand": gearmand}),
         ("atom-gearman-firewall.service.j2", {"gearmand": gearmand}),
+        ("gearman-job-server.default.j2", {"gearmand": mysql_queue}),
+        ("gearman-job-server.override.conf.j2", {"gearmand": mysql_queue}),
+        ("gearmand-mysql.conf.j2", {"mysql": {"host": "localhost", "port": 3306, "db": "gearman",
+                                              "table": "gearman_queue", "user": "gearman", "password": "p#w'd"}}),
     ]
     playbook = [
         {
