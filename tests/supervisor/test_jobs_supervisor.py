@@ -210,6 +210,13 @@ def test_a_lost_move_is_found_stale_reported_failed_alone_and_the_next_move_comp
     moved = [r for r in rows if r["jobName"] == "arObjectMoveJob"]
     assert {r["jobStatus"] for r in moved} == {"Error", "Completed"} and moved[0]["jobUser"] == "archivist"
 
+    # The newest rows first, as many as asked; by status.
+    newest = [j["id"] for s in json.loads(lab.cli("jobs", "-n", "2", "--json").stdout)["sites"] for j in s["jobs"]]
+    assert newest == [int(second), int(first)]
+    errors = [j["id"] for s in json.loads(lab.cli("jobs", "--status", "error", "--json").stdout)["sites"]
+              for j in s["jobs"]]
+    assert errors == [int(first), old_error]
+
     # clear: finished rows before the time only, never without --yes off a terminal.
     refused = lab.cli("jobs", "clear", "--before", "30 days ago")
     assert refused.returncode == 2 and "--yes" in refused.stderr

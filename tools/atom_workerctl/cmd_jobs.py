@@ -11,6 +11,7 @@ once. Only `fail` and `clear` write, and only the rows they name or select.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -39,7 +40,7 @@ class SiteJobs:
         return ", ".join(s.name for s in self.sites)
 
 
-def databases(host: model.Host, site: str | None, explicit: bool = True) -> list[SiteJobs]:
+def databases(host: model.Host, site: str | None) -> list[SiteJobs]:
     """The databases of the selected sites. Without --site, sites with no config/config.php are left out
     (an error only when none has one)."""
     from .phpconfig import site_database
@@ -51,7 +52,7 @@ def databases(host: model.Host, site: str | None, explicit: bool = True) -> list
         try:
             db = site_database(s.root)
         except WorkerctlError as exc:
-            if site or not explicit:
+            if site:
                 raise
             errors.append(str(exc))
             continue
@@ -112,8 +113,6 @@ def judge_sites(host: model.Host, backend, groups: list[SiteJobs], timeout: floa
 def stale_findings(host: model.Host, backend, snap, Finding, fault: str, warning: str) -> list:
     """doctor: a stale row is a fault with its fixing command; a database that cannot be read, a warning.
     Sites without config/config.php are not looked at."""
-    import os
-
     from .phpconfig import CONFIG_PHP
 
     with_db = [s.name for s in host.sites if os.path.exists(os.path.join(s.root, CONFIG_PHP))]
@@ -226,9 +225,8 @@ def listing(args, host: model.Host, backend) -> int:
     try:
         _open(groups)
         for g in groups:
-            g.jobs = g.table.jobs(statuses=statuses, since=since, notes=True)
-            if args.lines and not args.stale:
-                g.jobs = g.jobs[:args.lines]
+            g.jobs = g.table.jobs(statuses=statuses, since=since, notes=True,
+                                  limit=None if args.stale or not args.lines else args.lines)
             g.in_progress = g.table.jobs(statuses=[IN_PROGRESS], output=True)
         judge_sites(host, backend, groups, args.gearman_timeout)
     finally:

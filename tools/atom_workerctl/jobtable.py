@@ -99,8 +99,9 @@ class JobTable:
 
     def jobs(self, statuses: list[int] | None = None, since: str | None = None, before: str | None = None,
              ids: list[int] | None = None, oldest_first: bool = False, notes: bool = False,
-             output: bool = False) -> list[Job]:
-        """Rows newest first (by object.created_at, then id); `since`/`before` are 'YYYY-MM-DD HH:MM:SS'."""
+             output: bool = False, limit: int | None = None) -> list[Job]:
+        """Rows newest first (by object.created_at, then id; `limit` of them); `since`/`before` are
+        'YYYY-MM-DD HH:MM:SS'; `notes` and `output` fetch those too."""
         where, args = [], []
         if statuses:
             where.append(f"j.status_id IN ({', '.join(['%s'] * len(statuses))})")
@@ -121,7 +122,8 @@ class JobTable:
             + " FROM job j JOIN object o ON o.id = j.id "
             "LEFT JOIN user u ON u.id = j.user_id"
             + (" WHERE " + " AND ".join(where) if where else "")
-            + f" ORDER BY o.created_at {order}, j.id {order}", args)
+            + f" ORDER BY o.created_at {order}, j.id {order}" + (" LIMIT %s" if limit else ""),
+            [*args, limit] if limit else args)
         jobs = [Job(r) for r in rows]
         if notes and jobs:
             by_id = {j.id: j for j in jobs}
