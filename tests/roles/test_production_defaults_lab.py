@@ -4,7 +4,7 @@
   lab host whose key it does not know, and reaches it once the key is in its known_hosts (ssh-keyscan).
 - site.yml holds only what production runs; the lab's playbook adds the AtoM stand-in and imports it.
 - roles/atom_workerctl with its defaults: the wheel from the control host, pinned by version and sha256,
-  Debian's python3-pystemd and python3-yaml in a venv that sees them, no compiler or -dev package, a second
+  Debian's python3-pystemd, python3-yaml and python3-pymysql in a venv that sees them, no compiler or -dev package, a second
   run changes nothing, a wrong pin fails before anything changes, and `atom_workerctl_state: absent` removes
   what the role installed.
 
@@ -133,7 +133,7 @@ def test_install_uses_debian_pystemd_and_no_build_tools(hosts, wheel):
     again = install(hosts, wheel)
     assert again.returncode == 0 and again.changed() == 0, again
 
-    for package in ("python3-pystemd", "python3-yaml", "python3-venv"):
+    for package in ("python3-pystemd", "python3-yaml", "python3-pymysql", "python3-venv"):
         assert installed(hosts, package), package  # also the positive control of the probe below
     assert [p for p in BUILD_TOOLS if installed(hosts, p)] == []
 
@@ -143,6 +143,9 @@ def test_install_uses_debian_pystemd_and_no_build_tools(hosts, wheel):
     version, dbuslib, yaml_file = hosts.run(HOST, f'{VENV}/bin/python -c "{probe}"').stdout.split()
     assert version == "0.11.0"
     assert dbuslib.startswith("/usr/lib/python3/dist-packages/pystemd/")
+    # `jobs` reads AtoM's job table with Debian's PyMySQL, not one pip put into the venv.
+    pymysql_file = hosts.run(HOST, f'{VENV}/bin/python -c "import pymysql; print(pymysql.__file__)"').stdout.strip()
+    assert pymysql_file.startswith("/usr/lib/python3/dist-packages/pymysql/"), pymysql_file
     assert yaml_file.startswith("/usr/lib/python3/dist-packages/")
     requirement = hosts.run(HOST, f"cat {WHEEL_DIR}/requirements.txt").stdout
     assert requirement.strip() == f"atom-workerctl=={wheel.name.split('-')[1]} --hash=sha256:{sha256(wheel)}"
