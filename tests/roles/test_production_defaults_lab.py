@@ -4,9 +4,9 @@
   lab host whose key it does not know, and reaches it once the key is in its known_hosts (ssh-keyscan).
 - site.yml holds only what production runs; the lab's playbook adds the AtoM stand-in and imports it.
 - roles/atom_workerctl with its defaults: the wheel from the control host, pinned by version and sha256,
-  Debian's python3-pystemd, python3-yaml and python3-pymysql in a venv that sees them, no compiler or -dev package, a second
-  run changes nothing, a wrong pin fails before anything changes, and `atom_workerctl_state: absent` removes
-  what the role installed.
+  Debian's python3-pystemd, python3-yaml and python3-pymysql in a venv that sees them, no compiler or -dev
+  package, a second run changes nothing, a wrong pin fails before anything changes, and
+  `atom_workerctl_state: absent` removes what the role installed.
 
 Run inside the lab network: tools/lab/lab exec -- .venv/bin/pytest tests/roles/test_production_defaults_lab.py
 """
