@@ -228,3 +228,13 @@ def test_a_young_row_and_a_row_running_here_are_not_stale():
     assert old[1].state == "stale" and "its own log is empty" in " ".join(old[1].evidence)
     running = _verdicts([_row(1, MOVE, "2026-05-01 10:00:00")], {MOVE: (1, 1)}, LINES[:3], {U1: {11}})
     assert running[1].state == "running" and "tied by its Parameters line" in running[1].evidence[0]
+
+
+def test_without_the_workers_logs_no_row_is_stale():
+    from atom_workerctl import job_evidence
+
+    rows = [_row(1, MOVE, "2026-05-01 10:00:00")]
+    gearman = {"g:4730": _view("g:4730", {f"p-{MOVE}": (0, 0)})}
+    assert job_evidence.judge(rows, "p", ["g:4730"], gearman, [], 0)[1].state == "stale"  # the control
+    v = job_evidence.judge(rows, "p", ["g:4730"], gearman, [], 0, logs_error="journalctl not found")
+    assert v[1].state == "uncertain" and "logs could not be read" in v[1].summary

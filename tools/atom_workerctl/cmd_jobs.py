@@ -100,14 +100,18 @@ def judge_sites(host: model.Host, backend, groups: list[SiteJobs], timeout: floa
         snap = take(host, backend, units=units, timeout=timeout)
     oldest = max(j.age_s or 0 for g in pending for j in g.in_progress)
     alive = {u: set(i.pids) for u, i in snap.instances.items() if i.state.active}
-    takens = job_evidence.scan(_logs(host, backend, units, time.time() - oldest - 60), alive)
+    # Without the workers' logs nothing can be tied to a row: then no row is called stale (judge's doubt).
+    try:
+        takens, logs_error = job_evidence.scan(_logs(host, backend, units, time.time() - oldest - 60), alive), None
+    except (WorkerctlError, OSError) as exc:
+        takens, logs_error = [], str(exc)
     for g in pending:
         for s in g.sites:
             sv = snap.site_view(s)
             own = {model.short(u) for p in s.pools for u in p.units}
             g.verdicts.update(job_evidence.judge(
                 [j for j in g.in_progress if j.id not in g.verdicts], sv.prefix, sv.servers, snap.gearman,
-                [t for t in takens if t.instance in own], snap.taken_at))
+                [t for t in takens if t.instance in own], snap.taken_at, logs_error))
 
 
 def stale_findings(host: model.Host, backend, snap, Finding, fault: str, warning: str) -> list:

@@ -140,9 +140,10 @@ class Verdict:
 
 
 def judge(jobs: list[Job], prefix: str, servers: list[str], gearman: dict, takens: list[Taken],
-          now: float) -> dict[int, Verdict]:
+          now: float, logs_error: str | None = None) -> dict[int, Verdict]:
     """A verdict for every row in progress of one site (`jobs` with their output; gearman: server ->
-    ServerView, asked after the rows were read; takens: scan() of the site's instances)."""
+    ServerView, asked after the rows were read; takens: scan() of the site's instances; logs_error: why the
+    workers' logs could not be read, which leaves every row not running here uncertain)."""
     tie(takens, jobs)
     live = {t.job_id: t for t in takens if t.alive and t.job_id is not None}
     gone = {t.job_id: t for t in takens if not t.alive and t.job_id is not None}
@@ -154,7 +155,7 @@ def judge(jobs: list[Job], prefix: str, servers: list[str], gearman: dict, taken
     for cls, rows in rows_of.items():
         function = f"{prefix}-{cls}"
         busy = waiting = 0
-        counts, doubts = [], []
+        counts, doubts = [], ([f"the workers' logs could not be read ({logs_error})"] if logs_error else [])
         for server in servers:
             view = gearman.get(server)
             if view is None or not view.reachable:
