@@ -70,7 +70,7 @@ def test_host_port_and_socket_in_the_dsn():
     ("<?php\nreturn array('all' => getenv('X'));\n", "unexpected"),
     ("<?php\nreturn array('a' => 'b')\n", "expected ;"),
     ("<?php\nreturn array('a' => 'b'); echo 1;\n", "after the returned array"),
-    ("<?php\nreturn \"$x\";\n", "unexpected"),
+    ("<?php\nreturn \"$x\";\n", "a character outside the array's syntax"),
     ("return array();", "does not start with <?php"),
 ])
 def test_php_code_is_refused_never_run(tmp_path, text, words):
@@ -79,6 +79,26 @@ def test_php_code_is_refused_never_run(tmp_path, text, words):
         phpconfig.parse(text.replace("/tmp/pwned", str(marker)))
     assert words in str(err.value)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("text", [
+    "<?php\nreturn array('all' => array('propel' => array('param' => array('password' => \"pa$SECRET\"))));\n",
+    "<?php\nreturn array('all' => array('password' 'SECRET'));\n",
+    "<?php\nreturn array('password' => 'a' . \"\\0\" . 'SECRET');\n",
+    "<?php\nreturn array('all' => array('propel' => 'SECRET'));\n",
+])
+def test_a_malformed_config_php_never_shows_its_values(tmp_path, text):
+    """Errors name the line and the kind of token, never a value: it may be the password."""
+    root = standin.make_root(tmp_path / "atom")
+    (root / "config" / "config.php").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        phpconfig.site_database(str(root))
+    assert "SECRET" not in str(err.value), err.value
+
+
+def test_a_closing_tag_and_php_escapes_are_read_as_php_reads_them():
+    value = phpconfig.parse("<?php\nreturn array('a' => \"x\\dy\\\\z\\$\", 'b' => 'q?>r');\n?>\n")
+    assert value == {"a": "x\\dy\\z$", "b": "q?>r"}
 
 
 def test_a_dsn_that_is_not_mysql_is_one_line(tmp_path):
@@ -238,3 +258,20 @@ def test_without_the_workers_logs_no_row_is_stale():
     assert job_evidence.judge(rows, "p", ["g:4730"], gearman, [], 0)[1].state == "stale"  # the control
     v = job_evidence.judge(rows, "p", ["g:4730"], gearman, [], 0, logs_error="journalctl not found")
     assert v[1].state == "uncertain" and "logs could not be read" in v[1].summary
+
+
+def test_sites_sharing_a_database_keep_the_most_cautious_verdict():
+    """Each site judges the rows with its own prefix and workers: a row another site's worker runs is stale
+    for the first site only; it must stay running."""
+    rows = [_row(1, MOVE, "2026-05-01 10:00:00")]
+    first = _verdicts(rows, {MOVE: (0, 0)}, [], {})                          # site 1: nothing of it
+    second = _verdicts(rows, {MOVE: (1, 1)}, LINES[:3], {U1: {11}})          # site 2: its worker runs it
+    assert first[1].state == "stale" and second[1].state == "running"
+    merged: dict = {}
+    cmd_jobs.merge(merged, first)
+    cmd_jobs.merge(merged, second)
+    assert merged[1].state == "running"
+    merged = {}
+    cmd_jobs.merge(merged, second)
+    cmd_jobs.merge(merged, first)
+    assert merged[1].state == "running"

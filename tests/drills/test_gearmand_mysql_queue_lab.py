@@ -97,5 +97,7 @@ def test_control_the_memory_queue_loses_them_all(drill):
     assert queued(drill) == 20
     kill_and_wait(drill)
     assert queued(drill) == 0
+    # Another queue now: the MySQL queue's password is gone from the host.
+    assert drill.run(HOST, f"test -e {OPTIONS}", check=False).returncode == 1
     drill.run(HOST, "systemctl start atom-workers.target")
     drill.converge(extra_vars=MYSQL)   # back to MariaDB

@@ -34,6 +34,11 @@ class Finding:
                 "evidence": self.evidence, "fix": self.fix}
 
 
+def _order(f: Finding) -> tuple:
+    """Faults first, causes before their symptoms (ORDER), then the rest."""
+    return (f.severity != FAULT, ORDER.index(f.code) if f.code in ORDER else len(ORDER))
+
+
 def is_local(host: str) -> bool:
     """Whether an address (or name) is this host's: binding to it succeeds only here."""
     try:
@@ -228,7 +233,7 @@ def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None, backe
     # -- functions at gearmand ----------------------------------------------------------------------------------
     findings += _function_findings(snap)
     findings += prefix_findings
-    findings.sort(key=lambda f: (f.severity != FAULT, ORDER.index(f.code) if f.code in ORDER else len(ORDER)))
+    findings.sort(key=_order)
     return findings
 
 
@@ -476,7 +481,7 @@ def run(args, host: model.Host, backend) -> int:
     from .cmd_jobs import stale_findings
 
     findings += stale_findings(host, backend, snap, Finding, FAULT, WARNING)
-    findings.sort(key=lambda f: (f.severity != FAULT, ORDER.index(f.code) if f.code in ORDER else len(ORDER)))
+    findings.sort(key=_order)
     if backend.name == "supervisor":
         findings = _policy_findings(backend) + findings
     faults = [f for f in findings if f.severity == FAULT]

@@ -86,10 +86,18 @@ def _statuses(text: str | None, default: list[int] | None) -> list[int] | None:
     return out
 
 
+# The workers' logs are read back this far at most (a row older than that is judged on gearmand's counts
+# and the rows' own logs: a job running longer, tied to no row, leaves rows of its class uncertain).
+LOG_WINDOW_S = 7 * 86400
+# What a verdict weighs when several sites share one database: the most cautious one wins.
+_CAUTION = {"running": 0, "waiting": 1, "uncertain": 2, "stale": 3}
+
+
 def judge_sites(host: model.Host, backend, groups: list[SiteJobs], timeout: float, snap=None) -> None:
     """Verdicts for every row in progress: gearmand asked after the rows were read (or doctor's snapshot,
-    taken before: a row submitted since is younger than the grace time), the workers' logs since the oldest
-    such row."""
+    taken before them: the grace time then grows by the snapshot's age), the workers' logs since the oldest
+    such row (at most LOG_WINDOW_S). A database several sites share is judged as each site: a row is stale
+    only when it is stale for every one of them."""
     pending = [g for g in groups if g.in_progress]
     if not pending:
         return
@@ -98,7 +106,8 @@ def judge_sites(host: model.Host, backend, groups: list[SiteJobs], timeout: floa
     units = [u for g in pending for s in g.sites for p in s.pools for u in p.units]
     if snap is None:
         snap = take(host, backend, units=units, timeout=timeout)
-    oldest = max(j.age_s or 0 for g in pending for j in g.in_progress)
+    grace = job_evidence.GRACE_S + max(0.0, time.time() - snap.taken_at)
+    oldest = min(max(j.age_s or 0 for g in pending for j in g.in_progress), LOG_WINDOW_S)
     alive = {u: set(i.pids) for u, i in snap.instances.items() if i.state.active}
     # Without the workers' logs nothing can be tied to a row: then no row is called stale (judge's doubt).
     try:
@@ -109,9 +118,17 @@ def judge_sites(host: model.Host, backend, groups: list[SiteJobs], timeout: floa
         for s in g.sites:
             sv = snap.site_view(s)
             own = {model.short(u) for p in s.pools for u in p.units}
-            g.verdicts.update(job_evidence.judge(
-                [j for j in g.in_progress if j.id not in g.verdicts], sv.prefix, sv.servers, snap.gearman,
-                [t for t in takens if t.instance in own], snap.taken_at, logs_error))
+            merge(g.verdicts, job_evidence.judge(g.in_progress, sv.prefix, sv.servers, snap.gearman,
+                                                 [t for t in takens if t.instance in own], snap.taken_at,
+                                                 logs_error, grace))
+
+
+def merge(verdicts: dict, more: dict) -> None:
+    """Another site's verdicts on the same rows: the most cautious one stays (running before waiting before
+    uncertain before stale), so a row is stale only when every site sharing the database finds it so."""
+    for job_id, v in more.items():
+        if job_id not in verdicts or _CAUTION[v.state] < _CAUTION[verdicts[job_id].state]:
+            verdicts[job_id] = v
 
 
 def stale_findings(host: model.Host, backend, snap, Finding, fault: str, warning: str) -> list:
@@ -131,9 +148,15 @@ def stale_findings(host: model.Host, backend, snap, Finding, fault: str, warning
                                 _database_fix(db, str(exc), backend)))
     for name in with_db:
         try:
-            groups += [g for g in databases(host, name) if g.db.key not in {x.db.key for x in groups}]
+            (g,) = databases(host, name)
         except WorkerctlError as exc:
             unreadable(name, exc)
+            continue
+        same = next((x for x in groups if x.db.key == g.db.key), None)
+        if same is None:
+            groups.append(g)
+        else:
+            same.sites += g.sites  # one database, judged as each of its sites
     try:
         for g in groups:
             try:
@@ -161,6 +184,8 @@ def stale_findings(host: model.Host, backend, snap, Finding, fault: str, warning
 def _database_fix(db, error: str, backend) -> list[str]:
     """What to do when the job table cannot be read: start the database when it runs here and does not
     answer; otherwise the settings or the server elsewhere are a person's step."""
+    if "PyMySQL" in error:
+        return ["apt-get install -y python3-pymysql"]
     if db is None:
         return ["by hand: correct config/config.php (named above): AtoM reads its database settings there"]
     from .cmd_doctor import is_local
@@ -295,8 +320,8 @@ def _render_stale(out: Out, g: SiteJobs) -> None:
 
 
 def _fail_command(g: SiteJobs, v) -> str:
-    site = f" --site {g.sites[0].name}" if g.sites[0].name != "default" else ""
-    return f"atom-workerctl jobs fail {v.job.id}{site}"
+    # Always with --site: on a host whose sites use several databases, `jobs fail` needs it.
+    return f"atom-workerctl jobs fail {v.job.id} --site {g.sites[0].name}"
 
 
 def _short(value) -> str:
@@ -333,6 +358,9 @@ def fail(args, host: model.Host, backend) -> int:
             raise WorkerctlError("not in progress, nothing to do: "
                                  + ", ".join(f"job {j.id} is {j.status}" for j in finished) + " (nothing changed)")
         judge_sites(host, backend, groups, args.gearman_timeout)
+        gone = [i for i in ids if i not in g.verdicts]  # finished between the two reads
+        if gone:
+            raise WorkerctlError(f"job {gone[0]} is no longer in progress: nothing changed")
         refused = [g.verdicts[i] for i in ids if g.verdicts[i].state != "stale"]
         if refused and not args.force:
             v = refused[0]

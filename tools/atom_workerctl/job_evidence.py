@@ -140,7 +140,7 @@ class Verdict:
 
 
 def judge(jobs: list[Job], prefix: str, servers: list[str], gearman: dict, takens: list[Taken],
-          now: float, logs_error: str | None = None) -> dict[int, Verdict]:
+          now: float, logs_error: str | None = None, grace: float = GRACE_S) -> dict[int, Verdict]:
     """A verdict for every row in progress of one site (`jobs` with their output; gearman: server ->
     ServerView, asked after the rows were read; takens: scan() of the site's instances; logs_error: why the
     workers' logs could not be read, which leaves every row not running here uncertain)."""
@@ -195,7 +195,7 @@ def judge(jobs: list[Job], prefix: str, servers: list[str], gearman: dict, taken
             if dead is not None:
                 evidence.append(f"{dead.where()} started it {ago(dead.usec, now)} and that process is gone "
                                 "without ending it (killed or crashed)")
-            if (job.age_s or 0) < GRACE_S:
+            if (job.age_s or 0) < grace:
                 verdicts[job.id] = Verdict(job, "uncertain", "just submitted", evidence)
             elif doubts:
                 verdicts[job.id] = Verdict(job, "uncertain", doubts[0], evidence + doubts[1:])

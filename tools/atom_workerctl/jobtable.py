@@ -68,6 +68,8 @@ def connect(db: Database):
                                connect_timeout=TIMEOUT, read_timeout=60, write_timeout=60, autocommit=False, **kw)
     except pymysql.MySQLError as exc:
         raise DatabaseError(f"{db.describe()}: {_reason(exc)}") from None
+    except (OSError, ValueError, OverflowError) as exc:
+        raise DatabaseError(f"{db.describe()}: {exc}") from None
 
 
 def _reason(exc) -> str:

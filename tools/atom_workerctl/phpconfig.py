@@ -27,7 +27,11 @@ _TOKEN = re.compile(r"""
   | (?P<word>[A-Za-z_]+)
   | (?P<arrow>=>)
   | (?P<punct>[()\[\],;])
+  | (?P<close>\?>)
 """, re.VERBOSE | re.DOTALL)
+# What a token is called in an error: never its text, which may be the password.
+_KIND = {"sq": "a string", "dq": "a string", "num": "a number", "word": "a name", "arrow": "'=>'",
+         "punct": "punctuation", "close": "'?>'", "end": "the end of the file"}
 
 
 class _Parser:
@@ -38,7 +42,7 @@ class _Parser:
         while pos < len(text):
             m = _TOKEN.match(text, pos)
             if not m:
-                self._fail(f"unexpected {text[pos:pos + 20]!r}", text.count("\n", 0, pos) + 1)
+                self._fail("a character outside the array's syntax", text.count("\n", 0, pos) + 1)
             if m.lastgroup != "space":
                 self.tokens.append((m.lastgroup, m.group(), text.count("\n", 0, pos) + 1))
             pos = m.end()
@@ -51,10 +55,15 @@ class _Parser:
     def peek(self) -> tuple[str, str, int]:
         return self.tokens[self.i] if self.i < len(self.tokens) else ("end", "end of file", 0)
 
+    def found(self) -> str:
+        kind, text, _ = self.peek()
+        return repr(text) if kind in ("punct", "arrow", "close") or text.lower() in ("return", "array") \
+            else _KIND.get(kind, kind)
+
     def take(self, kind: str, value: str | None = None) -> str:
         k, v, line = self.peek()
         if k != kind or (value is not None and v.lower() != value):
-            self._fail(f"expected {value or kind}, found {v!r}", line)
+            self._fail(f"expected {value or kind}, found {self.found()}", line)
         self.i += 1
         return v
 
@@ -71,13 +80,14 @@ class _Parser:
         if kind == "sq":
             return re.sub(r"\\([\\'])", r"\1", text[1:-1])
         if kind == "dq":
-            return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t", "r": "\r"}.get(m.group(1), m.group(1)),
-                          text[1:-1])
+            # PHP's escapes in double quotes; an unknown one keeps its backslash, as PHP does.
+            return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"',
+                                                "$": "$", "0": "\0"}.get(m.group(1), m.group(0)), text[1:-1])
         if kind == "num":
             return float(text) if any(c in text for c in ".eE") else int(text)
         if kind == "word" and text.lower() in ("true", "false", "null"):
             return {"true": True, "false": False, "null": None}[text.lower()]
-        self._fail(f"unexpected {text!r}", line)
+        self._fail(f"unexpected {_KIND.get(kind, kind)}", line)
         return None
 
     def _items(self, close: str) -> dict | list:
@@ -98,7 +108,7 @@ class _Parser:
             if self.peek()[1] == ",":
                 self.i += 1
             elif self.peek()[1] != close:
-                self._fail(f"expected ',' or {close!r}, found {self.peek()[1]!r}", self.peek()[2])
+                self._fail(f"expected ',' or {close!r}, found {self.found()}", self.peek()[2])
         self.i += 1
         return out
 
@@ -108,12 +118,14 @@ def parse(text: str, path: str = CONFIG_PHP) -> dict:
     body = text.lstrip("\ufeff")
     if not body.startswith("<?php"):
         raise ConfigError(f"cannot read {path}: it does not start with <?php")
-    parser = _Parser(body[len("<?php"):].replace("?>", "", 1), path)
+    parser = _Parser(body[len("<?php"):], path)
     parser.take("word", "return")
     value = parser.value()
     parser.take("punct", ";")
+    if parser.peek()[0] == "close":
+        parser.i += 1
     if parser.peek()[0] != "end":
-        parser._fail(f"unexpected {parser.peek()[1]!r} after the returned array", parser.peek()[2])
+        parser._fail(f"{parser.found()} after the returned array", parser.peek()[2])
     if not isinstance(value, dict):
         raise ConfigError(f"cannot read {path}: it returns no array")
     return value
@@ -162,8 +174,9 @@ def site_database(root: str) -> Database:
         raise ConfigError(f"{path} does not exist: this site has no database configured",
                           hint="AtoM's installer writes it; is the site's root right in sites.json?")
     config = parse(text, path)
-    param = ((config.get("all") or {}).get("propel") or {}).get("param") if isinstance(config.get("all"), dict) \
-        else None
+    param: object = config
+    for key in ("all", "propel", "param"):
+        param = param.get(key) if isinstance(param, dict) else None
     if not isinstance(param, dict) or not isinstance(param.get("dsn"), str):
         raise ConfigError(f"{path}: no all.propel.param.dsn")
     dsn = parse_dsn(param["dsn"], path)
@@ -173,7 +186,9 @@ def site_database(root: str) -> Database:
     try:
         port = int(dsn.get("port") or 3306)
     except ValueError:
-        raise ConfigError(f"{path}: the dsn's port {dsn.get('port')!r} is not a number") from None
+        port = 0
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{path}: the dsn's port {dsn.get('port')!r} is not a port number")
     sock = dsn.get("unix_socket") or (DEFAULT_SOCKET if host == "localhost" else None)
     user = param.get("username")
     password = param.get("password")
