@@ -450,17 +450,6 @@ def _policy_findings(backend) -> list[Finding]:
                     evidence, fixes), *findings]
 
 
-def _read_logs(host: model.Host, backend, units: list[str]):
-    from . import journal
-
-    if host.manager == "supervisor":
-        from .cmd_logs import namespecs_of
-
-        return journal.read_files(backend.settings["log_dir"], units, namespecs_of(host, units, backend),
-                                  lines=20 * len(units))
-    return journal.read(units, lines=20 * len(units))
-
-
 def run(args, host: model.Host, backend) -> int:
     snap = take(host, backend, timeout=args.gearman_timeout)
     troubled = [u for u, i in snap.instances.items()
@@ -468,7 +457,9 @@ def run(args, host: model.Host, backend) -> int:
     journal_lines: dict[str, list] = {}
     if troubled:
         try:
-            for entry in _read_logs(host, backend, troubled):
+            from .cmd_logs import read_entries
+
+            for entry in read_entries(host, backend, troubled, lines=20 * len(troubled)):
                 journal_lines.setdefault(entry.unit, []).append(entry)
         except Exception as exc:
             journal_lines = {}

@@ -111,7 +111,10 @@ def judge_sites(host: model.Host, backend, groups: list[SiteJobs], timeout: floa
     alive = {u: set(i.pids) for u, i in snap.instances.items() if i.state.active}
     # Without the workers' logs nothing can be tied to a row: then no row is called stale (judge's doubt).
     try:
-        takens, logs_error = job_evidence.scan(_logs(host, backend, units, time.time() - oldest - 60), alive), None
+        from .cmd_logs import read_entries
+
+        since = f"@{time.time() - oldest - 60:.0f}"
+        takens, logs_error = job_evidence.scan(read_entries(host, backend, units, since=since), alive), None
     except (WorkerctlError, OSError) as exc:
         takens, logs_error = [], str(exc)
     for g in pending:
@@ -199,17 +202,6 @@ def _database_fix(db, error: str, backend) -> list[str]:
     if refused:
         return [f"on {db.host}: start the database server, and check it accepts connections from this host"]
     return [f"by hand: correct config/config.php's database settings, or {db.username}'s grants in the database"]
-
-
-def _logs(host: model.Host, backend, units: list[str], since: float):
-    from . import journal
-
-    if host.manager == "supervisor":
-        from .cmd_logs import namespecs_of
-
-        return journal.read_files(backend.settings["log_dir"], units, namespecs_of(host, units, backend),
-                                  since=f"@{since:.0f}")
-    return journal.read(units, since=f"@{since:.0f}")
 
 
 def _open(groups: list[SiteJobs]) -> None:

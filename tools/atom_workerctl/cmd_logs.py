@@ -73,6 +73,16 @@ def run(args, host: model.Host, backend) -> int:
     return EXIT_OK
 
 
+def read_entries(host: model.Host, backend, units: list[str], lines: int | None = None,
+                 since: str | None = None) -> list[journal.Entry]:
+    """The instances' log entries, oldest first, not following (doctor's evidence, jobs' ties): the journal,
+    or on supervisord hosts the log files and the policy listener's lines."""
+    if host.manager == "supervisor":
+        return journal.read_files(backend.settings["log_dir"], units, namespecs_of(host, units, backend),
+                                  lines=lines, since=since)
+    return journal.read(units, lines=lines, since=since)
+
+
 def namespecs_of(host: model.Host, units: list[str], backend=None) -> dict[str, str]:
     """group:process -> unit (the policy listener names processes so). From supervisord when it answers,
     else from the model (the group is the site's target without `.target`)."""
