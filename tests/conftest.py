@@ -8,9 +8,12 @@ gaps. The list is ordered by the module times of the last timed run (README: Tes
 listed keeps its place after them, lab modules before the rest.
 """
 
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from standin import Gearmand, Worker
 
 LONGEST_FIRST = [
     "tests/roles/test_roles_restarts_lab.py",
@@ -42,3 +45,19 @@ def pytest_collection_modifyitems(session, config, items):
     if missing:  # a renamed module would silently lose its place
         raise pytest.UsageError(f"tests/conftest.py LONGEST_FIRST names modules that do not exist: {missing}")
     items.sort(key=_rank)  # stable: tests keep their file order within a module
+
+
+# -- the AtoM stand-in's local tests (a throw-away gearmand, the workers a test starts) ---------------------------
+@pytest.fixture
+def gearmand() -> Iterator[Gearmand]:
+    with Gearmand() as g:
+        yield g
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    """Workers a test starts; whatever still runs is killed at teardown."""
+    started: list[Worker] = []
+    yield started
+    for w in started:
+        w.stop(signal.SIGKILL)

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,23 +59,8 @@ def _tools() -> None:
 
 
 @pytest.fixture
-def gearmand() -> Iterator[Gearmand]:
-    with Gearmand() as g:
-        yield g
-
-
-@pytest.fixture
 def root(tmp_path: Path, gearmand: Gearmand) -> Path:
     return make_root(tmp_path / "atom", servers=[gearmand.server])
-
-
-@pytest.fixture
-def workers() -> Iterator[list[Worker]]:
-    """Workers a test starts; whatever still runs is killed at teardown."""
-    started: list[Worker] = []
-    yield started
-    for w in started:
-        w.stop(signal.SIGKILL)
 
 
 def start(workers: list[Worker], root: Path, *options: str) -> Worker:

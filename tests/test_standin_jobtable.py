@@ -7,7 +7,6 @@ completed_at and an error note); moves and imports wait for older moves and impo
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,25 +26,11 @@ def db() -> Iterator[MariaDB]:
 
 
 @pytest.fixture
-def gearmand() -> Iterator[Gearmand]:
-    with Gearmand() as g:
-        yield g
-
-
-@pytest.fixture
 def root(tmp_path: Path, gearmand: Gearmand, db: MariaDB) -> Iterator[Path]:
     r = make_root(tmp_path / "atom", servers=[gearmand.server])
     write_site_database(r, db)
     yield r
     db.query("DELETE FROM object")  # jobs, notes and users go with their objects (ON DELETE CASCADE)
-
-
-@pytest.fixture
-def workers() -> Iterator[list[Worker]]:
-    started: list[Worker] = []
-    yield started
-    for w in started:
-        w.stop(signal.SIGKILL)
 
 
 def start(workers: list[Worker], root: Path, *options: str) -> Worker:
@@ -102,7 +87,7 @@ def test_an_error_marks_the_row_with_a_note_and_the_job_still_ends(root, db, gea
     assert notes(db, job_id) == [(ERROR_NOTE, "Exception: disk full")]
     assert ended(root, job_id)["status"] == "error"
     # arBaseJob catches the error: gearmand sees the job end (nothing queued again), the worker goes on.
-    assert gearmand.status().get(f"{_prefix(root)}arFindingAidJob", (0, 0, 0))[:2] == (0, 0)
+    assert gearmand.status().get(f"{function_prefix(root)}arFindingAidJob", (0, 0, 0))[:2] == (0, 0)
     assert worker.returncode is None
 
 
@@ -148,10 +133,6 @@ def test_moves_and_imports_run_one_at_a_time_oldest_first(root, db, workers):
     output = db.query("SELECT output FROM job WHERE id = %s", int(imp))[0][0]
     assert f'Job {imp} "arFileImportJob": Another sensitive job is being executed' in output, output
     assert any(m.startswith("Another sensitive job") for w in (first_worker, second_worker) for m in w.messages())
-
-
-def _prefix(root: Path) -> str:
-    return function_prefix(root)
 
 
 def _insert_in_progress(db: MariaDB, cls: str, age_s: int) -> int:

@@ -132,12 +132,6 @@ def test_malformed_sites_json(tmp_path, text, words):
 
 
 # -- the gearman admin client against a real gearmand ---------------------------------------------------------
-@pytest.fixture()
-def gearmand():
-    with standin.Gearmand() as server:
-        yield server
-
-
 def test_gearman_status_and_workers_with_real_workers(gearmand, tmp_path):
     root = standin.make_root(tmp_path / "atom", servers=[gearmand.server])
     worker = standin.start_worker(root, "--types=general,move")

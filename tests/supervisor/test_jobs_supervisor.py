@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import supervisor_harness
 from mariadb import MariaDB, write_site_database
-from standin import Gearmand, events, make_root, submit, wait_until, write_control
+from standin import Gearmand, events, function_prefix, make_root, submit, wait_until, write_control
 from supervisor_harness import make_units, plain_env
 from test_supervisor_cli import write_sites_json
 
@@ -83,7 +83,7 @@ def lab(tmp_path_factory):
         write_sites_json(config, sv, sites, units, root)
         sv.start(units, wait_running=[NS1, NS2])
         lab = Lab(sv, gearmand, db, root, config)
-        function = f"{_prefix(lab)}-arObjectMoveJob"
+        function = f"{function_prefix(lab.root)}arObjectMoveJob"
         sv.wait(lambda: gearmand.available(function) == 2, 30, "both workers registered")
         yield lab
     finally:
@@ -91,12 +91,6 @@ def lab(tmp_path_factory):
         gearmand.stop()
         db.stop()
         shutil.rmtree(sockdir, ignore_errors=True)
-
-
-def _prefix(lab) -> str:
-    out = json.loads(subprocess.run(["php", "symfony", "standin:config"], cwd=lab.root, capture_output=True,
-                                    text=True, check=True).stdout)
-    return out["job_prefix"].rstrip("-")
 
 
 def _history(lab) -> list[int]:
@@ -146,7 +140,7 @@ def test_a_lost_move_is_found_stale_reported_failed_alone_and_the_next_move_comp
 
     # Its worker is killed: gearmand gives up on the job (--job-retries=1), the row stays in progress.
     os.kill(pid, signal.SIGKILL)
-    function = f"{_prefix(lab)}-arObjectMoveJob"
+    function = f"{function_prefix(lab.root)}arObjectMoveJob"
     wait_until(lambda: lab.gearmand.status().get(function, (0, 0, 0))[:2] == (0, 0), 20)
     wait_until(lambda: lab.gearmand.available(function) == 2, 30)  # supervisord started it again
     assert lab.status(first) == IN_PROGRESS

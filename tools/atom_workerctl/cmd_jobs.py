@@ -17,7 +17,7 @@ import time
 
 from . import job_evidence, model
 from .errors import EXIT_NOT_ACTIVE, EXIT_OK, EXIT_USAGE, NoSuchError, WorkerctlError
-from .jobtable import COMPLETED, ERROR, IN_PROGRESS, STATUS_IDS, Job, JobTable
+from .jobtable import COMPLETED, ERROR, IN_PROGRESS, STATUS_IDS, Job, JobTable, stamp
 from .render import Out, dump_json
 
 CSV_COLUMNS = ["startDate", "endDate", "jobName", "jobStatus", "jobInfo", "jobUser"]
@@ -246,9 +246,11 @@ def listing(args, host: model.Host, backend) -> int:
     try:
         _open(groups)
         for g in groups:
-            g.jobs = g.table.jobs(statuses=statuses, since=since, notes=True,
-                                  limit=None if args.stale or not args.lines else args.lines)
-            g.in_progress = g.table.jobs(statuses=[IN_PROGRESS], output=True)
+            # Every row in progress is judged, shown or not; with --stale (and no --since) they are the rows shown.
+            g.in_progress = g.table.jobs(statuses=[IN_PROGRESS], output=True, notes=args.stale and not since)
+            g.jobs = g.in_progress if args.stale and not since else \
+                g.table.jobs(statuses=statuses, since=since, notes=True,
+                             limit=None if args.stale or not args.lines else args.lines)
         judge_sites(host, backend, groups, args.gearman_timeout)
     finally:
         _close(groups)
@@ -317,7 +319,7 @@ def _fail_command(g: SiteJobs, v) -> str:
 
 
 def _short(value) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
+    return stamp(value) or "-"
 
 
 def _age(seconds) -> str:

@@ -48,11 +48,12 @@ class Job:
 
     def as_dict(self) -> dict:
         return {"id": self.id, "class": self.name, "user": self.user, "status": self.status,
-                "status_id": self.status_id, "started": _stamp(self.created_at),
-                "completed": _stamp(self.completed_at), "age_s": self.age_s, "notes": self.notes}
+                "status_id": self.status_id, "started": stamp(self.created_at),
+                "completed": stamp(self.completed_at), "age_s": self.age_s, "notes": self.notes}
 
 
-def _stamp(value) -> str | None:
+def stamp(value) -> str | None:
+    """A DATETIME as the database shows it, None when unset."""
     return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else None
 
 
