@@ -35,7 +35,7 @@ def nspawn_pid(name: str) -> int | None:
         # On a systemd host nspawn is started through systemd-run, which execs it in place within milliseconds.
         if Path(f"/proc/{pid}/comm").read_text().strip() not in ("systemd-nspawn", "systemd-run"):
             return None
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone between the check and the read
         return None
     return pid
 
@@ -60,7 +60,9 @@ def init_pid(name: str) -> int | None:
     for pid in cgroups.pids(name):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
+            # Listed, then gone: a process exiting between the listing and the read (opened but exited before
+            # the read) fails with ESRCH, not ENOENT; a drill killing workers meets that window.
             continue
         for line in status.splitlines():
             if line.startswith("NSpid:") and line.split()[2:] == ["1"]:  # "NSpid: OURS 1", nothing further
