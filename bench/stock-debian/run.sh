@@ -10,8 +10,9 @@
 #    repository (from a `git bundle` of HEAD copied in: the commit, not uncommitted changes), `make demo`.
 # 4. Then one Molecule scenario the way the Makefile runs it (STOCK_MOLECULE=0 skips it).
 # 5. Writes results.json and results.md next to this script, powers the VM off and removes the run's files,
-#    except after a stopped run: its disk is kept, and STOCK_RESUME=1 boots that disk again and runs
-#    `make demo` once more in the same clone, as a user would after an interruption. The results then
+#    except after a stopped run: its disk is kept, and STOCK_RESUME=1 boots that disk again, removes the
+#    lab's hosts (`lab down`: a stop mid-converge leaves their dpkg interrupted; the golden image stays) and
+#    runs `make demo` once more in the same clone, as a user would after an interruption. The results then
 #    show every leg (under TCG the whole of `make demo` takes longer than one working session here).
 #
 # Needs, on the machine running it (Debian 12, root): qemu-system-x86 and debootstrap
@@ -275,6 +276,13 @@ clone_repo() {
     guest "git clone /root/atom-worker.bundle $GUEST_REPO && git -C $GUEST_REPO log --oneline -1"
 }
 
+# A stopped run's lab hosts are in whatever state the stop left them (a VM killed mid-converge leaves a
+# host's dpkg interrupted): a resumed run removes them and keeps the golden image, as a new user's second
+# `make demo` after `lab down` would.
+lab_down() {
+    guest "cd $GUEST_REPO && tools/lab/lab down 2>&1" | stamp
+}
+
 make_demo() {
     # The host stamps each line as it arrives; the "== " lines mark make demo's phases.
     guest "cd $GUEST_REPO && make demo 2>&1" | stamp
@@ -489,9 +497,9 @@ if result["lab_status_after"]:
 if result["molecule_last_lines"]:
     md += ["Last lines of `molecule test -s default`:", "", "```", *result["molecule_last_lines"], "```", ""]
 md += [
-    *([f"The run was resumed (`STOCK_RESUME=1`: the kept disk booted again, `make demo` run again in the "
-       f"same clone) at {', '.join(legs_of['resumed'])}.", ""] if legs_of["resumed"] else []),
-    "`make test` in full was not run: under TCG it would take many hours (it takes about 55 minutes "
+    *([f"The run was resumed (`STOCK_RESUME=1`: the kept disk booted again, the lab's hosts removed with "
+       f"`lab down` (the golden image kept), `make demo` run again in the same clone) at {', '.join(legs_of['resumed'])}.", ""] if legs_of["resumed"] else []),
+    "`make test` in full was not run: under TCG it would take many hours (it takes about 50 minutes "
     "natively on this 2-core machine, and guest code runs many times slower).",
     "",
     "Full logs of the run are in `/var/tmp/stock-debian/logs/` on the machine that ran it; the pristine "
@@ -605,6 +613,7 @@ main() {
         fact resumed "$(date -u '+%Y-%m-%d %H:%M UTC')"
         fact host_loadavg_start "$(cut -d' ' -f1-3 /proc/loadavg)"
         run_step boot boot_vm
+        run_step lab-down lab_down
         run_step make-demo make_demo
         finish
         return

@@ -537,6 +537,9 @@ def test_fleet_unreachable_slow_and_cli_less_hosts_are_reported_and_the_rest_ans
     (["-l", "w1", "status"], "--limit needs --inventory"),
     (["-i", "/nonexistent.yml", "status"], "no such file"),
     (["-H", "a", "completion", "bash"], "not a fleet command"),
+    (["-H", "a", "jobs", "export"], "run it on one host"),
+    (["-H", "a", "jobs", "clear", "--before", "1 day ago"], "run it on one host"),
+    (["-H", "a", "jobs", "--status", "stuck"], "unknown status 'stuck'"),
 ])
 def test_fleet_bad_usage_is_one_line_exit_2(tmp_path, args, words):
     proc = subprocess.run([*CLI, *args], capture_output=True, text=True, env=fleet_env(tmp_path), timeout=30,
@@ -553,4 +556,5 @@ def test_fleet_code_is_not_imported_without_fleet_options():
                           check=False).stdout.split()
     assert "atom_workerctl.cli" in mods
     assert "atom_workerctl.cmd_fleet" not in mods and "atom_workerctl.fleet_ssh" not in mods
+    assert "atom_workerctl.fleet_jobs" not in mods
     assert "concurrent.futures" not in mods

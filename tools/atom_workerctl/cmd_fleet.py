@@ -20,11 +20,11 @@ from .errors import EXIT_ERROR, EXIT_NO_SUCH, EXIT_NOT_ACTIVE, EXIT_OK, EXIT_USA
 from .render import Out, dump_json, iso
 
 EXIT_PARTIAL = 5  # some host could not be asked (unreachable, timed out, no atom-workerctl): the rest answered
-FLEET_COMMANDS = ("status", "reset", "restart", "scale", "logs", "doctor", "daemon-reload")
+FLEET_COMMANDS = ("status", "reset", "restart", "scale", "logs", "doctor", "daemon-reload", "jobs")
 # Options that belong to the fleet and are not passed on to the hosts (name -> takes a value).
 FLEET_OPTIONS = {"--inventory": True, "-i": True, "--limit": True, "-l": True, "--host": True, "-H": True,
                  "--parallel": True, "--host-timeout": True, "--group": True, "--json": False}
-DEFAULT_TIMEOUT = {"status": 30.0, "doctor": 30.0, "daemon-reload": 30.0, "logs": 60.0}
+DEFAULT_TIMEOUT = {"status": 30.0, "doctor": 30.0, "daemon-reload": 30.0, "logs": 60.0, "jobs": 60.0}
 ACTION_TIMEOUT = 300.0  # reset, restart, scale: their own waits (--wait-timeout per instance) come first
 
 
@@ -108,6 +108,10 @@ def run(args, argv: list[str], long_options: list[str]) -> int:
         return doctor(args, hosts, remote, timeout)
     if args.command == "logs":
         return logs(args, hosts, remote, timeout)
+    if args.command == "jobs":
+        from . import fleet_jobs
+
+        return fleet_jobs.run(args, hosts, remote, timeout)
     if args.command == "restart" and args.rolling:
         return rolling(args, hosts, remote, timeout)
     return action(args, hosts, remote, timeout)

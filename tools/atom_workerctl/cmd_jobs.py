@@ -18,6 +18,7 @@ import time
 from . import job_evidence, model
 from .errors import EXIT_NOT_ACTIVE, EXIT_OK, EXIT_USAGE, NoSuchError, WorkerctlError
 from .jobtable import COMPLETED, ERROR, IN_PROGRESS, STATUS_IDS, Job, JobTable, stamp
+from .phpconfig import Database
 from .render import Out, dump_json
 
 CSV_COLUMNS = ["startDate", "endDate", "jobName", "jobStatus", "jobInfo", "jobUser"]
@@ -34,6 +35,24 @@ class SiteJobs:
         self.jobs: list[Job] = []          # the rows shown
         self.in_progress: list[Job] = []   # every row in progress, judged whether shown or not
         self.verdicts: dict[int, job_evidence.Verdict] = {}
+        self.evidence: Evidence | None = None
+        self.fail_prefix = "atom-workerctl"  # a fleet's: atom-workerctl -i INVENTORY
+
+    def database_identity(self) -> dict:
+        """Where the database is, as another host would name it: a fleet merges the hosts' answers by it."""
+        from .cmd_doctor import is_local
+
+        db = self.db
+        local = db.unix_socket is not None or is_local(db.host)
+        address = None
+        if not local:
+            import socket
+
+            try:
+                address = socket.gethostbyname(db.host)
+            except OSError:
+                address = db.host
+        return {"local": local, "address": address, "port": db.port or 3306, "dbname": db.dbname}
 
     @property
     def name(self) -> str:
@@ -93,11 +112,50 @@ LOG_WINDOW_S = 7 * 86400
 _CAUTION = {"running": 0, "waiting": 1, "uncertain": 2, "stale": 3}
 
 
+class SiteEvidence:
+    """One site's side of a database's rows in progress: its job servers, and its workers' jobs (Taken)."""
+
+    __slots__ = ("name", "prefix", "servers", "takens")
+
+    def __init__(self, name: str, prefix: str, servers: list[str], takens: list):
+        self.name, self.prefix, self.servers, self.takens = name, prefix, servers, takens
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "prefix": self.prefix, "servers": self.servers,
+                "takens": [t.as_dict() for t in self.takens]}
+
+
+class Evidence:
+    """What one host knows about the rows in progress of one database: gearmand's counts (asked at
+    taken_at, after the rows were read), each site's workers' jobs, and why the logs could not be read.
+    `jobs --json` carries it, so that a fleet judges each database once with every host's workers."""
+
+    def __init__(self, taken_at: float, logs_error: str | None, gearman: dict, sites: list[SiteEvidence]):
+        self.taken_at, self.logs_error, self.gearman, self.sites = taken_at, logs_error, gearman, sites
+
+    def as_dict(self) -> dict:
+        return {"taken_at": self.taken_at, "logs_error": self.logs_error,
+                "gearman": {s: {"error": v.error, "functions": {f: [st.queued, st.running, st.available]
+                                                                for f, st in v.functions.items()}}
+                            for s, v in self.gearman.items()},
+                "sites": [s.as_dict() for s in self.sites]}
+
+
+def decide(rows: list[Job], ev: Evidence) -> dict:
+    """Verdicts on the rows in progress, judged as each site of the evidence; the most cautious stays."""
+    verdicts: dict = {}
+    grace = job_evidence.GRACE_S + max(0.0, time.time() - ev.taken_at)
+    for s in ev.sites:
+        merge(verdicts, job_evidence.judge(rows, s.prefix, s.servers, ev.gearman, s.takens, ev.taken_at,
+                                           ev.logs_error, grace))
+    return verdicts
+
+
 def judge_sites(host: model.Host, backend, groups: list[SiteJobs], timeout: float, snap=None) -> None:
-    """Verdicts for every row in progress: gearmand asked after the rows were read (or doctor's snapshot,
-    taken before them: the grace time then grows by the snapshot's age), the workers' logs since the oldest
-    such row (at most LOG_WINDOW_S). A database several sites share is judged as each site: a row is stale
-    only when it is stale for every one of them."""
+    """Evidence and verdicts for every row in progress: gearmand asked after the rows were read (or doctor's
+    snapshot, taken before them: the grace time then grows by the snapshot's age), the workers' logs since
+    the oldest such row (at most LOG_WINDOW_S). A database several sites share is judged as each site: a row
+    is stale only when it is stale for every one of them."""
     pending = [g for g in groups if g.in_progress]
     if not pending:
         return
@@ -106,7 +164,6 @@ def judge_sites(host: model.Host, backend, groups: list[SiteJobs], timeout: floa
     units = [u for g in pending for s in g.sites for p in s.pools for u in p.units]
     if snap is None:
         snap = take(host, backend, units=units, timeout=timeout)
-    grace = job_evidence.GRACE_S + max(0.0, time.time() - snap.taken_at)
     oldest = min(max(j.age_s or 0 for g in pending for j in g.in_progress), LOG_WINDOW_S)
     alive = {u: set(i.pids) for u, i in snap.instances.items() if i.state.active}
     # Without the workers' logs nothing can be tied to a row: then no row is called stale (judge's doubt).
@@ -118,12 +175,14 @@ def judge_sites(host: model.Host, backend, groups: list[SiteJobs], timeout: floa
     except (WorkerctlError, OSError) as exc:
         takens, logs_error = [], str(exc)
     for g in pending:
+        sites = []
         for s in g.sites:
             sv = snap.site_view(s)
             own = {model.short(u) for p in s.pools for u in p.units}
-            merge(g.verdicts, job_evidence.judge(g.in_progress, sv.prefix, sv.servers, snap.gearman,
-                                                 [t for t in takens if t.instance in own], snap.taken_at,
-                                                 logs_error, grace))
+            sites.append(SiteEvidence(s.name, sv.prefix, list(sv.servers),
+                                      [t for t in takens if t.instance in own]))
+        g.evidence = Evidence(snap.taken_at, logs_error, snap.gearman, sites)
+        g.verdicts = decide(g.in_progress, g.evidence)
 
 
 def merge(verdicts: dict, more: dict) -> None:
@@ -254,16 +313,37 @@ def listing(args, host: model.Host, backend) -> int:
         judge_sites(host, backend, groups, args.gearman_timeout)
     finally:
         _close(groups)
-    stale = [v for g in groups for v in g.verdicts.values() if v.state == "stale"]
-    code = EXIT_NOT_ACTIVE if args.stale and stale else EXIT_OK
+    code = EXIT_NOT_ACTIVE if args.stale and any_stale(groups) else EXIT_OK
     if args.json:
-        dump_json({"schema": 1, "command": "jobs", "exit_code": code, "sites": [
-            {"sites": [s.name for s in g.sites], "database": g.db.describe(), "jobs": [
-                {**j.as_dict(), **({"now": g.verdicts[j.id].as_dict()} if j.id in g.verdicts else {})}
-                for j in g.jobs if not args.stale or (j.id in g.verdicts and g.verdicts[j.id].state == "stale")]}
-            for g in groups]})
+        dump_json({"schema": 1, "command": "jobs", "exit_code": code, "sites": groups_json(args, groups)})
         return code
-    out = Out()
+    show(args, groups, Out())
+    return code
+
+
+def any_stale(groups: list[SiteJobs]) -> bool:
+    return any(v.state == "stale" for g in groups for v in g.verdicts.values())
+
+
+def groups_json(args, groups: list[SiteJobs]) -> list[dict]:
+    """The rows shown, each in progress with what is known of it; and each database's evidence, which
+    a fleet merges (the rows in progress with their output, the hosts' workers, gearmand's counts)."""
+    out = []
+    for g in groups:
+        shown = [j for j in g.jobs if not args.stale or (j.id in g.verdicts and g.verdicts[j.id].state == "stale")]
+        item = {"sites": [s.name for s in g.sites], "database": g.db.describe(),
+                "jobs": [{**j.as_dict(), **({"now": g.verdicts[j.id].as_dict()} if j.id in g.verdicts else {})}
+                         for j in shown]}
+        if isinstance(g.db, Database):  # read here, not merged from other hosts
+            item["database_identity"] = g.database_identity()
+            item["in_progress"] = [j.as_dict(output=True) for j in g.in_progress]
+            item["evidence"] = g.evidence.as_dict() if g.evidence else None
+        out.append(item)
+    return out
+
+
+def show(args, groups: list[SiteJobs], out: Out) -> None:
+    statuses = [IN_PROGRESS] if args.stale else _statuses(args.status, None)
     for n, g in enumerate(groups):
         if n:
             out.line()
@@ -272,7 +352,8 @@ def listing(args, host: model.Host, backend) -> int:
             _render_stale(out, g)
             continue
         if not g.jobs:
-            out.line("  no jobs" + (" of that status" if statuses else "") + (f" since {since}" if since else ""))
+            out.line("  no jobs" + (" of that status" if statuses else "")
+                     + (f" since {args.since}" if args.since else ""))
             continue
         rows, styles = [], []
         for j in g.jobs:
@@ -287,9 +368,8 @@ def listing(args, host: model.Host, backend) -> int:
         for v in g.verdicts.values():
             if v.state == "stale":
                 out.line()
-                out.line(f"  job {v.job.id} is stale: `atom-workerctl jobs --stale` shows why; fix: "
+                out.line(f"  job {v.job.id} is stale: `{g.fail_prefix} jobs --stale` shows why; fix: "
                          + out.paint(_fail_command(g, v), "bold"))
-    return code
 
 
 def _render_stale(out: Out, g: SiteJobs) -> None:
@@ -315,7 +395,7 @@ def _render_stale(out: Out, g: SiteJobs) -> None:
 
 def _fail_command(g: SiteJobs, v) -> str:
     # Always with --site: on a host whose sites use several databases, `jobs fail` needs it.
-    return f"atom-workerctl jobs fail {v.job.id} --site {g.sites[0].name}"
+    return f"{g.fail_prefix} jobs fail {v.job.id} --site {g.sites[0].name}"
 
 
 def _short(value) -> str:

@@ -52,6 +52,17 @@ class Taken:
     def where(self) -> str:
         return f"{self.instance} (PID {self.pid})" if self.pid else self.instance
 
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    @classmethod
+    def from_dict(cls, d: dict, host: str) -> Taken:
+        """Another host's taken job; its instance named with the host (`w2:atom-worker@1`)."""
+        t = cls(f"{host}:{d['instance']}", d.get("pid"), d["started"], int(d["usec"]))
+        t.job_id, t.tied_by, t.waiting, t.alive = d.get("job_id"), d.get("tied_by") or "", \
+            bool(d.get("waiting")), bool(d.get("alive"))
+        return t
+
 
 def _text(entry) -> tuple[str, str]:
     """(the worker's time stamp, the message without it)."""

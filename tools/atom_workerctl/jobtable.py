@@ -46,15 +46,30 @@ class Job:
     def running(self) -> bool:
         return self.status_id == IN_PROGRESS
 
-    def as_dict(self) -> dict:
+    def as_dict(self, output: bool = False) -> dict:
         return {"id": self.id, "class": self.name, "user": self.user, "status": self.status,
                 "status_id": self.status_id, "started": stamp(self.created_at),
-                "completed": stamp(self.completed_at), "age_s": self.age_s, "notes": self.notes}
+                "completed": stamp(self.completed_at), "age_s": self.age_s, "notes": self.notes,
+                **({"output": self.output} if output else {})}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Job:
+        """A row another host read (its `jobs --json`), for the fleet's judgement."""
+        job = cls((d["id"], d.get("class"), d["status_id"], _datetime(d.get("started")),
+                   _datetime(d.get("completed")), d.get("user"), d.get("age_s"), d.get("output")))
+        job.notes = list(d.get("notes") or [])
+        return job
 
 
 def stamp(value) -> str | None:
     """A DATETIME as the database shows it, None when unset."""
     return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else None
+
+
+def _datetime(text: str | None):
+    from datetime import datetime
+
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S") if text else None
 
 
 def connect(db: Database):
