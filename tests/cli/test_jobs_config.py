@@ -65,6 +65,21 @@ def test_host_port_and_socket_in_the_dsn():
     assert phpconfig.parse_dsn("mysql:dbname=a;unix_socket=/x/s.sock", "f")["unix_socket"] == "/x/s.sock"
 
 
+@pytest.mark.parametrize("dsn, where", [
+    ("mysql:dbname=a;unix_socket=/x/s.sock", ("/x/s.sock", None, None)),
+    ("mysql:dbname=a;host=LocalHost;unix_socket=/x/s.sock", ("/x/s.sock", None, None)),  # case as mysqlnd
+    # mysqlnd uses a socket only for localhost: with another host, TCP, and the socket is ignored.
+    ("mysql:dbname=a;host=10.0.0.5;unix_socket=/x/s.sock", (None, "10.0.0.5", 3306)),
+    ("mysql:dbname=a;host=127.0.0.1;port=3307", (None, "127.0.0.1", 3307)),
+])
+def test_socket_only_for_localhost_as_mysqlnd(tmp_path, dsn, where):
+    root = standin.make_root(tmp_path / "atom")
+    (root / "config" / "config.php").write_text(php_export(
+        {"all": {"propel": {"param": {"dsn": dsn, "username": "u", "password": "p"}}}}))
+    db = phpconfig.site_database(str(root))
+    assert (db.unix_socket, db.host, db.port) == where
+
+
 @pytest.mark.parametrize("text, words", [
     ("<?php\nsystem('touch /tmp/pwned'); return array();\n", "expected return"),
     ("<?php\nreturn array('all' => getenv('X'));\n", "unexpected"),

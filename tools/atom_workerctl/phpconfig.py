@@ -189,7 +189,9 @@ def site_database(root: str) -> Database:
         port = 0
     if not 1 <= port <= 65535:
         raise ConfigError(f"{path}: the dsn's port {dsn.get('port')!r} is not a port number")
-    sock = dsn.get("unix_socket") or (DEFAULT_SOCKET if host == "localhost" else None)
+    # As PHP's mysqlnd: the socket (the dsn's, else the default) only for localhost; with another host, TCP
+    # and a unix_socket in the dsn is ignored.
+    sock = (dsn.get("unix_socket") or DEFAULT_SOCKET) if host.lower() == "localhost" else None
     user = param.get("username")
     password = param.get("password")
     return Database(dsn["dbname"], None if sock else host, None if sock else port, sock,
