@@ -180,6 +180,14 @@ def test_a_lost_job_is_stale_for_the_fleet_and_only_uncertain_for_one_host(lab):
     assert row["id"] == lost and row["now"]["state"] == "stale", row
     assert any(f"{W2}:atom-worker@" in e and f"(PID {pid}) started it" in e for e in row["now"]["evidence"]), row
     assert _row(lab.fleet_json("jobs", "--status", "running")[1], lab.state["busy"])["now"]["state"] == "running"
+    # doctor over the fleet reports it once, with the fleet's fix; fj-w2's own doctor cannot tell.
+    local = json.loads(lab.sh(W2, "atom-workerctl doctor --json", check=False).stdout)
+    assert not [f for f in local["findings"] if f["code"] == "stale_job"], local["findings"]
+    code, data = lab.fleet_json("doctor")
+    (finding,) = data["jobs"]
+    assert code == 3 and finding["subject"] == f"job {lost} (site default)", data["jobs"]
+    assert finding["fix"] == [f"atom-workerctl -i {lab.inventory} jobs fail {lost} --site default"], finding
+    assert not [f for h in data["hosts"].values() for f in h.get("findings") or [] if f["code"] == "stale_job"]
 
 
 def test_the_printed_fix_fails_the_lost_row_alone(lab):
@@ -199,6 +207,7 @@ def test_the_printed_fix_fails_the_lost_row_alone(lab):
     assert lab.sql(f"SELECT id, status_id FROM job WHERE id != {lost} ORDER BY id") == others
     code, data = lab.fleet_json("jobs", "--stale")
     assert code == 0 and not data["databases"][0]["jobs"], data
+    assert lab.fleet_json("doctor")[1]["jobs"] == []
     # The same command refuses a row a worker runs, and changes nothing.
     code, out, err = lab.ctl("jobs", "fail", str(busy), "--site", "default")
     assert code == 1 and f"job {busy} is not stale (running" in err and len(err.strip().splitlines()) == 1, err

@@ -348,11 +348,22 @@ def doctor(args, hosts, remote, timeout) -> int:
 
         views = query_all(servers, timeout=args.gearman_timeout)
     merged = merge_status(results, views)
+    # AtoM's job table, judged once per database with every host's workers: those rows' per-host verdicts
+    # (each host alone sees its own workers only) give way to it.
+    from . import fleet_jobs
+
+    groups = fleet_jobs.for_doctor(args, hosts, remote, timeout)
+    judged = fleet_jobs.judged_here(groups)
+    stale = fleet_jobs.stale_findings(groups)
+    for name, r in results.items():
+        if r.data and r.data.get("findings"):
+            r.data["findings"] = [f for f in r.data["findings"]
+                                  if not (f["code"] == "stale_job" and (name, _job_id(f)) in judged)]
     code = overall_code(results.values())
-    if code == EXIT_OK and any(p.get("stands_out") for p in merged["per_host"].values()):
+    if code == EXIT_OK and (stale or any(p.get("stands_out") for p in merged["per_host"].values())):
         code = EXIT_NOT_ACTIVE
     if args.json:
-        data = _fleet_json("doctor", results, code, gearman=merged["gearman"])
+        data = _fleet_json("doctor", results, code, gearman=merged["gearman"], jobs=stale)
         for name, p in merged["per_host"].items():
             data["fleet"][name].update({"gearman_connections": p["connections"], "notes": p["notes"],
                                         "stands_out": bool(p.get("stands_out"))})
@@ -391,8 +402,24 @@ def doctor(args, hosts, remote, timeout) -> int:
     for server, g in merged["gearman"].items():
         if not g["reachable"]:
             out.line(f"gearmand {server}: " + out.paint(f"not reachable from this host: {g['error']}", "yellow"))
+    if stale:
+        out.line(out.paint(f"AtoM's jobs, judged with every host's workers: {len(stale)} stale", "red"))
+    for f in stale:
+        out.line(f"  {out.paint('FAULT', 'red')} stale_job {f['subject']}: {f['summary']}")
+        for e in f["evidence"]:
+            out.line(f"    evidence: {e}")
+        for fix in f["fix"]:
+            out.line(f"    fix: {fix}")
     _unreached_line(out, results)
     return code
+
+
+def _job_id(finding: dict) -> int | None:
+    """The row a host's stale_job finding is about (its subject: `job ID (site S)`)."""
+    import re
+
+    m = re.match(r"^job (\d+) ", finding.get("subject") or "")
+    return int(m.group(1)) if m else None
 
 
 # -- reset, restart, scale, daemon-reload --------------------------------------------------------------------

@@ -204,10 +204,10 @@ def listing(args, hosts, remote: list[str], timeout: float) -> int:
     return code
 
 
-def _common(remote: list[str]) -> list[str]:
+def _common(remote: list[str], command: str = "jobs") -> list[str]:
     """The options every host gets (--config, --gearman-timeout), taken from the hosts' command line."""
     out, i = [], 0
-    while i < len(remote) and remote[i] != "jobs":
+    while i < len(remote) and remote[i] != command:
         tok = remote[i]
         if tok.split("=", 1)[0] in ("--config", "--gearman-timeout"):
             out.append(tok)
@@ -215,6 +215,36 @@ def _common(remote: list[str]) -> list[str]:
                 out.append(remote[i + 1])
                 i += 1
         i += 1
+    return out
+
+
+def for_doctor(args, hosts, remote: list[str], timeout: float) -> list[FleetGroup]:
+    """Fleet doctor's stale rows: each database judged once with every host's workers (each host's own
+    doctor sees only its own, and calls a row another host's worker runs uncertain, never stale). Hosts
+    without a database answer with an error, which is left to their own doctor."""
+    ask = [fleet_ssh.REMOTE, "--json", *_common(remote, "doctor"), "jobs", "--stale"]
+    _, groups = gather(args, hosts, ask, timeout, True)
+    return groups
+
+
+def judged_here(groups: list[FleetGroup]) -> set[tuple[str, int]]:
+    """(host, job id) of every row a fleet judgement covered: those hosts' own verdicts on them give way."""
+    return {(h, i) for g in groups for h in g.db.hosts for i in g.verdicts}
+
+
+def stale_findings(groups: list[FleetGroup]) -> list[dict]:
+    """The stale rows as doctor findings (the fix names the fleet's hosts)."""
+    out = []
+    for g in groups:
+        for v in g.verdicts.values():
+            if v.state != "stale":
+                continue
+            blocks = (f"; it blocks {len(v.blocking)} later move/import job(s): "
+                      + ", ".join(str(b.id) for b in v.blocking)) if v.blocking else ""
+            out.append({"code": "stale_job", "severity": "fault", "subject": f"job {v.job.id} (site {g.name})",
+                        "summary": f"AtoM shows job {v.job.id} {v.job.name} as Running, but nothing runs it or "
+                                   f"will on any of {len(g.db.hosts)} host(s){blocks}",
+                        "evidence": v.evidence, "fix": [cmd_jobs._fail_command(g, v)], "hosts": g.db.hosts})
     return out
 
 
