@@ -34,6 +34,7 @@
 #        STOCK_RESUME=1 bench/stock-debian/run.sh   (a stopped run's disk, make demo again)
 #        bench/stock-debian/run.sh pause | continue   (freezes the running VM and this script, e.g. while
 #            the machine runs a test suite that must have it alone; paused time is left out of the figures)
+#        bench/stock-debian/run.sh results   (results.md and results.json again from the kept logs)
 #        bench/stock-debian/run.sh stop    (powers the VM off cleanly, keeps its disk; a stop in the middle
 #            of an apt-get inside leaves dpkg for the resumed run to finish)
 set -euo pipefail
@@ -85,6 +86,7 @@ run_step() {
     shift
     log "step $name ..."
     t0=$(date +%s.%N)
+    CURRENT_STEP="$name $t0"  # a stop by signal records this step's time so far (on_signal)
     # A subshell outside any `||`, so that `set -e` still stops CMD at its first failing command.
     set +e
     # Appended: a resumed run adds its leg to the same log.
@@ -94,6 +96,7 @@ run_step() {
     t1=$(date +%s.%N)
     secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
     printf '%s\t%s\t%s\t%s\n' "$name" "${t0%.*}" "$secs" "$rc" >>"$STEPS"
+    CURRENT_STEP=""
     log "step $name: ${secs} s, exit $rc"
     return "$rc"
 }
@@ -395,7 +398,8 @@ def t(name):
     if not runs:
         return "not run"
     out = []
-    for n, s in enumerate(runs):
+    stops = iter(legs_of["stopped_by"])  # one per leg ended by a signal (exit above 128), in order
+    for s in runs:
         held = paused_within(s["start"], round(s["start"] + s["seconds"]))
         m, r = divmod(round(s["seconds"] - held), 60)
         took = f"{m} min {r} s" if m else f"{r} s"
@@ -403,7 +407,7 @@ def t(name):
             took += f" (paused {held // 60} min besides, left out)"
         if s["exit"] != 0:
             # A leg ended by a signal is a stop, not a failure of the step.
-            stop = legs_of["stopped_by"][n] if n < len(legs_of["stopped_by"]) else None
+            stop = next(stops, None) if s["exit"] > 128 else None
             took = f"stopped after {took} ({stop})" if stop else f"{took} (failed, exit {s['exit']})"
         out.append(took)
     return out[0] if len(out) == 1 else " + ".join(f"leg {n}: {x}" for n, x in enumerate(out, 1))
@@ -550,6 +554,14 @@ teardown() {
 # A run stopped by a signal says so (and by which), instead of passing for a failed step.
 on_signal() {
     fact stopped_by "SIG$1 at $(date -u +%H:%M:%S)"
+    # The step that was running: its time until the stop, with the signal's exit code (the results show
+    # it as stopped, not as missing).
+    if [[ -n ${CURRENT_STEP:-} ]]; then
+        local name=${CURRENT_STEP% *} t0=${CURRENT_STEP#* }
+        printf '%s\t%s\t%s\t%s\n' "$name" "${t0%.*}" \
+            "$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')" \
+            "$((128 + $(kill -l "$1")))" >>"$STEPS"
+    fi
     exit $((128 + $(kill -l "$1")))
 }
 
@@ -564,6 +576,7 @@ on_exit() {
         [[ -f $RUN/disk.img && -f $RUN/cloned ]] && keep=1
     fi
     fact host_loadavg_end "$(cut -d' ' -f1-3 /proc/loadavg)"
+    fact status "$status"
     teardown "$keep"
     write_results "$status" || log "writing the results failed"
     log "done ($status); results in $HERE/results.md, logs in $LOGS"
@@ -576,8 +589,10 @@ main() {
     [[ $(id -u) == 0 ]] || { echo "run as root" >&2; exit 1; }
     case ${1:-} in
     pause | continue | stop) control "$1"; return ;;
+    # The results again from the kept logs (after mending them, or the writer).
+    results) write_results "$(sed -n 's/^status\t//p' "$FACTS" | tail -n 1)"; return ;;
     "") ;;
-    *) echo "usage: $0 [pause|continue|stop]" >&2; exit 2 ;;
+    *) echo "usage: $0 [pause|continue|stop|results]" >&2; exit 2 ;;
     esac
     # `stop` and `pause` signal this process group: the script must lead one.
     if [[ $(ps -o pgid= -p $$ | tr -d ' ') != "$$" ]]; then
