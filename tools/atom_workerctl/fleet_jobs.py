@@ -25,7 +25,7 @@ import socket
 from . import cmd_jobs, fleet_ssh, gearman
 from .errors import EXIT_NOT_ACTIVE, EXIT_OK, EXIT_USAGE, WorkerctlError
 from .job_evidence import Taken
-from .jobtable import Job
+from .jobtable import Job, stamp
 from .render import Out, dump_json
 
 
@@ -65,14 +65,17 @@ class FleetGroup(cmd_jobs.SiteJobs):
     def site_on(self, host: str) -> str:
         return next(item["sites"][0] for h, item in self.answers if h == host)
 
-    def judge(self, stale_only: bool) -> None:
+    def judge(self, stale_only: bool, since: str | None = None) -> None:
         """The rows come from the first host's answer; a row is judged only when every host read it in
         progress (one that finished between two hosts' reads is not judged at all)."""
         first = self.answers[0][1]
         in_progress = [Job.from_dict(d) for d in first.get("in_progress") or []]
         still = set.intersection(*({d["id"] for d in item.get("in_progress") or []} for _, item in self.answers))
         self.in_progress = [j for j in in_progress if j.id in still]
-        self.jobs = self.in_progress if stale_only else [Job.from_dict(d) for d in first.get("jobs") or []]
+        # --stale: the rows in progress (submitted since `since`), judged here; the hosts' own lists hold only
+        # what each host alone found stale.
+        self.jobs = [j for j in self.in_progress if since is None or (stamp(j.created_at) or "") >= since] \
+            if stale_only else [Job.from_dict(d) for d in first.get("jobs") or []]
         parts = [(h, item["evidence"]) for h, item in self.answers if item.get("evidence")]
         if self.in_progress and parts:
             self.evidence = merged_evidence(parts)
@@ -153,7 +156,7 @@ def run(args, hosts, remote: list[str], timeout: float) -> int:
     return listing(args, hosts, remote, timeout)
 
 
-def gather(args, hosts, remote: list[str], timeout: float, stale_only: bool):
+def gather(args, hosts, remote: list[str], timeout: float, stale_only: bool, since: str | None = None):
     results = fleet_ssh.run_many(hosts, remote, timeout, args.parallel)
     groups: dict[tuple, FleetGroup] = {}
     prefix = fail_prefix(args)
@@ -165,7 +168,7 @@ def gather(args, hosts, remote: list[str], timeout: float, stale_only: bool):
             key = database_key(identity, r.target)
             groups.setdefault(key, FleetGroup(item["database"], prefix)).add(name, item)
     for g in groups.values():
-        g.judge(stale_only)
+        g.judge(stale_only, since)
     return results, list(groups.values())
 
 
@@ -188,7 +191,8 @@ def _host_errors(out: Out, results) -> None:
 
 
 def listing(args, hosts, remote: list[str], timeout: float) -> int:
-    results, groups = gather(args, hosts, remote, timeout, args.stale and not args.since)
+    results, groups = gather(args, hosts, remote, timeout, args.stale,
+                             cmd_jobs._time(args.since) if args.stale else None)
     code = _code(results, groups, args.stale)
     if args.json:
         from .cmd_fleet import _fleet_json
