@@ -17,7 +17,7 @@ import time
 import pytest
 import yaml
 from gearman_sampler import StatusSampler, admin, hold_stopped, parse_status
-from labhosts import ATOM_ROOT, VENV_BIN, LabHosts
+from labhosts import ATOM_ROOT, VENV_BIN, LabHosts, booted_per_module
 from polling import wait_until
 
 pytestmark = pytest.mark.timeout(400)
@@ -116,24 +116,22 @@ def lab(tmp_path_factory):
                                 "vars": {"gearman_job_server_listen_address": "{{ ansible_host }}"}},
         "atom_workers": {"hosts": {W1: None, W2: None}, "vars": {"atom_worker_instances": 2}},
     }}}
-    hosts = LabHosts(source, tmp_path_factory.mktemp("fleet-cli"))
-    hosts.down()
-    hosts.up()
-    generated = yaml.safe_load(hosts.inventory.read_text())
-    jobs = generated["all"]["children"]["gearman_job_servers"]
-    address = hosts.address(JOBS)
-    # The fleet's status asks gearmand from the control host: admit it (in the test's copy only).
-    jobs["vars"]["gearman_job_server_allowed_addresses"] = [control_address((address, 4730))]
-    hosts.inventory.write_text(yaml.safe_dump(generated, sort_keys=False))
-    try:
+
+    def wrap(hosts):
+        generated = yaml.safe_load(hosts.inventory.read_text())
+        jobs = generated["all"]["children"]["gearman_job_servers"]
+        address = hosts.address(JOBS)
+        # The fleet's status asks gearmand from the control host: admit it (in the test's copy only).
+        jobs["vars"]["gearman_job_server_allowed_addresses"] = [control_address((address, 4730))]
+        hosts.inventory.write_text(yaml.safe_dump(generated, sort_keys=False))
         result = hosts.playbook("playbooks/lab/site.yml", with_cli=True)
         assert result.returncode == 0, result
         lab = Lab(hosts, generated)
         wait_until(lab.all_registered, 60, 0.5, "every worker registered after the converge")
-        yield lab
-    finally:
-        if not os.environ.get("ATOM_KEEP_LAB"):
-            hosts.down()
+        return lab
+
+    with booted_per_module(tmp_path_factory, wrap, prefix="fleet-cli") as make:
+        yield make(source)
 
 
 def test_status_over_the_inventory_and_over_named_hosts(lab):

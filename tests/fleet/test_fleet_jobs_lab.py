@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 import yaml
-from labhosts import ATOM_ROOT, VENV_BIN, LabHosts
+from labhosts import ATOM_ROOT, VENV_BIN, LabHosts, booted_per_module
 from polling import wait_until
 
 pytestmark = pytest.mark.timeout(600)
@@ -116,23 +116,21 @@ def lab(tmp_path_factory):
                          "vars": {"atom_worker_instances": 2, "atom_worker_restart_sec": 10,
                                   "atom_standin_database": True}},
     }}}
-    hosts = LabHosts(source, tmp_path_factory.mktemp("fleet-jobs"))
-    hosts.down()
-    hosts.up()
-    generated = yaml.safe_load(hosts.inventory.read_text())
-    workers = generated["all"]["children"]["atom_workers"]["hosts"]
-    workers[W1] = {**(workers[W1] or {}), "atom_standin_database_clients": [hosts.address(W2)]}
-    workers[W2] = {**(workers[W2] or {}), "atom_standin_database_host": hosts.address(W1)}
-    hosts.inventory.write_text(yaml.safe_dump(generated, sort_keys=False))
-    try:
+
+    def wrap(hosts):
+        generated = yaml.safe_load(hosts.inventory.read_text())
+        workers = generated["all"]["children"]["atom_workers"]["hosts"]
+        workers[W1] = {**(workers[W1] or {}), "atom_standin_database_clients": [hosts.address(W2)]}
+        workers[W2] = {**(workers[W2] or {}), "atom_standin_database_host": hosts.address(W1)}
+        hosts.inventory.write_text(yaml.safe_dump(generated, sort_keys=False))
         result = hosts.playbook("playbooks/lab/site.yml", with_cli=True)
         assert result.returncode == 0, result
         lab = Lab(hosts)
         wait_until(lab.registered, 60, 0.5, "both hosts' workers registered")
-        yield lab
-    finally:
-        if not os.environ.get("ATOM_KEEP_LAB"):
-            hosts.down()
+        return lab
+
+    with booted_per_module(tmp_path_factory, wrap, prefix="fleet-jobs") as make:
+        yield make(source)
 
 
 def test_both_hosts_use_the_one_database(lab):

@@ -140,6 +140,21 @@ class Evidence:
                             for s, v in self.gearman.items()},
                 "sites": [s.as_dict() for s in self.sites]}
 
+    @classmethod
+    def from_dict(cls, d: dict, host: str) -> Evidence:
+        """Another host's evidence (its `jobs --json`); its workers' instances named host:instance."""
+        from .gearman import FunctionStatus, ServerView
+
+        views = {}
+        for server, g in (d.get("gearman") or {}).items():
+            view = views[server] = ServerView(server)
+            view.error = g.get("error")
+            view.functions = {f: FunctionStatus(f, *counts) for f, counts in (g.get("functions") or {}).items()}
+        sites = [SiteEvidence(s["name"], s["prefix"], list(s["servers"]),
+                              [job_evidence.Taken.from_dict(t, host) for t in s.get("takens") or []])
+                 for s in d.get("sites") or []]
+        return cls(d["taken_at"], d.get("logs_error"), views, sites)
+
 
 def decide(rows: list[Job], ev: Evidence) -> dict:
     """Verdicts on the rows in progress, judged as each site of the evidence; the most cautious stays."""
@@ -233,14 +248,19 @@ def stale_findings(host: model.Host, backend, snap, Finding, fault: str, warning
         for v in g.verdicts.values():
             if v.state != "stale":
                 continue
-            blocks = (f"; it blocks {len(v.blocking)} later move/import job(s): "
-                      + ", ".join(str(b.id) for b in v.blocking)) if v.blocking else ""
             findings.append(Finding(
-                "stale_job", fault, f"job {v.job.id} (site {g.name})",
-                f"AtoM shows job {v.job.id} {v.job.name} as Running, but nothing runs it or will{blocks}",
+                "stale_job", fault, *stale_text(g, v),
                 [f"job {v.job.id}: {v.job.name}, in progress since {_short(v.job.created_at)}", *v.evidence],
                 [_fail_command(g, v)]))
     return findings
+
+
+def stale_text(g: SiteJobs, v, where: str = "") -> tuple[str, str]:
+    """A stale row's finding: its subject and summary (`where`: a fleet's "on any of N host(s)")."""
+    blocks = (f"; it blocks {len(v.blocking)} later move/import job(s): "
+              + ", ".join(str(b.id) for b in v.blocking)) if v.blocking else ""
+    return (f"job {v.job.id} (site {g.name})",
+            f"AtoM shows job {v.job.id} {v.job.name} as Running, but nothing runs it or will{where}{blocks}")
 
 
 def _database_fix(db, error: str, backend) -> list[str]:
@@ -278,6 +298,11 @@ def check_args(args, host: model.Host) -> None:
     """Everything the command line says, checked before a database, gearmand or systemd is asked."""
     if args.site:
         host.site(args.site)
+    check_options(args)
+
+
+def check_options(args) -> None:
+    """The options that need no host (a fleet checks them before any host is asked)."""
     _statuses(getattr(args, "status", None), None)
     for name in ("since", "before"):
         _time(getattr(args, name, None))

@@ -24,7 +24,6 @@ import socket
 
 from . import cmd_jobs, fleet_ssh, gearman
 from .errors import EXIT_NOT_ACTIVE, EXIT_OK, EXIT_USAGE, WorkerctlError
-from .job_evidence import Taken
 from .jobtable import Job, stamp
 from .render import Out, dump_json
 
@@ -89,35 +88,27 @@ def merged_evidence(parts: list[tuple[str, dict]]) -> cmd_jobs.Evidence:
     views: dict[str, gearman.ServerView] = {}
     sites: dict[tuple, cmd_jobs.SiteEvidence] = {}
     errors = []
-    for host, ev in parts:
-        if ev.get("logs_error"):
-            errors.append(f"{host}: {ev['logs_error']}")
-        for server, g in (ev.get("gearman") or {}).items():
-            if server in views and views[server].reachable:
-                continue
-            view = gearman.ServerView(server)
-            view.error = g.get("error")
-            view.functions = {f: gearman.FunctionStatus(f, *counts) for f, counts in (g.get("functions") or {}).items()}
-            views[server] = view
-        for s in ev.get("sites") or []:
-            key = (s["prefix"], tuple(s["servers"]))
-            site = sites.setdefault(key, cmd_jobs.SiteEvidence(s["name"], s["prefix"], list(s["servers"]), []))
-            site.takens += [Taken.from_dict(t, host) for t in s.get("takens") or []]
-    return cmd_jobs.Evidence(min(ev["taken_at"] for _, ev in parts), "; ".join(errors) or None, views,
+    for host, d in parts:
+        ev = cmd_jobs.Evidence.from_dict(d, host)
+        if ev.logs_error:
+            errors.append(f"{host}: {ev.logs_error}")
+        for server, view in ev.gearman.items():
+            if server not in views or not views[server].reachable:
+                views[server] = view
+        for s in ev.sites:
+            same = sites.setdefault((s.prefix, tuple(s.servers)), s)
+            if same is not s:
+                same.takens += s.takens
+    return cmd_jobs.Evidence(min(d["taken_at"] for _, d in parts), "; ".join(errors) or None, views,
                              list(sites.values()))
-
-
-def _address(text: str) -> str:
-    try:
-        return socket.gethostbyname(text)
-    except OSError:
-        return text
 
 
 def database_key(identity: dict, target: fleet_ssh.Target) -> tuple:
     """A database on the host itself (localhost, a socket) is that host's, at the address the fleet
     reaches it by: another host's config naming that address is the same database."""
-    where = _address(target.address) if identity.get("local") else identity.get("address")
+    from .cmd_fleet import _resolve
+
+    where = (_resolve(target.address) or target.address) if identity.get("local") else identity.get("address")
     return (where, identity.get("port") or 3306, identity.get("dbname"))
 
 
@@ -136,21 +127,12 @@ def fail_prefix(args) -> str:
     return shlex.join(words)
 
 
-def check_args(args) -> None:
-    """What can be checked without a host, before any host is asked."""
-    cmd_jobs._statuses(getattr(args, "status", None), None)
-    for name in ("since", "before"):
-        cmd_jobs._time(getattr(args, name, None))
-    if getattr(args, "lines", 0) < 0:
-        raise WorkerctlError("-n must be 0 (all) or more", exit_code=EXIT_USAGE)
-
-
 def run(args, hosts, remote: list[str], timeout: float) -> int:
     action = getattr(args, "jobs_action", None)
     if action in ("export", "clear"):
         raise WorkerctlError(f"jobs {action} reads or writes the one database: run it on one host "
                              f"(atom-workerctl jobs {action} ...), not over the fleet", EXIT_USAGE)
-    check_args(args)
+    cmd_jobs.check_options(args)
     if action == "fail":
         return fail(args, hosts, remote, timeout)
     return listing(args, hosts, remote, timeout)
@@ -243,11 +225,8 @@ def stale_findings(groups: list[FleetGroup]) -> list[dict]:
         for v in g.verdicts.values():
             if v.state != "stale":
                 continue
-            blocks = (f"; it blocks {len(v.blocking)} later move/import job(s): "
-                      + ", ".join(str(b.id) for b in v.blocking)) if v.blocking else ""
-            out.append({"code": "stale_job", "severity": "fault", "subject": f"job {v.job.id} (site {g.name})",
-                        "summary": f"AtoM shows job {v.job.id} {v.job.name} as Running, but nothing runs it or "
-                                   f"will on any of {len(g.db.hosts)} host(s){blocks}",
+            subject, summary = cmd_jobs.stale_text(g, v, f" on any of {len(g.db.hosts)} host(s)")
+            out.append({"code": "stale_job", "severity": "fault", "subject": subject, "summary": summary,
                         "evidence": v.evidence, "fix": [cmd_jobs._fail_command(g, v)], "hosts": g.db.hosts})
     return out
 
