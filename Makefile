@@ -15,7 +15,7 @@ VENV_STAMP := $(VENV)/.installed
 # with --no-loadscope-reorder). PYTEST_ARGS= runs them one after another (README: Tests and CI).
 PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
-.PHONY: help deps venv wheel lab demo test lint pytest molecule clean distclean bench-cli bench-ops bench-fleet bench-gearmand
+.PHONY: help deps venv wheel promtool lab demo test lint pytest molecule clean distclean bench-cli bench-ops bench-fleet bench-gearmand
 help:
 	@echo "make demo       boot the lab, converge it (playbooks/lab/site.yml), show the workers and a completed job"
 	@echo "make test       lint, pytest (stand-in, lab, roles, CLI, the Molecule scenarios)"
@@ -47,8 +47,20 @@ $(STAMPS)/wheel.stamp: $(VENV_STAMP) $(wildcard tools/atom_workerctl/*.py) pypro
 	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w $(STAMPS)/wheel .
 	@touch $@
 
+# promtool (tests/test_monitoring.py checks and unit-tests monitoring/'s alert rules with it) from Debian's
+# prometheus package, unpacked into build/prometheus, not installed: the package would start a Prometheus
+# server on this machine. apt-get download needs the package lists, which the apt stamp's update fetched;
+# it downloads as root (APT::Sandbox::User): apt's own _apt user may not reach the checkout (apt warns).
+$(STAMPS)/promtool.stamp: $(STAMPS)/apt
+	rm -rf $(STAMPS)/prometheus $(STAMPS)/prometheus_*.deb
+	cd $(STAMPS) && apt-get download -qq -o APT::Sandbox::User=root prometheus
+	dpkg-deb -x $(STAMPS)/prometheus_*.deb $(STAMPS)/prometheus
+	$(STAMPS)/prometheus/usr/bin/promtool --version >/dev/null
+	@touch $@
+
 deps: $(STAMPS)/apt
 venv: $(VENV_STAMP)
+promtool: $(STAMPS)/promtool.stamp
 
 wheel: $(STAMPS)/wheel.stamp
 
@@ -68,7 +80,7 @@ lint: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ansible-lint --offline -q
 	$(BIN)/ruff check .
 
-pytest: venv wheel
+pytest: venv wheel promtool
 	$(LAB) exec -- $(BIN)/pytest $(PYTEST_ARGS)
 
 molecule: venv wheel

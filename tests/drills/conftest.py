@@ -10,37 +10,9 @@ import shlex
 import subprocess
 
 import pytest
+from gsubmit import GSUBMIT
 from labhosts import ATOM_ROOT, LAB, LabHosts, booted_per_module
 from polling import wait_until
-
-# Submits background jobs straight to gearmand (SUBMIT_JOB_BG of the binary protocol), as AtoM's web app
-# does, but without asking for available workers first: drills queue jobs while workers are away.
-# Usage on a host: python3 /root/gsubmit.py HOST PORT FUNCTION ID_PREFIX COUNT [PAYLOAD_JSON]
-# Prints the ids (ID_PREFIX0..), one a line. Stdlib only: lab hosts have python3 and nothing else.
-GSUBMIT = r'''
-import json, socket, struct, sys
-host, port, function, prefix, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
-extra = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
-s = socket.create_connection((host, port), timeout=10)
-def read(n):
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            sys.exit("gearmand closed the connection")
-        buf += chunk
-    return buf
-for i in range(count):
-    job_id = f"{prefix}{i}"
-    data = b"\0".join([function.encode(), job_id.encode(),
-                       json.dumps({**extra, "id": job_id, "name": "drill"}).encode()])
-    s.sendall(b"\0REQ" + struct.pack(">II", 18, len(data)) + data)   # SUBMIT_JOB_BG
-    magic, kind, size = struct.unpack(">4sII", read(12))
-    read(size)
-    if kind != 8:                                                       # JOB_CREATED
-        sys.exit(f"gearmand answered packet type {kind} to job {job_id}")
-    print(job_id)
-'''
 
 
 class Drill:

@@ -16,10 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import prom_text
 import pytest
 import standin
 import supervisor_harness
-from standin import Gearmand, make_root
+from gsubmit import submit_here
+from promtool import promtool_path
+from standin import Gearmand, free_port, make_root
 from supervisor_harness import BURST, make_units, plain_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,6 +55,11 @@ class Lab:
     def units(self, *args):
         _, data = self.status(*args)
         return {u["unit"]: u for s in data["sites"] for p in s["pools"] for u in p["units"]}
+
+    def metrics(self, *args, config=None):
+        result = self.cli("metrics", *args, config=config)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
 
     def registered(self, *units):
         states = self.units()
@@ -146,6 +154,97 @@ def test_status_json_has_systemds_schema_and_both_workers_registered(lab):
     assert human.stdout.count("registered") >= 2
 
 
+def test_metrics_say_what_status_says_and_pass_promtool(lab, tmp_path):
+    text = lab.metrics()
+    _, data = lab.status()
+    units = lab.units()
+    for unit in (UNIT1, UNIT2):
+        labels = {"site": "default", "pool": "default", "worker": model.short(unit)}
+        got = {name: prom_text.value(text, f"atom_worker_instance_{name}", **labels)
+               for name in ("expected", "active", "failed", "start_limit_hit", "registered", "restarts_total")}
+        assert got == {"expected": 1, "active": 1, "failed": 0, "start_limit_hit": 0, "registered": 1,
+                       "restarts_total": units[unit]["n_restarts"]}
+    gearman = data["sites"][0]["gearman"][0]
+    assert prom_text.value(text, "atom_worker_gearmand_up", site="default", server=gearman["server"]) == 1
+    assert gearman["functions"], "the site has expected functions"
+    for fn in gearman["functions"]:
+        labels = {"site": "default", "server": gearman["server"], "function": fn["function"], "job_class": fn["job"]}
+        assert prom_text.value(text, "atom_worker_function_jobs_queued", **labels) == fn["queued"] - fn["running"]
+        assert prom_text.value(text, "atom_worker_function_jobs_running", **labels) == fn["running"]
+        assert prom_text.value(text, "atom_worker_function_workers_available", **labels) == 2
+
+    def check_metrics(exposition):
+        return subprocess.run([promtool_path(), "check", "metrics"], input=exposition, capture_output=True,
+                              text=True, check=False)
+
+    check = check_metrics(text)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # The same check does fail on a broken exposition: a counter without _total.
+    bad = text.replace("atom_worker_instance_restarts_total", "atom_worker_instance_restarts")
+    check = check_metrics(bad)
+    assert check.returncode != 0 and "_total" in check.stdout + check.stderr
+
+    names = {name for name, _, _ in prom_text.samples(lab.metrics("--functions", "no"))}
+    assert "atom_worker_gearmand_up" in names and "atom_worker_instance_active" in names
+    assert not [n for n in names if n.startswith("atom_worker_function_")]
+
+    out = tmp_path / "atom-worker.prom"
+    assert lab.metrics("--output", str(out)) == ""
+    assert prom_text.value(out.read_text(), "atom_worker_instance_active", worker="atom-worker@1") == 1
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atom-worker.prom"]  # no temporary file left
+    # A run that cannot read the host says so in one line and leaves the file as it was.
+    before = out.read_bytes()
+    for result in (lab.cli("metrics", "--output", str(out), config=tmp_path / "missing.json"),
+                   lab.cli("metrics", "--output", str(tmp_path / "nowhere" / "atom-worker.prom"))):
+        assert result.returncode == 1 and result.stdout == "", result
+        assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("atom-workerctl: error: ")
+    assert out.read_bytes() == before
+
+
+def test_status_watch_shows_the_queue_rising_while_the_workers_are_stopped(lab):
+    assert shutil.which("tmux"), "missing tmux: apt-get install tmux"
+    _, data = lab.status()
+    gearman = data["sites"][0]["gearman"][0]
+    job = gearman["functions"][0]
+    host, port = gearman["server"].rsplit(":", 1)
+    command = (f"env PYTHONPATH={REPO / 'tools'} NO_COLOR=1 TERM=xterm {sys.executable} -m atom_workerctl "
+               f"--config {lab.config} status --watch 0.5; echo WATCH-EXIT=$?; sleep 60")
+    # Every worker that runs now is stopped, then started again.
+    running = [f"{p['group']}:{p['name']}" for p in lab.sv.rpc.call("supervisor.getAllProcessInfo")
+               if p["group"] == "atom-workers" and p["statename"] == "RUNNING"]
+    workers = str(job["available_workers"])
+    assert workers == str(len(running)), (workers, running)
+    tmux = Tmux("atomwatch", command)
+
+    def row():
+        return watched_row(tmux.screen(), job["job"]) or [None] * 5
+
+    try:
+        # Positive control first: with both workers up the view shows them and nothing queued.
+        lab.sv.wait(lambda: row()[:3] == ["0", "0", workers], 20, "the watch view with every worker")
+        assert "every instance active and registered" in tmux.screen()
+        lab.sv.ctl("stop", *running, check=True)
+        lab.sv.wait(lambda: row()[2] == "0", 20, "no worker")
+        assert "needs attention" in tmux.screen() and "atom-workerctl reset atom-worker@1" in tmux.screen()
+        submit_here(host, int(port), job["function"], "watch-a-", 2)
+        lab.sv.wait(lambda: row()[0] == "2", 20, "2 queued on the screen")
+        submit_here(host, int(port), job["function"], "watch-b-", 3)
+        lab.sv.wait(lambda: row()[0] == "5", 20, "5 queued on the screen")
+        cells = row()
+        assert cells[4] == "+5" and cells[3][-1] == "█" and cells[3][0] == "▁", cells  # the trend: risen from 0 to 5
+    finally:
+        lab.sv.ctl("start", *running)
+    try:
+        lab.sv.wait(lambda: lab.registered(UNIT1, UNIT2), 30, "both workers registered again")
+        lab.sv.wait(lambda: row()[:3] == ["0", "0", workers], 30, "the queue drained")
+        tmux.keys("q")
+        lab.sv.wait(lambda: "WATCH-EXIT=0" in tmux.screen(), 10, "the watch to quit on q")
+        assert watched_row(tmux.screen(), job["job"]) is None  # the alternate screen is gone with it
+    finally:
+        tmux.close()
+
+
 def test_restarts_reset_the_budget_first_and_rolling_restart_registers_each(lab):
     pids = {ns: lab.sv.info(ns)["pid"] for ns in (NS1, NS2)}
     for _ in range(BURST + 1):  # more deliberate restarts than the start limit allows
@@ -215,6 +314,11 @@ def test_crash_loop_shows_the_start_limit_then_reset_brings_it_back(lab):
     assert u["exit"] == {"code": "exited", "status": 1}
     human = lab.cli("status", "atom-worker@1", "--no-gearman")
     assert human.returncode == 3 and "START LIMIT HIT" in human.stdout
+    text = lab.metrics()
+    assert prom_text.value(text, "atom_worker_instance_start_limit_hit", worker="atom-worker@1") == 1
+    assert prom_text.value(text, "atom_worker_instance_failed", worker="atom-worker@1") == 1
+    assert prom_text.value(text, "atom_worker_instance_restarts_total", worker="atom-worker@1") == BURST - 1
+    assert prom_text.value(text, "atom_worker_instance_start_limit_hit", worker="atom-worker@2") == 0
     doctor = lab.cli("doctor", "--json")
     assert doctor.returncode == 3
     finding = next(f for f in json.loads(doctor.stdout)["findings"] if f["code"] == "start_limit_hit")
@@ -228,6 +332,7 @@ def test_crash_loop_shows_the_start_limit_then_reset_brings_it_back(lab):
     assert "atom-worker@1: active and registered" in reset.stdout
     assert lab.sv.entry(NS1)["failed"] is False
     assert lab.status()[0] == 0
+    assert prom_text.value(lab.metrics(), "atom_worker_instance_start_limit_hit", worker="atom-worker@1") == 0
 
 
 def test_scale_grows_numprocs_and_shrinks_by_stopping(lab):
@@ -317,3 +422,54 @@ def test_errors_are_one_line(lab, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("atom-workerctl: error: ") and text in lines[0], lines
     unknown = lab.cli("status", "atom-worker-nope@1")
     assert unknown.returncode == 4 and len(unknown.stderr.splitlines()) == 1
+
+
+class Tmux:
+    """A private tmux server (its own socket) running one command in a fixed-size window."""
+
+    def __init__(self, name, command):
+        self.base = ["tmux", "-L", f"{name}-{os.getpid()}"]
+        subprocess.run([*self.base, "new-session", "-d", "-s", "w", "-x", "150", "-y", "45", command], check=True)
+
+    def screen(self):
+        return subprocess.run([*self.base, "capture-pane", "-p", "-t", "w"], capture_output=True, text=True,
+                              check=True).stdout
+
+    def keys(self, *keys):
+        subprocess.run([*self.base, "send-keys", "-t", "w", *keys], check=True)
+
+    def close(self):
+        subprocess.run([*self.base, "kill-server"], check=False, capture_output=True)
+
+
+def watched_row(screen, job_class):
+    """The watch view's row of a job class: [QUEUED, RUNNING, WORKERS, TREND, CHANGE], or None."""
+    for line in screen.splitlines():
+        cells = line.split()
+        if len(cells) == 6 and cells[0] == job_class:
+            return cells[1:]
+    return None
+
+
+def test_metrics_count_queued_jobs_and_say_when_gearmand_is_unreachable(lab, tmp_path):
+    # Last in the module: the queued jobs stay (no worker has their function).
+    host, port = lab.gearmand.server
+    _, data = lab.status()
+    prefix = data["sites"][0]["prefix"]
+    assert len(submit_here(host, port, f"{prefix}-arNoWorkerJob", "queued-", 3)) == 3
+    text = lab.metrics()
+    labels = {"function": f"{prefix}-arNoWorkerJob", "job_class": "arNoWorkerJob"}
+    assert prom_text.value(text, "atom_worker_function_jobs_queued", **labels) == 3
+    assert prom_text.value(text, "atom_worker_function_workers_available", **labels) == 0
+
+    # The same site with a job server nobody listens at: a series says so, the command succeeds.
+    dead = f"127.0.0.1:{free_port()}"
+    config = json.loads(lab.config.read_text())
+    config["sites"][0]["root"] = str(make_root(tmp_path / "root", servers=[("127.0.0.1", int(dead.split(":")[1]))]))
+    config["sites"][0]["gearman_servers"] = [dead]
+    path = tmp_path / "sites.json"
+    path.write_text(json.dumps(config))
+    text = lab.metrics("--gearman-timeout", "1", config=path)
+    assert prom_text.value(text, "atom_worker_gearmand_up", site="default", server=dead) == 0
+    assert not [n for n, _, _ in prom_text.samples(text) if n.startswith("atom_worker_function_")]
+    assert prom_text.value(text, "atom_worker_instance_active", worker="atom-worker@1") == 1

@@ -47,7 +47,8 @@ wait that did not end registered; 4 no such site, pool or instance; 1 any other 
 COMMAND_HELP = {
     "status": ("show instances, their state and gearmand's view",
                ("examples:\n  atom-workerctl status\n  atom-workerctl status atom-worker@2 --no-gearman\n"
-               "  atom-workerctl status --pool serial --json\n\n"
+               "  atom-workerctl status --pool serial --json\n"
+               "  atom-workerctl status --watch   live: queues, their trend, instances needing someone\n\n"
                "exit codes: 0 all selected instances active, 3 some not active, 4 no such instance, 1 error.\n"
                "The --json schema is documented in tools/atom_workerctl/README.md (\"schema\": 1).")),
     "reset": ("reset-failed and start the instances that are down, then wait until registered",
@@ -84,6 +85,20 @@ COMMAND_HELP = {
               "  atom-workerctl jobs clear --before '90 days ago'   delete finished rows only\n\n"
               "The database comes from each site's config/config.php (never from the command line).\n"
               "exit codes: 0 ok; 3 stale rows found (--stale); 4 no such site or job; 1 error.")),
+    "metrics": ("the instances and gearmand's queues in Prometheus' text format (node_exporter's textfile)",
+                ("examples:\n  atom-workerctl metrics\n"
+                 "  atom-workerctl metrics --output /var/lib/prometheus/node-exporter/atom-worker.prom\n"
+                 "  atom-workerctl metrics --functions no   leave gearmand's per-function view to another host\n\n"
+                 "--output replaces the file atomically. Exit 0 whenever the host could be read (an unreachable\n"
+                 "gearmand is a series, atom_worker_gearmand_up 0); 1 otherwise, the file left as it was.\n"
+                 "The series and the alert rules: README.md, Monitoring.")),
+    "notify": ("send the notice that an instance gave up (run by OnFailure= and the supervisord listener)",
+               ("examples:\n  atom-workerctl notify atom-worker@2             what systemd's OnFailure= runs\n"
+                "  atom-workerctl notify atom-worker@2 --dry-run   show the notice, send nothing\n\n"
+                "Sends only when the instance gave up (its start limit is used up, not a deliberate stop), once per\n"
+                "give-up, on the channels of notify.json beside sites.json (atom_worker_notify: log, mail, webhook).\n"
+                "exit codes: 0 sent, or nothing to send (why on stderr); 1 a channel failed (the others were tried);\n"
+                "4 no such instance.")),
     "daemon-reload": ("make systemd reread changed unit files (Manager.Reload)",
                       "example:\n  atom-workerctl daemon-reload && atom-workerctl restart --rolling"),
     "completion": ("print a shell completion script",
@@ -197,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status")
     _selection(p)
     p.add_argument("--no-gearman", action="store_true", help="do not ask gearmand (systemd's view only)")
+    p.add_argument("--watch", metavar="SECONDS", nargs="?", type=seconds, const=2.0, default=None,
+                   help="refresh in place every SECONDS (default 2): queues, their trend, instances needing "
+                        "someone; q quits")
 
     p = add("reset")
     _selection(p, all_opt=True)
@@ -224,6 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("doctor")
     _jobs_parser(add("jobs"))
     add("daemon-reload", json_opt=False)
+
+    p = add("metrics", json_opt=False)
+    p.add_argument("--output", metavar="FILE", help="write FILE atomically instead of stdout")
+    p.add_argument("--functions", choices=["yes", "no"], default="yes",
+                   help="the per-function series of gearmand's queues (default yes; in a fleet one host says yes)")
+
+    p = add("notify", json_opt=False)
+    p.add_argument("instances", nargs=1, metavar="INSTANCE", help="the instance that gave up (atom-worker@2)")
+    p.add_argument("--notify-config", metavar="PATH",
+                   help="the notice settings (default: notify.json beside sites.json)")
+    p.add_argument("--dry-run", action="store_true", help="print the notice instead of sending it")
+    p.set_defaults(site=None, pool=None)
 
     p = add("completion", json_opt=False)
     p.add_argument("shell", choices=["bash", "zsh"], help="the shell")
@@ -343,6 +373,12 @@ def dispatch(args) -> int:
 
     if args.command == "_complete":
         return _complete(args)
+    if getattr(args, "watch", None) is not None and (args.json or args.instances or args.site or args.pool
+                                                      or args.no_gearman):
+        from .errors import EXIT_USAGE, WorkerctlError
+
+        raise WorkerctlError("status --watch shows the whole host with gearmand's view: no instances, --site, "
+                         "--pool, --no-gearman or --json", EXIT_USAGE)
     host = model.load(args.config)
     # Unknown sites, pools and instances fail (exit 4) before anything talks to systemd.
     if args.command == "scale":
@@ -367,6 +403,10 @@ def dispatch(args) -> int:
             return cmd_jobs.run(args, host, None)  # the database only: no process manager needed
     backend = _backend(host)
     try:
+        if args.command == "status" and args.watch is not None:
+            from . import cmd_watch
+
+            return cmd_watch.run(args, host, backend)
         if args.command == "status":
             from . import cmd_status
 
@@ -379,6 +419,14 @@ def dispatch(args) -> int:
             from . import cmd_jobs
 
             return cmd_jobs.run(args, host, backend)
+        if args.command == "metrics":
+            from . import cmd_metrics
+
+            return cmd_metrics.run(args, host, backend)
+        if args.command == "notify":
+            from . import cmd_notify
+
+            return cmd_notify.run(args, host, backend)
         from . import cmd_actions
 
         return {"reset": cmd_actions.reset, "restart": cmd_actions.restart, "scale": cmd_actions.scale,

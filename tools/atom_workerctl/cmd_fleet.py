@@ -96,6 +96,9 @@ def run(args, argv: list[str], long_options: list[str]) -> int:
     if args.command not in FLEET_COMMANDS:
         raise WorkerctlError(f"{args.command} is not a fleet command (fleet commands: {', '.join(FLEET_COMMANDS)})",
                              EXIT_USAGE)
+    if getattr(args, "watch", None) is not None:
+        raise WorkerctlError("status --watch runs on one host (ssh to it, or use Prometheus: README, Monitoring)",
+                             EXIT_USAGE)
     if args.parallel < 1:
         raise WorkerctlError("--parallel must be 1 or more", EXIT_USAGE)
     hosts = targets(args)

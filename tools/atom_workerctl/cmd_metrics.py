@@ -1,0 +1,164 @@
+"""`atom-workerctl metrics`: the host's workers and gearmand's queues in Prometheus' text format.
+
+node_exporter's textfile collector reads the file `--output` writes (the atom_workerctl role's timer runs
+this every few seconds). One run reads the host once, through the same snapshot as `status`.
+
+Names follow Prometheus' conventions: the `atom_worker_` namespace, base units (seconds), `_total` for the
+one counter. The instance's label is `worker`, not `instance`: Prometheus puts `instance` (the scraped
+target) on every series, and a series of ours carrying it would be renamed `exported_instance`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+
+from . import model
+from .errors import EXIT_OK, WorkerctlError
+from .snapshot import InstanceView, Snapshot, take
+
+# name -> (type, help). The order here is the order in the output.
+METRICS: dict[str, tuple[str, str]] = {
+    "atom_worker_scrape_timestamp_seconds": ("gauge", "Unix time atom-workerctl read the host."),
+    "atom_worker_scrape_duration_seconds": ("gauge", "Seconds reading the host took."),
+    "atom_worker_instance_expected": ("gauge", "1 if sites.json expects the instance, 0 for a stray one."),
+    "atom_worker_instance_active": ("gauge", "1 if the instance is active (running), else 0."),
+    "atom_worker_instance_failed": ("gauge", "1 if the instance is in state failed, else 0."),
+    "atom_worker_instance_start_limit_hit": (
+        "gauge", ("1 if the process manager gave up restarting the instance (start limit hit); "
+                 "atom-workerctl reset brings it back.")),
+    "atom_worker_instance_restarts_total": (
+        "counter", "Automatic restarts of the instance since it was last started or reset on purpose."),
+    "atom_worker_instance_registered": (
+        "gauge", ("1 if the instance is registered with every reachable gearmand, 0 if not; "
+                 "absent when it cannot be told.")),
+    "atom_worker_gearmand_up": ("gauge", "1 if the site's gearmand answered its admin protocol, else 0."),
+    "atom_worker_function_jobs_queued": (
+        "gauge", "Jobs of the function waiting in gearmand's queue (its total minus those running)."),
+    "atom_worker_function_jobs_running": ("gauge", "Jobs of the function a worker is running."),
+    "atom_worker_function_workers_available": (
+        "gauge", "Workers registered with gearmand for the function, from any host."),
+}
+
+
+class Exposition:
+    """Samples grouped by metric name, written with one HELP and TYPE line each."""
+
+    def __init__(self):
+        self.samples: dict[str, list[tuple[dict[str, str], float]]] = {name: [] for name in METRICS}
+
+    def add(self, name: str, value: float, **labels: str) -> None:
+        self.samples[name].append((labels, value))
+
+    def text(self) -> str:
+        out = []
+        for name, (kind, help_text) in METRICS.items():
+            if not self.samples[name]:
+                continue
+            out.append(f"# HELP {name} {_escape_help(help_text)}")
+            out.append(f"# TYPE {name} {kind}")
+            for labels, value in self.samples[name]:
+                out.append(f"{name}{_labels(labels)} {_value(value)}")
+        return "\n".join(out) + "\n"
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    body = ",".join(f'{k}="{_escape_label(str(v))}"' for k, v in labels.items())
+    return "{" + body + "}"
+
+
+def _escape_label(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _value(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def collect(snap: Snapshot, functions: bool, started: float) -> Exposition:
+    exp = Exposition()
+    exp.add("atom_worker_scrape_timestamp_seconds", round(snap.taken_at, 3))
+    for inst in _instances(snap):
+        _instance(exp, inst)
+    for sv in snap.sites:
+        for server in sv.servers:
+            view = snap.gearman.get(server)
+            up = bool(view and view.reachable)
+            exp.add("atom_worker_gearmand_up", int(up), site=sv.site.name, server=server)
+            if up and functions:
+                _functions(exp, sv, server, view)
+    exp.add("atom_worker_scrape_duration_seconds", round(time.monotonic() - started, 3))
+    return exp
+
+
+def _instances(snap: Snapshot) -> list[InstanceView]:
+    """Expected instances pool by pool, then the strays."""
+    ordered = [i for sv in snap.sites for pv in sv.pools for i in snap.of_pool(pv.pool)]
+    return ordered + [i for i in snap.strays() if i not in ordered]
+
+
+def _instance(exp: Exposition, inst: InstanceView) -> None:
+    s = inst.state
+    labels = {"site": inst.pool.site.name if inst.pool else "", "pool": inst.pool.name if inst.pool else "",
+              "worker": model.short(s.unit)}
+    exp.add("atom_worker_instance_expected", int(inst.expected), **labels)
+    exp.add("atom_worker_instance_active", int(s.active), **labels)
+    exp.add("atom_worker_instance_failed", int(s.active_state == "failed"), **labels)
+    exp.add("atom_worker_instance_start_limit_hit", int(s.start_limit()[0]), **labels)
+    exp.add("atom_worker_instance_restarts_total", s.n_restarts or 0, **labels)
+    if inst.registered is not None:
+        exp.add("atom_worker_instance_registered", int(inst.registered), **labels)
+
+
+def _functions(exp: Exposition, sv, server: str, view) -> None:
+    """The site's expected functions (0 when gearmand lists none) and any other under its prefix."""
+    prefix = sv.prefix + "-"
+    expected = [f"{prefix}{cls}" for pv in sv.pools for cls in pv.classes]
+    names = list(dict.fromkeys(expected)) + sorted(
+        f for f in view.functions if f.startswith(prefix) and f not in expected)
+    for name in names:
+        fs = view.functions.get(name)
+        labels = {"site": sv.site.name, "server": server, "function": name, "job_class": name[len(prefix):]}
+        queued, running, available = (fs.queued, fs.running, fs.available) if fs else (0, 0, 0)
+        # gearmand's status counts a running job in its total too.
+        exp.add("atom_worker_function_jobs_queued", max(queued - running, 0), **labels)
+        exp.add("atom_worker_function_jobs_running", running, **labels)
+        exp.add("atom_worker_function_workers_available", available, **labels)
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Readers (node_exporter) see the old file or the new one, never a part."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise WorkerctlError(f"--output: no such directory: {directory}")
+    fd, tmp = tempfile.mkstemp(prefix=".atom-worker-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def run(args, host: model.Host, backend) -> int:
+    started = time.monotonic()
+    snap = take(host, backend, gearman=True, timeout=args.gearman_timeout)
+    text = collect(snap, args.functions == "yes", started).text()
+    if args.output:
+        write_atomically(args.output, text)
+    else:
+        print(text, end="")
+    return EXIT_OK
