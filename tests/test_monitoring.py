@@ -41,7 +41,7 @@ def metric_names(text: str) -> set[str]:
 def test_promtool_checks_the_rules():
     result = promtool("check", "rules", RULES)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert "SUCCESS: 7 rules found" in result.stdout
 
 
 def test_promtool_check_rejects_a_broken_expression(tmp_path):
@@ -86,6 +86,10 @@ RULE_MISTAKES = [
     pytest.param("unless max_over_time(atom_worker_scrape_timestamp_seconds[5m])",
                  "unless atom_worker_scrape_timestamp_seconds", "AtomWorkerMetricsMissing",
                  id="metrics-missing-on-one-failed-scrape"),
+    pytest.param("max by (site) (atom_worker_jobs_stale)", "max by (instance, site) (atom_worker_jobs_stale)",
+                 "AtomWorkerStaleJobs", id="stale-jobs-per-host"),
+    pytest.param("(atom_worker_jobs_stale) > 0\n        for: 10m", "(atom_worker_jobs_stale) > 0\n        for: 4m",
+                 "AtomWorkerStaleJobs", id="stale-jobs-without-time-for-the-fix"),
 ]
 
 
@@ -101,7 +105,8 @@ def test_every_alert_has_labels_annotations_a_firing_case_and_a_control():
     checks = [c for t in yaml.safe_load(RULE_TESTS.read_text())["tests"] for c in t["alert_rule_test"]]
     assert [r["alert"] for r in rules] == [
         "AtomWorkerGaveUp", "AtomWorkerNoWorkerForQueuedJobs", "AtomWorkerQueueGrowing",
-        "AtomWorkerGearmandUnreachable", "AtomWorkerInstanceDown", "AtomWorkerMetricsMissing"]
+        "AtomWorkerGearmandUnreachable", "AtomWorkerInstanceDown", "AtomWorkerMetricsMissing",
+        "AtomWorkerStaleJobs"]
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
         assert {"summary", "description"} <= rule["annotations"].keys(), rule["alert"]

@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import prom_text
 import pytest
 import supervisor_harness
 from mariadb import MariaDB, write_site_database
@@ -43,6 +44,13 @@ class Lab:
         cmd = [sys.executable, "-m", "atom_workerctl", "--config", str(self.config), *args]
         return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=60, check=False,
                               stdin=stdin if stdin is not None else subprocess.DEVNULL)
+
+    def jobs_metrics(self) -> tuple:
+        """`metrics`' job series of the site: (database up, rows in progress, stale rows)."""
+        result = self.cli("metrics", "--functions", "no")
+        assert result.returncode == 0, result.stderr
+        return tuple(prom_text.value(result.stdout, f"atom_worker_jobs_{name}", site="default")
+                     for name in ("database_up", "in_progress", "stale"))
 
     def status(self, job_id) -> int:
         return self.db.query("SELECT status_id FROM job WHERE id = %s", int(job_id))[0][0]
@@ -134,6 +142,7 @@ def test_a_lost_move_is_found_stale_reported_failed_alone_and_the_next_move_comp
     stale = lab.cli("jobs", "--stale")
     assert stale.returncode == 0, stale.stdout + stale.stderr
     assert "no stale job" in stale.stdout
+    assert lab.jobs_metrics() == (1, 1, 0)
     refused = lab.cli("jobs", "fail", str(first))
     assert refused.returncode == 1 and "not stale (running" in refused.stderr, refused.stderr
     assert lab.status(first) == IN_PROGRESS
@@ -171,6 +180,7 @@ def test_a_lost_move_is_found_stale_reported_failed_alone_and_the_next_move_comp
     listing = json.loads(lab.cli("jobs", "--json").stdout)
     second_now = {j["id"]: j for s in listing["sites"] for j in s["jobs"]}[int(second)]["now"]
     assert second_now["state"] == "waiting", second_now
+    assert lab.jobs_metrics() == (1, 2, 1)  # the one stale row; the one waiting behind it is not
 
     # doctor reports it, with the fixing command; the fix is run exactly as printed.
     doctor = lab.cli("doctor", "--json")
@@ -191,6 +201,7 @@ def test_a_lost_move_is_found_stale_reported_failed_alone_and_the_next_move_comp
     wait_until(lambda: lab.status(second) == COMPLETED, 30)
     assert lab.cli("jobs", "--stale").returncode == 0
     assert not [f for f in json.loads(lab.cli("doctor", "--json").stdout)["findings"] if f["code"] == "stale_job"]
+    assert lab.jobs_metrics() == (1, 0, 0)
 
     # The history, as AtoM's own CSV export has it.
     exported = lab.cli("jobs", "export")
@@ -223,6 +234,16 @@ def test_a_lost_move_is_found_stale_reported_failed_alone_and_the_next_move_comp
     assert remaining == {recent, int(first), int(second)}
     assert lab.db.query("SELECT COUNT(*) FROM note WHERE object_id IN (%s, %s)", old_completed, old_error) == [(0,)]
     assert lab.checksum() == keep
+
+    # A job table that cannot be read is a series too (database_up 0; every reading above was 1), and
+    # metrics still succeeds.
+    config_php = lab.root / "config" / "config.php"
+    good = config_php.read_text()
+    config_php.write_text(good.replace("s3cret", "wrong"))
+    try:
+        assert lab.jobs_metrics() == (0, None, None)
+    finally:
+        config_php.write_text(good)
 
 
 def _output(lab, job_id) -> str:

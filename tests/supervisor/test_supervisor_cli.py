@@ -184,6 +184,8 @@ def test_metrics_say_what_status_says_and_pass_promtool(lab, tmp_path):
     check = check_metrics(bad)
     assert check.returncode != 0 and "_total" in check.stdout + check.stderr
 
+    # No site here has config/config.php: no job table series (tests/supervisor/test_jobs_supervisor.py has them).
+    assert not [n for n, _, _ in prom_text.samples(text) if n.startswith("atom_worker_jobs_")]
     names = {name for name, _, _ in prom_text.samples(lab.metrics("--functions", "no"))}
     assert "atom_worker_gearmand_up" in names and "atom_worker_instance_active" in names
     assert not [n for n in names if n.startswith("atom_worker_function_")]

@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="FILE", help="write FILE atomically instead of stdout")
     p.add_argument("--functions", choices=["yes", "no"], default="yes",
                    help="the per-function series of gearmand's queues (default yes; in a fleet one host says yes)")
+    p.add_argument("--jobs", choices=["yes", "no"], default="yes",
+                   help="AtoM's job rows in progress and stale ones, from each site's database (default yes)")
 
     p = add("notify", json_opt=False)
     p.add_argument("instances", nargs=1, metavar="INSTANCE", help="the instance that gave up (atom-worker@2)")

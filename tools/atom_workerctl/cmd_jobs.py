@@ -208,26 +208,19 @@ def merge(verdicts: dict, more: dict) -> None:
             verdicts[job_id] = v
 
 
-def stale_findings(host: model.Host, backend, snap, Finding, fault: str, warning: str) -> list:
-    """doctor: a stale row is a fault with its fixing command; a database that cannot be read, a warning.
-    Sites without config/config.php are not looked at."""
+def judge_host(host: model.Host, backend, snap) -> tuple[list[SiteJobs], list[tuple]]:
+    """Every row in progress of this host's sites' databases, judged (doctor and metrics read the host this
+    way): the databases read, and (site names, error, database or None) for each that could not be. Sites
+    without config/config.php are not looked at."""
     from .phpconfig import CONFIG_PHP
 
-    with_db = [s.name for s in host.sites if os.path.exists(os.path.join(s.root, CONFIG_PHP))]
-    if not with_db:
-        return []
-    findings = []
-    groups = []
-
-    def unreadable(name: str, exc: WorkerctlError, db=None) -> None:
-        findings.append(Finding("jobs_unreadable", warning, f"site {name}",
-                                "AtoM's job table cannot be read: stale jobs are not looked for", [str(exc)],
-                                _database_fix(db, str(exc), backend)))
-    for name in with_db:
+    groups: list[SiteJobs] = []
+    unreadable: list[tuple] = []
+    for name in [s.name for s in host.sites if os.path.exists(os.path.join(s.root, CONFIG_PHP))]:
         try:
             (g,) = databases(host, name)
         except WorkerctlError as exc:
-            unreadable(name, exc)
+            unreadable.append(([name], exc, None))
             continue
         same = next((x for x in groups if x.db.key == g.db.key), None)
         if same is None:
@@ -240,10 +233,20 @@ def stale_findings(host: model.Host, backend, snap, Finding, fault: str, warning
                 g.table = JobTable(g.db)
                 g.in_progress = g.table.jobs(statuses=[IN_PROGRESS], output=True)
             except WorkerctlError as exc:
-                unreadable(g.name, exc, g.db)
+                unreadable.append(([s.name for s in g.sites], exc, g.db))
         judge_sites(host, backend, [g for g in groups if g.table is not None], 0, snap=snap)
     finally:
         _close(groups)
+    return [g for g in groups if g.table is not None], unreadable
+
+
+def stale_findings(host: model.Host, backend, snap, Finding, fault: str, warning: str) -> list:
+    """doctor: a stale row is a fault with its fixing command; a database that cannot be read, a warning."""
+    groups, unreadable = judge_host(host, backend, snap)
+    findings = [Finding("jobs_unreadable", warning, f"site {', '.join(names)}",
+                        "AtoM's job table cannot be read: stale jobs are not looked for", [str(exc)],
+                        _database_fix(db, str(exc), backend))
+                for names, exc, db in unreadable]
     for g in groups:
         for v in g.verdicts.values():
             if v.state != "stale":

@@ -40,6 +40,11 @@ METRICS: dict[str, tuple[str, str]] = {
     "atom_worker_function_jobs_running": ("gauge", "Jobs of the function a worker is running."),
     "atom_worker_function_workers_available": (
         "gauge", "Workers registered with gearmand for the function, from any host."),
+    "atom_worker_jobs_database_up": ("gauge", "1 if AtoM's job table of the site could be read, else 0."),
+    "atom_worker_jobs_in_progress": ("gauge", "AtoM job rows of the site's database in progress."),
+    "atom_worker_jobs_stale": (
+        "gauge", ("AtoM job rows in progress that nothing runs or will (atom-workerctl jobs --stale), as far as "
+                  "this host can tell.")),
 }
 
 
@@ -83,7 +88,8 @@ def _value(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def collect(snap: Snapshot, functions: bool, started: float) -> Exposition:
+def collect(snap: Snapshot, functions: bool, started: float, jobs=None) -> Exposition:
+    """`jobs`: judge_host's answer (the databases judged, those unreadable), or None to leave jobs out."""
     exp = Exposition()
     exp.add("atom_worker_scrape_timestamp_seconds", round(snap.taken_at, 3))
     for inst in _instances(snap):
@@ -95,6 +101,8 @@ def collect(snap: Snapshot, functions: bool, started: float) -> Exposition:
             exp.add("atom_worker_gearmand_up", int(up), site=sv.site.name, server=server)
             if up and functions:
                 _functions(exp, sv, server, view)
+    if jobs is not None:
+        _jobs(exp, *jobs)
     exp.add("atom_worker_scrape_duration_seconds", round(time.monotonic() - started, 3))
     return exp
 
@@ -134,6 +142,19 @@ def _functions(exp: Exposition, sv, server: str, view) -> None:
         exp.add("atom_worker_function_workers_available", available, **labels)
 
 
+def _jobs(exp: Exposition, groups, unreadable) -> None:
+    """Per site; sites sharing one database show the same rows."""
+    for g in groups:
+        stale = sum(1 for v in g.verdicts.values() if v.state == "stale")
+        for site in g.sites:
+            exp.add("atom_worker_jobs_database_up", 1, site=site.name)
+            exp.add("atom_worker_jobs_in_progress", len(g.in_progress), site=site.name)
+            exp.add("atom_worker_jobs_stale", stale, site=site.name)
+    for names, _exc, _db in unreadable:
+        for name in names:
+            exp.add("atom_worker_jobs_database_up", 0, site=name)
+
+
 def write_atomically(path: str, text: str) -> None:
     """Readers (node_exporter) see the old file or the new one, never a part."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -156,7 +177,12 @@ def write_atomically(path: str, text: str) -> None:
 def run(args, host: model.Host, backend) -> int:
     started = time.monotonic()
     snap = take(host, backend, gearman=True, timeout=args.gearman_timeout)
-    text = collect(snap, args.functions == "yes", started).text()
+    jobs = None
+    if args.jobs == "yes":
+        from .cmd_jobs import judge_host
+
+        jobs = judge_host(host, backend, snap)
+    text = collect(snap, args.functions == "yes", started, jobs).text()
     if args.output:
         write_atomically(args.output, text)
     else:
