@@ -424,6 +424,16 @@ def test_errors_are_one_line(lab, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("atom-workerctl: error: ") and text in lines[0], lines
     unknown = lab.cli("status", "atom-worker-nope@1")
     assert unknown.returncode == 4 and len(unknown.stderr.splitlines()) == 1
+    for args, words in ((["metrics", "--jobs-every", "-1"], "0 or more seconds"),
+                        (["metrics", "--functions", "maybe"], "invalid choice"),
+                        (["status", "--watch", "0"], "above 0"),
+                        (["status", "--watch", "--json"], "status --watch shows the whole host"),
+                        (["status", "--watch", "1", "atom-worker@1"], "status --watch shows the whole host"),
+                        (["-H", "nohost.invalid", "status", "--watch"], "runs on one host"),
+                        (["-H", "nohost.invalid", "metrics"], "not a fleet command")):
+        result = lab.cli(*args)
+        assert result.returncode == 2 and result.stdout == "", (args, result)
+        assert len(result.stderr.splitlines()) == 1 and words in result.stderr, (args, result.stderr)
 
 
 class Tmux:

@@ -128,6 +128,18 @@ def seconds(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds (got {text})")
+    return value
+
+
 _COMMON: dict = {}
 
 
@@ -249,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the per-function series of gearmand's queues (default yes; in a fleet one host says yes)")
     p.add_argument("--jobs", choices=["yes", "no"], default="yes",
                    help="AtoM's job rows in progress and stale ones, from each site's database (default yes)")
+    p.add_argument("--jobs-every", metavar="S", type=_non_negative, default=300.0,
+                   help="with --output: read the job table at most every S seconds, the runs between reuse its "
+                        "counts (default 300; 0: every run)")
 
     p = add("notify", json_opt=False)
     p.add_argument("instances", nargs=1, metavar="INSTANCE", help="the instance that gave up (atom-worker@2)")

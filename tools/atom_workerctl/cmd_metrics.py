@@ -88,8 +88,8 @@ def _value(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def collect(snap: Snapshot, functions: bool, started: float, jobs=None) -> Exposition:
-    """`jobs`: judge_host's answer (the databases judged, those unreadable), or None to leave jobs out."""
+def collect(snap: Snapshot, functions: bool, started: float, jobs: list | None = None) -> Exposition:
+    """`jobs`: the job table's samples (job_samples), or None to leave them out."""
     exp = Exposition()
     exp.add("atom_worker_scrape_timestamp_seconds", round(snap.taken_at, 3))
     for inst in _instances(snap):
@@ -101,8 +101,8 @@ def collect(snap: Snapshot, functions: bool, started: float, jobs=None) -> Expos
             exp.add("atom_worker_gearmand_up", int(up), site=sv.site.name, server=server)
             if up and functions:
                 _functions(exp, sv, server, view)
-    if jobs is not None:
-        _jobs(exp, *jobs)
+    for name, labels, value in jobs or []:
+        exp.add(name, value, **labels)
     exp.add("atom_worker_scrape_duration_seconds", round(time.monotonic() - started, 3))
     return exp
 
@@ -142,20 +142,42 @@ def _functions(exp: Exposition, sv, server: str, view) -> None:
         exp.add("atom_worker_function_workers_available", available, **labels)
 
 
-def _jobs(exp: Exposition, groups, unreadable) -> None:
-    """Per site; sites sharing one database show the same rows."""
+def job_samples(host: model.Host, backend, snap: Snapshot) -> list:
+    """AtoM's job table per site as (name, labels, value); sites sharing one database show the same rows."""
+    from .cmd_jobs import judge_host
+
+    groups, unreadable = judge_host(host, backend, snap)
+    out = []
     for g in groups:
         stale = sum(1 for v in g.verdicts.values() if v.state == "stale")
         for site in g.sites:
-            exp.add("atom_worker_jobs_database_up", 1, site=site.name)
-            exp.add("atom_worker_jobs_in_progress", len(g.in_progress), site=site.name)
-            exp.add("atom_worker_jobs_stale", stale, site=site.name)
-    for names, _exc, _db in unreadable:
-        for name in names:
-            exp.add("atom_worker_jobs_database_up", 0, site=name)
+            out += [("atom_worker_jobs_database_up", {"site": site.name}, 1),
+                    ("atom_worker_jobs_in_progress", {"site": site.name}, len(g.in_progress)),
+                    ("atom_worker_jobs_stale", {"site": site.name}, stale)]
+    out += [("atom_worker_jobs_database_up", {"site": name}, 0) for names, _exc, _db in unreadable for name in names]
+    return out
 
 
-def write_atomically(path: str, text: str) -> None:
+def cached_job_samples(host: model.Host, backend, snap: Snapshot, cache: str, every: float) -> list:
+    """job_samples, read again at most every `every` seconds. Judging a row in progress reads the workers'
+    logs back to when it began (up to a week for the very rows the alert is about): too much for a timer
+    that runs every few seconds, and a stale row is news over minutes, not seconds."""
+    import json
+
+    try:
+        with open(cache, encoding="utf-8") as f:
+            kept = json.load(f)
+        age = time.time() - kept["at"]
+        if 0 <= age < every:
+            return [tuple(x) for x in kept["samples"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, or unreadable: read the table
+    samples = job_samples(host, backend, snap)
+    write_atomically(cache, json.dumps({"at": time.time(), "samples": samples}), mode=0o600)
+    return samples
+
+
+def write_atomically(path: str, text: str, mode: int = 0o644) -> None:
     """Readers (node_exporter) see the old file or the new one, never a part."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -166,7 +188,7 @@ def write_atomically(path: str, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -178,10 +200,12 @@ def run(args, host: model.Host, backend) -> int:
     started = time.monotonic()
     snap = take(host, backend, gearman=True, timeout=args.gearman_timeout)
     jobs = None
-    if args.jobs == "yes":
-        from .cmd_jobs import judge_host
-
-        jobs = judge_host(host, backend, snap)
+    if args.jobs == "yes" and args.output and args.jobs_every > 0:
+        # Beside the output, hidden: node_exporter reads only *.prom.
+        cache = os.path.join(os.path.dirname(os.path.abspath(args.output)), ".atom-worker-jobs.json")
+        jobs = cached_job_samples(host, backend, snap, cache, args.jobs_every)
+    elif args.jobs == "yes":
+        jobs = job_samples(host, backend, snap)
     text = collect(snap, args.functions == "yes", started, jobs).text()
     if args.output:
         write_atomically(args.output, text)
