@@ -137,6 +137,21 @@ def test_default_unit_is_the_documented_one():
     assert "KillMode" not in text
 
 
+def test_notices_on_add_on_failure_and_off_leave_the_unit_as_it_was():
+    _, units = default_units()
+    env = plain_env()
+    off = env.get_template("atom-worker@.service.j2").render(unit=units[0])
+    on = env.get_template("atom-worker@.service.j2").render(unit={**units[0], "notify": True})
+    unit_section = on.split("[Service]")[0]
+    assert "OnFailure=atom-notify@%N.service" in unit_lines(unit_section)
+    assert "OnFailure" not in off
+    assert [line for line in unit_lines(on) if not line.startswith("OnFailure=")] == unit_lines(off)
+    notice = env.get_template("atom-notify@.service.j2").render(notify={"command": "/usr/local/bin/atom-workerctl"})
+    (exec_start,) = [line for line in unit_lines(notice) if line.startswith("ExecStart=")]
+    assert exec_start.endswith(" sh /usr/local/bin/atom-workerctl %i")
+    assert "Type=oneshot" in unit_lines(notice) and "[Install]" not in unit_lines(notice)
+
+
 def test_recycling_pool_runs_php_under_the_helper():
     _, units = default_units(
         instances=0,
@@ -215,7 +230,13 @@ def test_ansible_and_plain_jinja_render_the_same_text(tmp_path):
     }
     mysql_queue = {**gearmand, "queue_type": "mysql", "mysql_local": True,
                    "mysql_options_file": "/etc/atom-gearman/gearmand-mysql.conf"}
+    notify = {"schema": 1, "channels": ["log", "webhook"], "command": "/usr/local/bin/atom-workerctl",
+              "mail": {"to": ["ops@example.org"], "from": "", "sendmail": "/usr/sbin/sendmail"},
+              "webhook": {"url": "https://hooks.example.org/x?token=t", "timeout": 10}}
     cases = [("atom-worker@.service.j2", {"unit": u}) for u in units] + [
+        ("atom-worker@.service.j2", {"unit": {**units[0], "notify": True}}),
+        ("atom-notify@.service.j2", {"notify": notify}),
+        ("notify.json.j2", {"notify": notify}),
         (
             "atom-workers.target.j2",
             {

@@ -97,6 +97,20 @@ def make_units(root, pools, php=str(FAKE_PHP), recycle_helper="/nonexistent", si
     return filters.atom_worker_units(model["pools"], settings)
 
 
+def write_sites_json(path, sv, sites, units, root):
+    """The sites.json the role writes on a supervisord host, naming this harness's supervisord, logs and
+    listener: what atom-workerctl reads (`--config PATH`)."""
+    model = filters.atom_worker_model(
+        {"sites": sites, "user": "root", "group": "root", "gearman_servers": sites[0]["gearman_servers"]})
+    state = filters.atom_worker_state(model, {"default": os.path.realpath(root)}, units, {"manager": "supervisor"})
+    state["supervisor"] = {"server_url": sv.url, "conf_file": str(sv.conf_dir / "atom-worker.conf"),
+                           "policy_conf_file": str(sv.conf_dir / "atom-worker-policy.conf"),
+                           "log_dir": str(sv.log_dir), "policy_command": str(POLICY),
+                           "policy_state_file": str(sv.state_file)}
+    Path(path).write_text(json.dumps(state, indent=2))
+    return state
+
+
 class Supervisord:
     def __init__(self, base: Path, sockdir: Path):
         self.base = base

@@ -23,7 +23,7 @@ import supervisor_harness
 from gsubmit import submit_here
 from promtool import promtool_path
 from standin import Gearmand, free_port, make_root
-from supervisor_harness import BURST, make_units, plain_env
+from supervisor_harness import BURST, make_units, plain_env, write_sites_json
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
@@ -65,19 +65,6 @@ class Lab:
         states = self.units()
         return all(states[u]["active_state"] == "active" and states[u]["gearman"]["registered"] is True
                    for u in units)
-
-
-def write_sites_json(path, sv, sites, units, root):
-    model_ = supervisor_harness.filters.atom_worker_model(
-        {"sites": sites, "user": "root", "group": "root", "gearman_servers": sites[0]["gearman_servers"]})
-    state = supervisor_harness.filters.atom_worker_state(model_, {"default": os.path.realpath(root)}, units,
-                                                         {"manager": "supervisor"})
-    state["supervisor"] = {"server_url": sv.url, "conf_file": str(sv.conf_dir / "atom-worker.conf"),
-                           "policy_conf_file": str(sv.conf_dir / "atom-worker-policy.conf"),
-                           "log_dir": str(sv.log_dir), "policy_command": str(supervisor_harness.POLICY),
-                           "policy_state_file": str(sv.state_file)}
-    path.write_text(json.dumps(state, indent=2))
-    return state
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +181,9 @@ def test_metrics_say_what_status_says_and_pass_promtool(lab, tmp_path):
     assert lab.metrics("--output", str(out)) == ""
     assert prom_text.value(out.read_text(), "atom_worker_instance_active", worker="atom-worker@1") == 1
     assert out.stat().st_mode & 0o777 == 0o644
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["atom-worker.prom"]  # no temporary file left
+    # No temporary file left; beside the file, the job table's counts kept for --jobs-every (none here).
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".atom-worker-jobs.json", "atom-worker.prom"]
+    assert (tmp_path / ".atom-worker-jobs.json").stat().st_mode & 0o777 == 0o600
     # A run that cannot read the host says so in one line and leaves the file as it was.
     before = out.read_bytes()
     for result in (lab.cli("metrics", "--output", str(out), config=tmp_path / "missing.json"),

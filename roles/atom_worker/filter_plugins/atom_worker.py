@@ -423,7 +423,11 @@ RESTART_VALUES = ("no", "on-success", "on-failure", "on-abnormal", "on-watchdog"
 # Signals AtoM's worker exits 0 on (the role's argument spec allows the same ones).
 KILL_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 _PATH_VARS = ("php", "recycle_helper", "unit_dir", "state_file", "supervisorctl", "supervisor_conf_dir",
-              "supervisor_log_dir", "supervisor_policy_command", "supervisor_policy_state_file")
+              "supervisor_log_dir", "supervisor_policy_command", "supervisor_policy_state_file", "notify_sendmail",
+              "notify_command")
+NOTIFY_CHANNELS = ("log", "mail", "webhook")
+# A plain mail address (no display name, no list): it goes into a To:/From: header of the notice as it is.
+_ADDRESS = re.compile(r"[A-Za-z0-9._+=-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*")
 _WANT = {
     _PATH: "an absolute path of letters, digits and ._+@,:=~/-",
     _RELPATH: "a path of letters, digits and ._+@,:=~/- (relative to the AtoM root, or absolute)",
@@ -461,6 +465,7 @@ def atom_worker_bad_values(values, model):
         items = values.get(f"atom_worker_{key}")
         for index, item in enumerate(items if isinstance(items, list) else []):
             check(f"atom_worker_{key}[{index}]", item, pattern)
+    problems += _notify_problems(values)
     for site in (model or {}).get("sites", []):
         check(site["var"] if site["var"] == "atom_worker_root" else f"{site['var']}.root", site.get("root"), _PATH)
         for key in ("user", "group"):
@@ -473,6 +478,48 @@ def atom_worker_bad_values(values, model):
             var = f"atom_worker_{key}" if pool["var"] == "atom_worker_instances" else f"{pool['var']}.{key}"
             for index, item in enumerate(items if isinstance(items, list) else []):
                 check(f"{var}[{index}]", item, _JOB_NAME)
+    return problems
+
+
+def _notify_problems(values):
+    """The notice's settings: known channels, and what each chosen channel needs (mail: recipients; webhook:
+    an http(s) URL). The URL is never shown: it may hold a token."""
+    from urllib.parse import urlsplit
+
+    problems = []
+    channels = values.get("atom_worker_notify", [])
+    if not isinstance(channels, list):
+        return [f"atom_worker_notify={channels!r}: must be a list of {', '.join(NOTIFY_CHANNELS)} ([] for none)"]
+    for channel in channels:
+        if channel not in NOTIFY_CHANNELS:
+            problems.append(f"atom_worker_notify has {channel!r}: the channels are {', '.join(NOTIFY_CHANNELS)}")
+    if len(set(map(str, channels))) != len(channels):
+        problems.append("atom_worker_notify lists a channel twice")
+    to = values.get("atom_worker_notify_mail_to", [])
+    to = [to] if isinstance(to, str) else to
+    if not isinstance(to, list):
+        problems.append("atom_worker_notify_mail_to: must be a list of mail addresses")
+        to = []
+    for index, address in enumerate(to):
+        if not (isinstance(address, str) and _ADDRESS.fullmatch(address)):
+            problems.append(f"atom_worker_notify_mail_to[{index}]={address!r}: must be a plain mail address "
+                            "(user@host)")
+    if "mail" in channels and not to:
+        problems.append("atom_worker_notify has mail: atom_worker_notify_mail_to must name at least one address")
+    sender = values.get("atom_worker_notify_mail_from", "")
+    if sender and not (isinstance(sender, str) and _ADDRESS.fullmatch(sender)):
+        problems.append(f"atom_worker_notify_mail_from={sender!r}: must be a plain mail address (user@host), "
+                        "or empty for the MTA's default")
+    url = values.get("atom_worker_notify_webhook_url", "")
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if (url or "webhook" in channels) and not (
+            parts and parts.scheme in ("http", "https") and parts.hostname and not re.search(r"\s", url)):
+        problems.append("atom_worker_notify_webhook_url: must be an http:// or https:// URL"
+                        + (" (atom_worker_notify has webhook)" if "webhook" in channels else "")
+                        + " (the value is not shown: it may hold a token)")
+    timeout = _int(values.get("atom_worker_notify_webhook_timeout", 10))
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= 300:
+        problems.append(f"atom_worker_notify_webhook_timeout={timeout!r}: must be whole seconds from 1 to 300")
     return problems
 
 
