@@ -23,6 +23,8 @@ LONGEST_FIRST = [
     "tests/cli/test_doctor_fixes_lab.py",
     "tests/drills/test_drills_lab.py",
     "tests/cli/test_cli_lab.py",
+    "tests/roles/test_notify_lab.py",
+    "tests/roles/test_metrics_lab.py",
     "tests/drills/test_hard_crash_lab.py",
     "tests/drills/test_hostile_input_lab.py",
     "tests/security/test_security_lab.py",
