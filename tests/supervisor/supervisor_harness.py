@@ -97,6 +97,18 @@ def make_units(root, pools, php=str(FAKE_PHP), recycle_helper="/nonexistent", si
     return filters.atom_worker_units(model["pools"], settings)
 
 
+# Pools of the fake workers (fake_php.py's job types), one instance each.
+CRASH = {"name": "crash", "instances": 1, "types": ["crash"]}
+SLEEP = {"name": "sleep", "instances": 1, "types": ["sleep"]}
+CLEAN = {"name": "clean", "instances": 1, "types": ["clean"]}
+RECYCLE = {"name": "recycle", "instances": 1, "types": ["recycle"]}
+
+
+def ns(pool, n=1):
+    """The namespec of instance n of a pool of site default."""
+    return f"atom-workers:atom-worker-default-{pool}@{n}"
+
+
 def write_sites_json(path, sv, sites, units, root):
     """The sites.json the role writes on a supervisord host, naming this harness's supervisord, logs and
     listener: what atom-workerctl reads (`--config PATH`)."""

@@ -23,21 +23,13 @@ import pytest
 import supervisor_harness
 from notify_receiver import Receiver
 from standin import Gearmand, clear_control, make_root, write_control
-from supervisor_harness import BURST, make_units, write_sites_json
+from supervisor_harness import BURST, CLEAN, CRASH, RECYCLE, SLEEP, make_units, ns, write_sites_json
 
 pytestmark = pytest.mark.timeout(120)
 supervisord = supervisor_harness.supervisord
 REPO = Path(__file__).resolve().parents[2]
 
-CRASH = {"name": "crash", "instances": 1, "types": ["crash"]}
 CRASH2 = {"name": "crashtoo", "instances": 1, "types": ["crash"]}
-SLEEP = {"name": "sleep", "instances": 1, "types": ["sleep"]}
-CLEAN = {"name": "clean", "instances": 1, "types": ["clean"]}
-RECYCLE = {"name": "recycle", "instances": 1, "types": ["recycle"]}
-
-
-def ns(pool, n=1):
-    return f"atom-workers:atom-worker-default-{pool}@{n}"
 
 
 def recorder(tmp_path, state_file, hang=False):

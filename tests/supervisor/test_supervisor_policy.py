@@ -11,20 +11,12 @@ import time
 
 import pytest
 import supervisor_harness
-from supervisor_harness import BURST, POLICY, RESTART_SEC, make_units, plain_env
+from supervisor_harness import BURST, CLEAN, CRASH, POLICY, RECYCLE, RESTART_SEC, SLEEP, make_units, ns, plain_env
 
 pytestmark = pytest.mark.timeout(60)
 # The fixture, from the harness (tests/ has several test folders: no shared conftest module).
 supervisord = supervisor_harness.supervisord
 
-CRASH = {"name": "crash", "instances": 1, "types": ["crash"]}
-SLEEP = {"name": "sleep", "instances": 1, "types": ["sleep"]}
-CLEAN = {"name": "clean", "instances": 1, "types": ["clean"]}
-RECYCLE = {"name": "recycle", "instances": 1, "types": ["recycle"]}
-
-
-def ns(pool, n=1):
-    return f"atom-workers:atom-worker-default-{pool}@{n}"
 
 
 def entry_of(sv, namespec):
