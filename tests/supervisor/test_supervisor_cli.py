@@ -8,6 +8,7 @@ pool default active and registered), except the last two (config change, errors)
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -224,11 +225,19 @@ def test_status_watch_shows_the_queue_rising_while_the_workers_are_stopped(lab):
         lab.sv.wait(lambda: row()[0] == "5", 20, "5 queued on the screen")
         cells = row()
         assert cells[4] == "+5" and cells[3][-1] == "█" and cells[3][0] == "▁", cells  # the trend: risen from 0 to 5
+        # The view's printed fixes, run as printed, bring every worker back and the queue drains.
+        fixes = [line.split("  ")[-1].strip() for line in tmux.screen().splitlines()
+                 if "atom-workerctl reset" in line]
+        assert sorted(fixes) == ["atom-workerctl reset atom-worker@1", "atom-workerctl reset atom-worker@2"], fixes
+        for fix in fixes:
+            argv = shlex.split(fix)
+            assert lab.cli(*argv[1:]).returncode == 0
     finally:
-        lab.sv.ctl("start", *running)
+        lab.sv.ctl("start", *running)  # a no-op when the fixes worked; else the module's state comes back
     try:
         lab.sv.wait(lambda: lab.registered(UNIT1, UNIT2), 30, "both workers registered again")
         lab.sv.wait(lambda: row()[:3] == ["0", "0", workers], 30, "the queue drained")
+        assert "every instance active and registered" in tmux.screen()
         tmux.keys("q")
         lab.sv.wait(lambda: "WATCH-EXIT=0" in tmux.screen(), 10, "the watch to quit on q")
         assert watched_row(tmux.screen(), job["job"]) is None  # the alternate screen is gone with it
