@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "tests"))
 
-from atom_workerctl import cmd_notify, model  # noqa: E402
+from atom_workerctl import cmd_notify, journal, model  # noqa: E402
 from atom_workerctl.backend import UnitState  # noqa: E402
 from atom_workerctl.errors import ConfigError, NoSuchError  # noqa: E402
 from atom_workerctl.journal import Entry  # noqa: E402
@@ -47,13 +48,13 @@ def systemd_line(message, message_id, usec=STAMP):
 GIVE_UP_LINES = [
     Entry(STAMP - 9, UNIT, 42, 6, "worker", "Couldn't connect to any available servers"),
     systemd_line("atom-worker@1.service: Start request repeated too quickly.", None, STAMP - 5),
-    systemd_line("Failed to start atom-worker@1.service.", cmd_notify.UNIT_FAILED),
+    systemd_line("Failed to start atom-worker@1.service.", journal.UNIT_FAILED),
     systemd_line("atom-worker@1.service: Triggering OnFailure= dependencies.", None),
 ]
 STOP_LINES = [
-    systemd_line("Stopping atom-worker@1.service...", cmd_notify.UNIT_STOPPING, STAMP - 5),
+    systemd_line("Stopping atom-worker@1.service...", journal.UNIT_STOPPING, STAMP - 5),
     systemd_line("atom-worker@1.service: Failed with result 'signal'.", "d9b373ed55a64feb8242e02dbe79a49c"),
-    systemd_line("Stopped atom-worker@1.service.", cmd_notify.UNIT_STOPPED),
+    systemd_line("Stopped atom-worker@1.service.", journal.UNIT_STOPPED),
 ]
 
 
@@ -388,3 +389,34 @@ def test_one_instance_only(command, host):
         command.run(instance="atom-worker-nope@1")
     with pytest.raises(Exception, match="one instance"):
         command.run(instance="atom-worker@*")
+
+
+def test_an_answer_that_is_not_http_is_one_line_and_the_others_are_still_sent(command, tmp_path):
+    # A peer that answers garbage (not an HTTP status line): http.client raises BadStatusLine, which is
+    # neither an OSError nor a URLError.
+    garbage = socket.socket()
+    garbage.bind(("127.0.0.1", 0))
+    garbage.listen(1)
+
+    def answer():
+        conn, _ = garbage.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"garbage\r\n\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{garbage.getsockname()[1]}/hook?token=secret-token"
+    cfg = json.loads((tmp_path / "notify.json").read_text())
+    cfg["webhook"]["url"] = url
+    (tmp_path / "notify.json").write_text(json.dumps(cfg))
+    try:
+        assert command.run() == 1
+    finally:
+        thread.join(5)
+        garbage.close()
+    lines = command.errors().splitlines()
+    assert any("cannot send: webhook:" in ln and "not HTTP (BadStatusLine)" in ln for ln in lines), lines
+    assert "secret-token" not in "".join(lines)
+    assert len(sent_mails(command.sendmail)) == 1 and command.syslog.recv(65536)  # the others: sent
+    assert "notice sent by log, mail" in lines[-1]

@@ -27,6 +27,7 @@ import email.policy
 import json
 import shlex
 
+import prom_text
 import pytest
 from labhosts import REPO
 
@@ -146,6 +147,15 @@ def registered(lab, instance, host=W1):
 
 
 # -- the tests ------------------------------------------------------------------------------------------------------
+def gave_up_per_status_and_metrics(lab, instance):
+    """(status --json's start_limit.hit, metrics' atom_worker_instance_start_limit_hit) of an instance."""
+    status = json.loads(lab.run(W1, f"atom-workerctl status --json {instance}", check=False).stdout)
+    (unit,) = [u for s in status["sites"] for p in s["pools"] for u in p["units"]]
+    metrics = lab.run(W1, "atom-workerctl metrics --jobs no").stdout
+    return unit["start_limit"]["hit"], prom_text.value(metrics, "atom_worker_instance_start_limit_hit",
+                                                        worker=instance)
+
+
 def test_a_give_up_sends_one_notice_per_channel_and_its_fix_brings_the_worker_back(lab):
     assert counts(lab) == (0, 0, 0)
     journal = give_up(lab, U1)
@@ -176,6 +186,8 @@ def test_a_give_up_sends_one_notice_per_channel_and_its_fix_brings_the_worker_ba
     assert "atom-workerctl reset atom-worker@1" in crit["MESSAGE"]
     # The sibling, the control, is untouched.
     assert lab.show(W1, U2, "ActiveState")["ActiveState"] == "active"
+    # status and metrics call it a give-up too (the control of the deliberate stop below).
+    assert gave_up_per_status_and_metrics(lab, "atom-worker@1") == (True, 1.0)
 
     # The same failure notified again (OnFailure= run a second time, or by hand): nothing more.
     again = lab.run(W1, f"systemctl start {notice_unit(U1)}; journalctl --no-pager -o cat -u {notice_unit(U1)}")
@@ -228,6 +240,8 @@ def test_deliberate_stops_and_recycling_send_nothing_but_the_next_give_up_does(l
     journal = wait_notice_run(lab, U2, ran)
     assert "atom-worker@2 did not give up: it was stopped on purpose" in journal, journal
     assert lab.show(W1, U2, "ActiveState", "Result") == {"ActiveState": "failed", "Result": "signal"}
+    # Nor do status and metrics (AtomWorkerGaveUp would page someone with the wrong fix).
+    assert gave_up_per_status_and_metrics(lab, "atom-worker@2") == (False, 0.0)
 
     # Recycling: a pool whose worker exits 111 after every job (the role stops atom-worker@1..2 meanwhile:
     # deliberate stops too).

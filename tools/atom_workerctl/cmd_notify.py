@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-from . import cmd_logs, model
+from . import cmd_logs, journal, model
 from .errors import EXIT_ERROR, EXIT_OK, ConfigError, WorkerctlError
 from .render import iso
 
@@ -61,14 +61,6 @@ SETTLE_TIMEOUT = 30.0
 # about the failure itself (the notice is sent anyway, with what the log holds by then).
 LOG_CATCH_UP = 5.0
 POLL = 0.2
-# systemd's catalog ids of its own lines about a unit's jobs (sd-messages.h): "Started X.", "Failed to start
-# X." (a start job that failed: the start limiter refused the start), "Stopping X...", "Stopped X." (a stop
-# job, or the stop half of a restart).
-UNIT_STARTED = "39f53479d3a045ac8e11786248231fbf"
-UNIT_FAILED = "be02cf6855d2428ba40df7e9d022f03d"
-UNIT_STOPPING = "de5b426a63be47a7b6ac3eaac82e2f6f"
-UNIT_STOPPED = "9d1aaa27d60140bd96365438aad20286"
-JOB_LINES = (UNIT_STARTED, UNIT_FAILED, UNIT_STOPPING, UNIT_STOPPED)
 
 
 class SendError(Exception):
@@ -140,14 +132,6 @@ def check_config(raw, path: str = "notify.json") -> dict:
 
 
 # -- is this a give-up? -------------------------------------------------------------------------------------
-def last_job_line(entries) -> str | None:
-    """The catalog id of systemd's last line about a job on the unit, among these entries (None: none)."""
-    for entry in reversed(entries or []):
-        if entry.source == "systemd" and entry.message_id in JOB_LINES:
-            return entry.message_id
-    return None
-
-
 def judge(state, entries=None) -> tuple[bool, str]:
     """(gave up, why). `entries`: the instance's last log entries, for the one case the state cannot tell
     apart (systemd: failed after a deliberate stop that ended uncleanly)."""
@@ -160,7 +144,7 @@ def judge(state, entries=None) -> tuple[bool, str]:
     if not hit:
         return False, (f"it is {state.active_state} with Result={state.result}: stopped, or ended in a way its "
                        f"Restart={state.restart} does not restart, so its start limit is not what keeps it down")
-    if last_job_line(entries) in (UNIT_STOPPING, UNIT_STOPPED):
+    if journal.stopped_on_purpose(entries):
         return False, (f"it was stopped on purpose (systemd's last job on it was a stop; Result={state.result} "
                        "is how that stop ended)")
     return True, reason
@@ -366,6 +350,7 @@ def safe_url(url: str) -> str:
 
 
 def send_webhook(notice: dict, cfg: dict) -> None:
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -388,6 +373,9 @@ def send_webhook(notice: dict, cfg: dict) -> None:
             from None
     except TimeoutError:
         raise SendError(f"webhook: {safe_url(url)} did not answer within {timeout:g} s") from None
+    except http.client.HTTPException as exc:  # not OSError: BadStatusLine, IncompleteRead, LineTooLong...
+        raise SendError(f"webhook: {safe_url(url)} answered something that is not HTTP "
+                        f"({type(exc).__name__})") from None
     except (OSError, ValueError) as exc:
         raise SendError(f"webhook: {safe_url(url)}: {exc}") from None
 
@@ -406,6 +394,14 @@ def deliver(notice: dict, cfg: dict, err=None) -> tuple[list[str], list[str]]:
         except SendError as exc:
             failures.append(str(exc))
             err.write(f"atom-workerctl notify: cannot send: {exc}\n")
+        except Exception as exc:
+            # Anything else a channel meets (a header the mail library refuses...): one line, without the
+            # webhook's URL (it may hold a token), and the other channels are still tried.
+            first = (str(exc).splitlines() or [""])[0][:200]
+            url = (cfg.get("webhook") or {}).get("url")
+            why = f"{channel}: {type(exc).__name__}: {first.replace(url, safe_url(url)) if url else first}"
+            failures.append(why)
+            err.write(f"atom-workerctl notify: cannot send: {why}\n")
     return sent, failures
 
 
@@ -439,9 +435,12 @@ def run(args, host: model.Host, backend) -> int:
         err.write(f"atom-workerctl notify: {instance}: this give-up (failed since {notice['since']}) had its notice "
                   "already; nothing sent\n")
         return EXIT_OK
-    sent, failures = deliver(notice, cfg, err)
-    if not sent:
-        release(cfg["state_dir"], unit, key)
+    sent, failures = [], []
+    try:
+        sent, failures = deliver(notice, cfg, err)
+    finally:
+        if not sent:  # nothing went out: the next run for this give-up tries again
+            release(cfg["state_dir"], unit, key)
     if sent:
         err.write(f"atom-workerctl notify: {instance} gave up: notice sent by {', '.join(sent)}\n")
     return EXIT_ERROR if failures else EXIT_OK

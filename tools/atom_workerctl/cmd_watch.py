@@ -59,10 +59,12 @@ def unhealthy(snap: Snapshot) -> list[tuple[InstanceView, str]]:
     for inst in [*snap.instances.values()]:
         s = inst.state
         short = model.short(s.unit)
-        if inst.expected and (not s.active or s.start_limit()[0]):
-            out.append((inst, f"atom-workerctl reset {short}"))
-        elif inst.expected and s.crash_looping():
+        if inst.expected and s.crash_looping():
+            # Between two automatic restarts (activating, auto-restart) as well as up again: a reset would
+            # give the loop its whole start budget back and hide it; its log says why it fails.
             out.append((inst, f"atom-workerctl logs {short}"))
+        elif inst.expected and (not s.active or s.start_limit()[0]):
+            out.append((inst, f"atom-workerctl reset {short}"))
         elif inst.expected and inst.registered is False:
             out.append((inst, "atom-workerctl doctor"))
         elif not inst.expected and s.active:

@@ -18,6 +18,30 @@ FIELDS = ("MESSAGE", "PRIORITY", "_SYSTEMD_UNIT", "UNIT", "_PID", "SYSLOG_IDENTI
           "__REALTIME_TIMESTAMP")
 JOURNALCTL = "journalctl"
 
+# systemd's catalog ids of its own lines about a unit's jobs (sd-messages.h): "Started X.", "Failed to start
+# X." (a start job that failed: the start limiter refused the start), "Stopping X...", "Stopped X." (a stop
+# job, or the stop half of a restart).
+UNIT_STARTED = "39f53479d3a045ac8e11786248231fbf"
+UNIT_FAILED = "be02cf6855d2428ba40df7e9d022f03d"
+UNIT_STOPPING = "de5b426a63be47a7b6ac3eaac82e2f6f"
+UNIT_STOPPED = "9d1aaa27d60140bd96365438aad20286"
+JOB_LINES = (UNIT_STARTED, UNIT_FAILED, UNIT_STOPPING, UNIT_STOPPED)
+
+
+def last_job_line(entries) -> str | None:
+    """The catalog id of systemd's last line about a job on the unit, among these entries (None: none)."""
+    for entry in reversed(entries or []):
+        if entry.source == "systemd" and entry.message_id in JOB_LINES:
+            return entry.message_id
+    return None
+
+
+def stopped_on_purpose(entries) -> bool:
+    """systemd's last job on the unit was a stop. A deliberate stop that ends uncleanly (the worker killed by
+    its stop signal, or at TimeoutStopSec) leaves the unit failed with the Result a crash leaves: only this
+    tells it from a crash loop the start limiter ended."""
+    return last_job_line(entries) in (UNIT_STOPPING, UNIT_STOPPED)
+
 
 class Entry:
     __slots__ = ("usec", "unit", "pid", "priority", "source", "message", "message_id")

@@ -118,6 +118,7 @@ def take(host: model.Host, backend, *, units: list[str] | None = None, gearman: 
         if not inst.expected and units is None and state.active_state == "inactive" and not state.job:
             continue
         snap.instances[unit] = inst
+    confirm_give_ups(snap, host, backend)
     if configs:
         read_site_configs(snap)
     if gearman:
@@ -131,6 +132,27 @@ def take(host: model.Host, backend, *, units: list[str] | None = None, gearman: 
             inst.connected = None
             inst.registered = None
     return snap
+
+
+def confirm_give_ups(snap: Snapshot, host: model.Host, backend) -> None:
+    """A failed instance that UnitState.start_limit() takes for a give-up by its second sign (failed with a
+    Result its Restart= would restart after) may have been stopped on purpose: a stop that ends uncleanly
+    leaves the same state. systemd's last job line on it tells them apart; read only for such instances
+    (rare), so status, doctor, watch and metrics never call a deliberate stop a give-up. When the journal
+    cannot be read, the state's own judgement stands."""
+    doubtful = [u for u, i in snap.instances.items()
+                if i.state.limit_hit is None and i.state.result != "start-limit-hit" and i.state.start_limit()[0]]
+    if not doubtful or host.manager != "systemd":
+        return
+    from . import journal
+
+    try:
+        entries = journal.read(doubtful, lines=20 * len(doubtful))
+    except (WorkerctlError, OSError):
+        return
+    for unit in doubtful:
+        if journal.stopped_on_purpose([e for e in entries if e.unit == unit]):
+            snap.instances[unit].state.limit_hit = False
 
 
 def _client_pid(client_id: str) -> int | None:
