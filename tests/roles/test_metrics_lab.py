@@ -186,7 +186,7 @@ def test_units_are_the_templates_rendered_by_plain_jinja(lab):
     from the same context, so a reader of the template reads the unit."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(repo_path("templates"))), trim_blocks=True,
                              keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
-    for host, functions in ((W1, True), (W2, False)):
+    for host, functions in ((W1, "yes"), (W2, "no")):
         context = {"command": "/opt/atom-workerctl/bin/atom-workerctl", "output": PROM_FILE, "dir": TEXTFILE_DIR,
                    "functions": functions, "interval": 2, "timeout": 120}
         for path in UNITS:
@@ -205,7 +205,8 @@ def test_service_is_sandboxed(lab):
 
 
 def test_functions_view_comes_from_exactly_one_host(lab):
-    """auto: the first host of the play (sorted) exports gearmand's per-function series, the other does not;
+    """auto: the first host of the play (sorted) that has the site exports its gearmand per-function series, the
+    other does not (tests/roles/test_metrics_functions.py: sites on different hosts);
     both export their instances (so the other's file is a real reading, not an empty one)."""
     exporting = {}
     for host in WORKERS:

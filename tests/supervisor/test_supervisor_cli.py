@@ -177,6 +177,13 @@ def test_metrics_say_what_status_says_and_pass_promtool(lab, tmp_path):
     names = {name for name, _, _ in prom_text.samples(lab.metrics("--functions", "no"))}
     assert "atom_worker_gearmand_up" in names and "atom_worker_instance_active" in names
     assert not [n for n in names if n.startswith("atom_worker_function_")]
+    # Named sites: only theirs (in a fleet where sites live on different hosts, each site's view is exported
+    # by one of its hosts). This host has one site: naming it is yes.
+    def function_series(exposition):
+        return sorted((n, sorted(ls.items())) for n, ls, _ in prom_text.samples(exposition)
+                      if n.startswith("atom_worker_function_"))
+
+    assert function_series(lab.metrics("--functions", "default")) == function_series(text) != []
 
     out = tmp_path / "atom-worker.prom"
     assert lab.metrics("--output", str(out)) == ""
@@ -422,8 +429,10 @@ def test_errors_are_one_line(lab, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("atom-workerctl: error: ") and text in lines[0], lines
     unknown = lab.cli("status", "atom-worker-nope@1")
     assert unknown.returncode == 4 and len(unknown.stderr.splitlines()) == 1
+    unknown = lab.cli("metrics", "--functions", "default,nope")
+    assert unknown.returncode == 4 and "no such site: nope" in unknown.stderr and unknown.stdout == ""
     for args, words in ((["metrics", "--jobs-every", "-1"], "0 or more seconds"),
-                        (["metrics", "--functions", "maybe"], "invalid choice"),
+                        (["metrics", "--functions", "a,,b"], "site names separated by commas"),
                         (["status", "--watch", "0"], "above 0"),
                         (["status", "--watch", "--json"], "status --watch shows the whole host"),
                         (["status", "--watch", "1", "atom-worker@1"], "status --watch shows the whole host"),

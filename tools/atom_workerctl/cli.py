@@ -128,6 +128,13 @@ def seconds(text: str) -> float:
     return value
 
 
+def _functions_choice(text: str) -> str:
+    """yes, no, or a comma-separated list of site names (checked against sites.json when the command runs)."""
+    if text in ("yes", "no") or all(name.strip() for name in text.split(",")):
+        return text
+    raise argparse.ArgumentTypeError(f"yes, no or site names separated by commas (got {text!r})")
+
+
 def _non_negative(text: str) -> float:
     import math
 
@@ -257,8 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("metrics", json_opt=False)
     p.add_argument("--output", metavar="FILE", help="write FILE atomically instead of stdout")
-    p.add_argument("--functions", choices=["yes", "no"], default="yes",
-                   help="the per-function series of gearmand's queues (default yes; in a fleet one host says yes)")
+    p.add_argument("--functions", metavar="yes|no|SITE,...", type=_functions_choice, default="yes",
+                   help="the per-function series of gearmand's queues: yes (default), no, or only these sites' "
+                        "(in a fleet one host exports each site's)")
     p.add_argument("--jobs", choices=["yes", "no"], default="yes",
                    help="AtoM's job rows in progress and stale ones, from each site's database (default yes)")
     p.add_argument("--jobs-every", metavar="S", type=_non_negative, default=300.0,

@@ -88,8 +88,9 @@ def _value(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def collect(snap: Snapshot, functions: bool, started: float, jobs: list | None = None) -> Exposition:
-    """`jobs`: the job table's samples (job_samples), or None to leave them out."""
+def collect(snap: Snapshot, functions: bool | set[str], started: float, jobs: list | None = None) -> Exposition:
+    """`functions`: export gearmand's per-function view for every site, none, or these sites' only.
+    `jobs`: the job table's samples (job_samples), or None to leave them out."""
     exp = Exposition()
     exp.add("atom_worker_scrape_timestamp_seconds", round(snap.taken_at, 3))
     for inst in _instances(snap):
@@ -99,7 +100,7 @@ def collect(snap: Snapshot, functions: bool, started: float, jobs: list | None =
             view = snap.gearman.get(server)
             up = bool(view and view.reachable)
             exp.add("atom_worker_gearmand_up", int(up), site=sv.site.name, server=server)
-            if up and functions:
+            if up and (functions is True or (functions and sv.site.name in functions)):
                 _functions(exp, sv, server, view)
     for name, labels, value in jobs or []:
         exp.add(name, value, **labels)
@@ -196,7 +197,18 @@ def write_atomically(path: str, text: str, mode: int = 0o644) -> None:
         raise
 
 
+def functions_of(host: model.Host, choice: str) -> bool | set[str]:
+    """--functions: yes, no, or site names (an unknown one fails in one line, exit 4)."""
+    if choice in ("yes", "no"):
+        return choice == "yes"
+    names = {name.strip() for name in choice.split(",")}
+    for name in names:
+        host.site(name)
+    return names
+
+
 def run(args, host: model.Host, backend) -> int:
+    functions = functions_of(host, args.functions)  # bad input fails before anything is asked
     started = time.monotonic()
     snap = take(host, backend, gearman=True, timeout=args.gearman_timeout)
     jobs = None
@@ -206,7 +218,7 @@ def run(args, host: model.Host, backend) -> int:
         jobs = cached_job_samples(host, backend, snap, cache, args.jobs_every)
     elif args.jobs == "yes":
         jobs = job_samples(host, backend, snap)
-    text = collect(snap, args.functions == "yes", started, jobs).text()
+    text = collect(snap, functions, started, jobs).text()
     if args.output:
         write_atomically(args.output, text)
     else:
