@@ -41,7 +41,7 @@ def metric_names(text: str) -> set[str]:
 def test_promtool_checks_the_rules():
     result = promtool("check", "rules", RULES)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert "SUCCESS: 8 rules found" in result.stdout
 
 
 def test_promtool_check_rejects_a_broken_expression(tmp_path):
@@ -90,6 +90,11 @@ RULE_MISTAKES = [
                  "AtomWorkerStaleJobs", id="stale-jobs-per-host"),
     pytest.param("(atom_worker_jobs_stale) > 0\n        for: 10m", "(atom_worker_jobs_stale) > 0\n        for: 4m",
                  "AtomWorkerStaleJobs", id="stale-jobs-without-time-for-the-fix"),
+    pytest.param("max by (site) (atom_worker_jobs_database_up)",
+                 "max by (instance, site) (atom_worker_jobs_database_up)",
+                 "AtomWorkerJobTableUnreadable", id="job-table-unreadable-per-host"),
+    pytest.param("max by (site) (atom_worker_jobs_database_up)", "min by (site) (atom_worker_jobs_database_up)",
+                 "AtomWorkerJobTableUnreadable", id="job-table-unreadable-from-one-host"),
 ]
 
 
@@ -106,7 +111,7 @@ def test_every_alert_has_labels_annotations_a_firing_case_and_a_control():
     assert [r["alert"] for r in rules] == [
         "AtomWorkerGaveUp", "AtomWorkerNoWorkerForQueuedJobs", "AtomWorkerQueueGrowing",
         "AtomWorkerGearmandUnreachable", "AtomWorkerInstanceDown", "AtomWorkerMetricsMissing",
-        "AtomWorkerStaleJobs"]
+        "AtomWorkerStaleJobs", "AtomWorkerJobTableUnreadable"]
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
         assert {"summary", "description"} <= rule["annotations"].keys(), rule["alert"]

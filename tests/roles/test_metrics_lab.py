@@ -237,9 +237,10 @@ def test_second_converge_changes_and_restarts_nothing(lab):
     ({"atom_workerctl_metrics": "maybe"}, "got: maybe"),
     # The role's own checks (after the argument spec's): the one that failed is named.
     ({"atom_workerctl_metrics_interval": 0}, "assertion: atom_workerctl_metrics_interval | int >= 1"),
+    ({"atom_workerctl_metrics_interval": 300}, "assertion: atom_workerctl_metrics_interval | int <= 240"),
     ({"atom_workerctl_metrics_dir": "/var/lib/node%iexporter"},
      "assertion: atom_workerctl_metrics_dir is match(_atom_workerctl_unit_path)"),
-], ids=["metrics-maybe", "interval-0", "dir-with-a-specifier"])
+], ids=["metrics-maybe", "interval-0", "interval-300", "dir-with-a-specifier"])
 def test_bad_values_fail_before_any_change(lab, extra, needle):
     def snapshot(host):
         return (lab.run(host, f"md5sum {' '.join(UNITS)}").stdout,

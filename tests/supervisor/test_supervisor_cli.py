@@ -462,7 +462,7 @@ class Tmux:
 
 
 def watched_row(screen, job_class):
-    """The watch view's row of a job class: [QUEUED, RUNNING, WORKERS, TREND, CHANGE], or None."""
+    """The watch view's row of a job class: [WAITING, RUNNING, WORKERS, TREND, CHANGE], or None."""
     for line in screen.splitlines():
         cells = line.split()
         if len(cells) == 6 and cells[0] == job_class:
@@ -492,3 +492,5 @@ def test_metrics_count_queued_jobs_and_say_when_gearmand_is_unreachable(lab, tmp
     assert prom_text.value(text, "atom_worker_gearmand_up", site="default", server=dead) == 0
     assert not [n for n, _, _ in prom_text.samples(text) if n.startswith("atom_worker_function_")]
     assert prom_text.value(text, "atom_worker_instance_active", worker="atom-worker@1") == 1
+    # Whether it is registered cannot be told without a job server: no series (1 in the first metrics test).
+    assert prom_text.value(text, "atom_worker_instance_registered", worker="atom-worker@1") is None

@@ -94,7 +94,7 @@ def collect(snap: Snapshot, functions: bool | set[str], started: float, jobs: li
     exp = Exposition()
     exp.add("atom_worker_scrape_timestamp_seconds", round(snap.taken_at, 3))
     for inst in _instances(snap):
-        _instance(exp, inst)
+        _instance(exp, inst, snap)
     for sv in snap.sites:
         for server in sv.servers:
             view = snap.gearman.get(server)
@@ -114,7 +114,12 @@ def _instances(snap: Snapshot) -> list[InstanceView]:
     return ordered + [i for i in snap.strays() if i not in ordered]
 
 
-def _instance(exp: Exposition, inst: InstanceView) -> None:
+def _reachable(inst: InstanceView, snap: Snapshot) -> bool:
+    sv = snap.site_view(inst.pool.site) if inst.pool else None
+    return bool(sv and any(snap.gearman.get(s) is not None and snap.gearman[s].reachable for s in sv.servers))
+
+
+def _instance(exp: Exposition, inst: InstanceView, snap: Snapshot) -> None:
     s = inst.state
     labels = {"site": inst.pool.site.name if inst.pool else "", "pool": inst.pool.name if inst.pool else "",
               "worker": model.short(s.unit)}
@@ -123,7 +128,8 @@ def _instance(exp: Exposition, inst: InstanceView) -> None:
     exp.add("atom_worker_instance_failed", int(s.active_state == "failed"), **labels)
     exp.add("atom_worker_instance_start_limit_hit", int(s.start_limit()[0]), **labels)
     exp.add("atom_worker_instance_restarts_total", s.n_restarts or 0, **labels)
-    if inst.registered is not None:
+    # Only where it can be told: an instance that runs, of a pool, with a gearmand answering.
+    if inst.expected and s.active and inst.registered is not None and _reachable(inst, snap):
         exp.add("atom_worker_instance_registered", int(inst.registered), **labels)
 
 

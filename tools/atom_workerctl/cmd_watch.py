@@ -103,7 +103,7 @@ def frame(out: Out, snap: Snapshot, trends: Trends, interval: float) -> None:
                              change(history)])
                 styles.append(["", "yellow" if queued and not avail else "", "", "red" if not avail else "",
                                "", "red" if len(history) > 1 and history[-1] > history[0] else ""])
-            out.table(["JOB", "QUEUED", "RUNNING", "WORKERS", f"QUEUE ({span})", "CHANGE"], rows, styles,
+            out.table(["JOB", "WAITING", "RUNNING", "WORKERS", f"WAITING ({span})", "CHANGE"], rows, styles,
                       indent="  ")
     bad = unhealthy(snap)
     out.line()
