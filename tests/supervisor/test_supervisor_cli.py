@@ -186,7 +186,13 @@ def test_metrics_say_what_status_says_and_pass_promtool(lab, tmp_path):
     assert function_series(lab.metrics("--functions", "default")) == function_series(text) != []
 
     out = tmp_path / "atom-worker.prom"
+    # What a reading killed mid-write leaves: an old one is removed, a recent one (a run going on) is not.
+    for name, age in ((".atom-worker-old.tmp", 7200), (".atom-worker-new.tmp", 0)):
+        (tmp_path / name).write_text("partial")
+        os.utime(tmp_path / name, (time.time() - age, time.time() - age))
     assert lab.metrics("--output", str(out)) == ""
+    assert (tmp_path / ".atom-worker-new.tmp").exists() and not (tmp_path / ".atom-worker-old.tmp").exists()
+    (tmp_path / ".atom-worker-new.tmp").unlink()
     assert prom_text.value(out.read_text(), "atom_worker_instance_active", worker="atom-worker@1") == 1
     assert out.stat().st_mode & 0o777 == 0o644
     # No temporary file left; beside the file, the job table's counts kept for --jobs-every (none here).

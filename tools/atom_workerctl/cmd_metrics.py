@@ -165,23 +165,33 @@ def job_samples(host: model.Host, backend, snap: Snapshot) -> list:
     return out
 
 
-def cached_job_samples(host: model.Host, backend, snap: Snapshot, cache: str, every: float) -> list:
-    """job_samples, read again at most every `every` seconds. Judging a row in progress reads the workers'
-    logs back to when it began (up to a week for the very rows the alert is about): too much for a timer
-    that runs every few seconds, and a stale row is news over minutes, not seconds."""
+def kept_job_samples(cache: str) -> tuple[float, list] | None:
+    """The job table's counts kept beside the output by an earlier run, and their age; None: none kept."""
     import json
 
     try:
         with open(cache, encoding="utf-8") as f:
             kept = json.load(f)
-        age = time.time() - kept["at"]
-        if 0 <= age < every:
-            return [tuple(x) for x in kept["samples"]]
+        return time.time() - kept["at"], [tuple(x) for x in kept["samples"]]
     except (OSError, ValueError, KeyError, TypeError):
-        pass  # none yet, or unreadable: read the table
-    samples = job_samples(host, backend, snap)
+        return None
+
+
+def keep_job_samples(cache: str, samples: list) -> None:
+    import json
+
     write_atomically(cache, json.dumps({"at": time.time(), "samples": samples}), mode=0o600)
-    return samples
+
+
+def _remove_leftovers(directory: str, older_than: float = 3600) -> None:
+    """Temporary files of readings killed mid-write (a timeout's SIGKILL skips every cleanup)."""
+    import glob
+
+    limit = time.time() - older_than
+    for path in glob.glob(os.path.join(glob.escape(directory), ".atom-worker-*.tmp")):
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_mtime < limit:
+                os.unlink(path)
 
 
 def write_atomically(path: str, text: str, mode: int = 0o644) -> None:
@@ -213,20 +223,34 @@ def functions_of(host: model.Host, choice: str) -> bool | set[str]:
     return names
 
 
+def _emit(args, text: str) -> int:
+    if args.output:
+        _remove_leftovers(os.path.dirname(os.path.abspath(args.output)))
+        write_atomically(args.output, text)
+    else:
+        print(text, end="")
+    return EXIT_OK
+
+
 def run(args, host: model.Host, backend) -> int:
     functions = functions_of(host, args.functions)  # bad input fails before anything is asked
     started = time.monotonic()
     snap = take(host, backend, gearman=True, timeout=args.gearman_timeout)
-    jobs = None
-    if args.jobs == "yes" and args.output and args.jobs_every > 0:
-        # Beside the output, hidden: node_exporter reads only *.prom.
-        cache = os.path.join(os.path.dirname(os.path.abspath(args.output)), ".atom-worker-jobs.json")
-        jobs = cached_job_samples(host, backend, snap, cache, args.jobs_every)
-    elif args.jobs == "yes":
-        jobs = job_samples(host, backend, snap)
-    text = collect(snap, functions, started, jobs).text()
-    if args.output:
-        write_atomically(args.output, text)
-    else:
-        print(text, end="")
+    if args.jobs == "no":
+        return _emit(args, collect(snap, functions, started).text())
+    if not args.output or args.jobs_every <= 0:
+        return _emit(args, collect(snap, functions, started, job_samples(host, backend, snap)).text())
+    # The role's timer: the job table is read at most every --jobs-every seconds. Judging a row in progress
+    # reads the workers' logs back to when it began (up to a week for the very rows the alert is about): too
+    # much every few seconds, and a stale row is news over minutes. When it is due, the instances' and
+    # gearmand's series are written first (with the counts kept from the last read), so a slow or killed
+    # read of the table never holds them back.
+    cache = os.path.join(os.path.dirname(os.path.abspath(args.output)), ".atom-worker-jobs.json")
+    kept = kept_job_samples(cache)
+    if kept is not None and 0 <= kept[0] < args.jobs_every:
+        return _emit(args, collect(snap, functions, started, kept[1]).text())
+    _emit(args, collect(snap, functions, started, kept[1] if kept else None).text())
+    samples = job_samples(host, backend, snap)
+    keep_job_samples(cache, samples)
+    _emit(args, collect(snap, functions, started, samples).text())
     return EXIT_OK
