@@ -134,17 +134,9 @@ def _instance(exp: Exposition, inst: InstanceView, snap: Snapshot) -> None:
 
 
 def _functions(exp: Exposition, sv, server: str, view) -> None:
-    """The site's expected functions (0 when gearmand lists none) and any other under its prefix."""
-    prefix = sv.prefix + "-"
-    expected = [f"{prefix}{cls}" for pv in sv.pools for cls in pv.classes]
-    names = list(dict.fromkeys(expected)) + sorted(
-        f for f in view.functions if f.startswith(prefix) and f not in expected)
-    for name in names:
-        fs = view.functions.get(name)
-        labels = {"site": sv.site.name, "server": server, "function": name, "job_class": name[len(prefix):]}
-        queued, running, available = (fs.queued, fs.running, fs.available) if fs else (0, 0, 0)
-        # gearmand's status counts a running job in its total too.
-        exp.add("atom_worker_function_jobs_queued", max(queued - running, 0), **labels)
+    for name, job_class, waiting, running, available in sv.function_rows(view):
+        labels = {"site": sv.site.name, "server": server, "function": name, "job_class": job_class}
+        exp.add("atom_worker_function_jobs_queued", waiting, **labels)
         exp.add("atom_worker_function_jobs_running", running, **labels)
         exp.add("atom_worker_function_workers_available", available, **labels)
 

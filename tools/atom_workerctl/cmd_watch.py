@@ -91,15 +91,9 @@ def frame(out: Out, snap: Snapshot, trends: Trends, interval: float) -> None:
                 continue
             out.line(out.paint(title, "bold"))
             rows, styles = [], []
-            prefix = sv.prefix + "-"
-            expected_fns = list(dict.fromkeys(f"{prefix}{c}" for pv in sv.pools for c in pv.classes))
-            others = sorted(f for f in view.functions if f.startswith(prefix) and f not in expected_fns)
-            for name in expected_fns + others:
-                fs = view.functions.get(name)
-                total, running, avail = (fs.queued, fs.running, fs.available) if fs else (0, 0, 0)
-                queued = max(total - running, 0)
+            for name, job_class, queued, running, avail in sv.function_rows(view):
                 history = trends.add((server, name), queued)
-                rows.append([name[len(prefix):], str(queued), str(running), str(avail), sparkline(history),
+                rows.append([job_class, str(queued), str(running), str(avail), sparkline(history),
                              change(history)])
                 styles.append(["", "yellow" if queued and not avail else "", "", "red" if not avail else "",
                                "", "red" if len(history) > 1 and history[-1] > history[0] else ""])

@@ -56,6 +56,20 @@ class SiteView:
     def prefix(self) -> str:
         return self.config.prefix if self.config else self.site.prefix
 
+    def function_rows(self, view) -> list[tuple[str, str, int, int, int]]:
+        """gearmand's view of the site's functions from one server's answer: (function, job class, waiting,
+        running, available workers), the site's expected functions first (zeros when gearmand lists none),
+        then any other under its prefix. Waiting is gearmand's total less the running jobs (its status
+        counts a running job in its total)."""
+        prefix = self.prefix + "-"
+        expected = list(dict.fromkeys(f"{prefix}{c}" for pv in self.pools for c in pv.classes))
+        rows = []
+        for name in expected + sorted(f for f in view.functions if f.startswith(prefix) and f not in expected):
+            fs = view.functions.get(name)
+            total, running, available = (fs.queued, fs.running, fs.available) if fs else (0, 0, 0)
+            rows.append((name, name[len(prefix):], max(total - running, 0), running, available))
+        return rows
+
 
 class InstanceView:
     def __init__(self, state: UnitState, pool: model.Pool | None, expected: bool):
