@@ -12,6 +12,8 @@ then 64 instances, each of these (rounds interleaved, so drift hits every method
   B  for i in 1..N: systemctl show atom-worker@$i.service   (a shell loop: N processes)
   C  systemctl show atom-worker@1.service ... @N.service     (one process naming all N)
   D  systemctl list-units 'atom-worker@*'
+  M  atom-workerctl metrics                   (the same snapshot as status, in Prometheus' format)
+  M' atom-workerctl metrics --output FILE     (as the role's timer runs it: written atomically)
 Writes bench/cli/results.json and bench/cli/results.md (median and min wall time, ratios to A, and the
 cost per extra instance (T64 - T16) / 48).
 """
@@ -46,6 +48,8 @@ methods = {
     "B": f"for i in $(seq 1 {n}); do systemctl show atom-worker@$i.service; done > /dev/null",
     "C": f"systemctl show {units} > /dev/null",
     "D": "systemctl list-units --no-pager 'atom-worker@*' > /dev/null",
+    "M": "atom-workerctl metrics > /dev/null",
+    "M_file": "atom-workerctl metrics --output /tmp/atom-worker.prom",
 }
 for cmd in methods.values():                      # warm up caches once
     subprocess.run(["sh", "-c", cmd], check=True)
@@ -64,6 +68,8 @@ NAMES = {
     "B": "shell loop of `systemctl show` (one per instance)",
     "C": "one `systemctl show` naming every instance",
     "D": "`systemctl list-units 'atom-worker@*'`",
+    "M": "`atom-workerctl metrics`",
+    "M_file": "`atom-workerctl metrics --output FILE` (as the role's timer runs it)",
 }
 
 
@@ -120,7 +126,7 @@ def write(results: dict, machine: dict, rounds: int) -> None:
     data = {"date": now, "machine": machine, "rounds": rounds, "results": {str(k): v for k, v in results.items()}}
     (REPO / "bench/cli/results.json").write_text(json.dumps(data, indent=2) + "\n")
     lines = [
-        "# atom-workerctl status: benchmark results",
+        "# atom-workerctl status and metrics: benchmark results",
         "",
         (f"Recorded {now} by `bench/cli/bench.py` inside lab host {HOST} ({machine['cores']} cores of"
         f" {machine['cpu']}; {machine['systemd']}; {machine['python']}; kernel {machine['kernel']})."),
@@ -142,7 +148,10 @@ def write(results: dict, machine: dict, rounds: int) -> None:
         ("`atom-workerctl status --json` does more than each systemctl command: per instance it reads state,"
         " result, restarts, start-limit policy, PID, memory and enablement over one D-Bus connection, reads the"
         " site's config/gearman.yml and app.yml, asks gearmand `status` and `workers`, and maps each worker's"
-        " TCP connection from /proc. The `--no-gearman` row is the systemd part alone."),
+        " TCP connection from /proc. The `--no-gearman` row is the systemd part alone. `metrics` reads the host"
+        " through the same snapshot. The bench host's site has no database (no config/config.php), so AtoM's"
+        " job table is not read here; where there is one, `--output` reads it at most every 300 s"
+        " (`--jobs-every`)."),
         "",
     ]
     (REPO / "bench/cli/results.md").write_text("\n".join(lines))
