@@ -115,8 +115,7 @@ def _instances(snap: Snapshot) -> list[InstanceView]:
 
 
 def _reachable(inst: InstanceView, snap: Snapshot) -> bool:
-    sv = snap.site_view(inst.pool.site) if inst.pool else None
-    return bool(sv and any(snap.gearman.get(s) is not None and snap.gearman[s].reachable for s in sv.servers))
+    return bool(inst.pool and snap.reachable(snap.site_view(inst.pool.site)))
 
 
 def _instance(exp: Exposition, inst: InstanceView, snap: Snapshot) -> None:

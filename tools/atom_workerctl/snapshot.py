@@ -97,6 +97,10 @@ class Snapshot:
     def pool_view(self, pool: model.Pool) -> PoolView:
         return next(pv for pv in self.site_view(pool.site).pools if pv.pool is pool)
 
+    def reachable(self, sv: SiteView) -> list[str]:
+        """The site's job servers that answered."""
+        return [s for s in sv.servers if self.gearman.get(s) is not None and self.gearman[s].reachable]
+
     def strays(self) -> list[InstanceView]:
         return [i for i in self.instances.values() if not i.expected]
 
@@ -253,7 +257,7 @@ def link(snap: Snapshot, backend, connections: bool = True) -> None:
             for inst in rest:
                 inst.per_server[server] = True if enough else None
     for sv in snap.sites:
-        reachable = [s for s in sv.servers if snap.gearman.get(s) is not None and snap.gearman[s].reachable]
+        reachable = snap.reachable(sv)
         for pv in sv.pools:
             for inst in snap.of_pool(pv.pool):
                 if not inst.state.active or not reachable:
