@@ -13,6 +13,7 @@ import hashlib
 import os
 import stat
 
+from . import configcache
 from .errors import ConfigError
 from .gearman import split_server as parse_server  # the one parser of 'host:port' (AtoM's gearman.yml)
 
@@ -78,13 +79,29 @@ def _replace_recursive(base: dict, other: dict) -> dict:
 
 
 def read_config(root: str, name: str, env: str = WORKER_ENV) -> tuple[dict, list[str]]:
-    """The merged configuration NAME for env, and the files it came from."""
+    """The merged configuration NAME for env, and the files it came from.
+
+    Kept in the configuration cache (configcache.py) under the files' identity, taken before they are read:
+    a run whose files did not change reads neither them nor PyYAML."""
+    paths = [os.path.join(root, rel, f"{name}.yml") for rel in ("config", f"apps/{APP}/config")]
+    files = configcache.identity(paths)
+    key = ("config", root, name, env)
+    if files is not None:
+        kept = configcache.get(key, files)
+        if kept is not None:
+            return kept
+    config = _parse_config(paths, name, env)
+    if files is not None:
+        configcache.put(key, files, config)
+    return config
+
+
+def _parse_config(paths: list[str], name: str, env: str) -> tuple[dict, list[str]]:
     from .sfyaml import SfYamlError, loads  # PyYAML only when a site's configuration is read
 
     merged: dict = {}
     files = []
-    for rel in ("config", f"apps/{APP}/config"):
-        path = os.path.join(root, rel, f"{name}.yml")
+    for path in paths:
         text = read_text(path)
         if text is None:
             continue
@@ -99,7 +116,7 @@ def read_config(root: str, name: str, env: str = WORKER_ENV) -> tuple[dict, list
             raise ConfigError(f"malformed {path}: the top level is not a mapping")
         merged = _replace_recursive(merged, data)
     if not files:
-        raise ConfigError(f"{os.path.join(root, 'config', name + '.yml')} does not exist",
+        raise ConfigError(f"{paths[0]} does not exist",
                           hint="is the site's root right in sites.json?")
     config: dict = {}
     for section in ("default", "all", env):
@@ -125,7 +142,7 @@ class SiteConfig:
         gearman, gfiles = read_config(root, "gearman")
         app, afiles = read_config(root, "app")
         self.files = gfiles + afiles
-        from .sfyaml import php_string
+        from .phpvalues import php_string
 
         key = app.get("workers_key")
         if isinstance(key, (dict, list)):

@@ -209,10 +209,18 @@ def _wait(p: argparse.ArgumentParser) -> None:
                    help="give up waiting after S seconds (default 60)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Skipped:
+    """Stands for the parser of a command this run does not build: every call on it does nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: self
+
+
+def build_parser(for_argv: list[str] | None = None, parser_class: type = None) -> argparse.ArgumentParser:
+    """The command line's parser; FOR_ARGV: a parser of just the command that argv names (see parse())."""
     from . import __version__
 
-    parser = _Parser(prog=PROG, description=DESCRIPTION, epilog=EXAMPLES,
+    parser = (parser_class or _Parser)(prog=PROG, description=DESCRIPTION, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--config", metavar="PATH", default=None,
@@ -221,9 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help=GEARMAN_TIMEOUT_HELP)
     parser.add_argument("--json", action="store_true", default=False, help="machine-readable output on stdout")
     _fleet_options(parser)
+    only = None
+    if for_argv is not None:
+        only = _command_named(parser, for_argv)
+        if only is None:
+            raise _Miss("no command named")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name: str, json_opt: bool = True) -> argparse.ArgumentParser:
+        if only is not None and name != only:
+            return _Skipped()
         short, epilog = COMMAND_HELP[name]
         return sub.add_parser(name, help=short, description=short[0].upper() + short[1:] + ".", epilog=epilog,
                               parents=[_common(json_opt)], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -283,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("completion", json_opt=False)
     p.add_argument("shell", choices=["bash", "zsh"], help="the shell")
 
-    hidden = sub.add_parser("_complete", parents=[_common(False)])  # used by the completion script
-    hidden.add_argument("what", choices=["instances", "pools", "sites"])
+    if only is None or only == "_complete":
+        hidden = sub.add_parser("_complete", parents=[_common(False)])  # used by the completion script
+        hidden.add_argument("what", choices=["instances", "pools", "sites"])
     # Keep `_complete` out of the help's command list.
     sub._choices_actions = [a for a in sub._choices_actions if a.dest != "_complete"]
     return parser
@@ -325,6 +341,47 @@ def _jobs_parser(p: argparse.ArgumentParser) -> None:
     c.add_argument("--yes", action="store_true", help="do not ask (needed when not on a terminal)")
 
 
+class _Miss(Exception):
+    """The one-command parser cannot parse this command line: the whole parser must."""
+
+
+class _QuietParser(_Parser):
+    def error(self, message: str):
+        raise _Miss(message)
+
+
+def _command_named(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """The command argv names: its first word that is a command and not the value of a main option."""
+    takes_value = {o for a in parser._actions if a.option_strings and a.nargs != 0 for o in a.option_strings}
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--":
+            return None
+        elif word.startswith("-"):
+            # An option that takes a value as the next word (argparse also takes unique prefixes of long ones).
+            skip = "=" not in word and (word in takes_value or word.startswith("--") and any(
+                o.startswith(word) for o in takes_value if o.startswith("--")))
+        else:
+            return word if word in COMMAND_HELP or word == "_complete" else None
+    return None
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, argparse.ArgumentParser | None]:
+    """Parse argv with a parser of just the command it names (building all ~15 commands' parsers is most of
+    the start-up of a short command); when that parser cannot parse it, the whole parser does (and says why).
+    Returns the whole parser when it was built, else None."""
+    try:
+        args = build_parser(for_argv=argv, parser_class=_QuietParser).parse_args(argv)
+        if args.command is not None:
+            return args, None
+    except _Miss:
+        pass
+    parser = build_parser()
+    return parser.parse_args(argv), parser
+
+
 def _long_options(parser: argparse.ArgumentParser) -> list[str]:
     """Every long option of the parser and its commands (to resolve abbreviations as argparse does)."""
     opts = set()
@@ -349,17 +406,16 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import EXIT_ERROR, WorkerctlError
 
     try:
-        parser = build_parser()
         argv = sys.argv[1:] if argv is None else argv
-        args = parser.parse_args(argv)
+        args, parser = parse(argv)
         args.hosts = [*getattr(args, "hosts", []), *vars(args).pop("hosts_after", [])]
         if args.command is None:
-            parser.print_help()
+            (parser or build_parser()).print_help()
             return 2
         if getattr(args, "inventory", None) or getattr(args, "hosts", None) or getattr(args, "limit", None):
             from . import cmd_fleet  # only now: the single-host path never imports the fleet code
 
-            return cmd_fleet.run(args, argv, _long_options(parser))
+            return cmd_fleet.run(args, argv, _long_options(parser or build_parser()))
         return dispatch(args)
     except WorkerctlError as exc:
         if _debug():

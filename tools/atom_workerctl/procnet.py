@@ -36,8 +36,12 @@ def tcp_table(pid: int | str = "self") -> dict[int, tuple[str, int, str, int]]:
             with open(f"/proc/{pid}/net/{name}") as fh:
                 next(fh, None)
                 for line in fh:
+                    # Split the state off first: most lines of a busy host are not ESTABLISHED (TIME_WAIT).
+                    head = line.split(None, 4)
+                    if len(head) < 5 or head[3] != ESTABLISHED:
+                        continue
                     cols = line.split()
-                    if len(cols) < 10 or cols[3] != ESTABLISHED:
+                    if len(cols) < 10:
                         continue
                     lip, lport = _hex_addr(cols[1])
                     rip, rport = _hex_addr(cols[2])

@@ -30,6 +30,8 @@ import re
 
 import yaml
 
+from .phpvalues import php_float, php_key, php_string  # noqa: F401 - sfYaml's values as PHP prints them
+
 MAX_DEPTH = 64
 MAX_NODES = 100_000
 PHP_INT_MAX = 2**63 - 1
@@ -113,48 +115,6 @@ def evaluate_scalar(text: str):
     if match := _TIMESTAMP.fullmatch(s):
         return strtotime(match)
     return s
-
-
-def php_float(value: float, precision: int = 14) -> str:
-    """(string) of a PHP float: `precision` (14) significant digits, as zend_gcvt prints them."""
-    if math.isnan(value):
-        return "NAN"
-    if math.isinf(value):
-        return "INF" if value > 0 else "-INF"
-    if value == 0:
-        return "-0" if math.copysign(1, value) < 0 else "0"
-    sign = "-" if value < 0 else ""
-    mantissa, exponent = f"{abs(value):.{precision - 1}e}".split("e")
-    digits = mantissa.replace(".", "").rstrip("0") or "0"
-    point = int(exponent) + 1  # where the decimal point goes, counted from the first digit
-    if (point < -3) if point < 0 else (point > precision):
-        return f"{sign}{digits[0]}.{digits[1:] or '0'}E{'-' if point - 1 < 0 else '+'}{abs(point - 1)}"
-    if point <= 0:
-        return f"{sign}0.{'0' * -point}{digits}"
-    whole, frac = digits[:point].ljust(point, "0"), digits[point:]
-    return f"{sign}{whole}.{frac}" if frac else f"{sign}{whole}"
-
-
-def php_string(value) -> str:
-    """(string) $value for what sfYaml returns: true "1", false and null "", floats as PHP 8 prints them."""
-    if value is None or value is False:
-        return ""
-    if value is True:
-        return "1"
-    if isinstance(value, float):
-        return php_float(value)
-    if isinstance(value, (dict, list)):
-        return "Array"
-    return str(value)
-
-
-def php_key(value) -> str:
-    """An array key as PHP makes it from a YAML key (true 1, false 0, null "", floats truncated)."""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, float):
-        return str(int(value)) if math.isfinite(value) else "0"
-    return php_string(value)
 
 
 # -- the loader --------------------------------------------------------------------------------------------------
