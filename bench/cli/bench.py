@@ -14,6 +14,8 @@ then 64 instances, each of these (rounds interleaved, so drift hits every method
   D  systemctl list-units 'atom-worker@*'
   M  atom-workerctl metrics                   (the same snapshot as status, in Prometheus' format)
   M' atom-workerctl metrics --output FILE     (as the role's timer runs it: written atomically)
+  F  the floor under A: the CLI's Python alone; with pystemd's D-Bus connection open; and with the CLI's
+     systemd backend reading every instance (nothing else)
 Writes bench/cli/results.json and bench/cli/results.md (median and min wall time, ratios to A, and the
 cost per extra instance (T64 - T16) / 48).
 """
@@ -41,6 +43,7 @@ INVENTORY = {"all": {"children": {
 TIMER = r'''
 import json, subprocess, sys, time
 n, rounds = int(sys.argv[1]), int(sys.argv[2])
+PY = "/opt/atom-workerctl/bin/python3"  # the atom_workerctl role's venv: the CLI's own interpreter
 units = " ".join(f"atom-worker@{i}.service" for i in range(1, n + 1))
 methods = {
     "A": "atom-workerctl status --json > /dev/null",
@@ -50,6 +53,12 @@ methods = {
     "D": "systemctl list-units --no-pager 'atom-worker@*' > /dev/null",
     "M": "atom-workerctl metrics > /dev/null",
     "M_file": "atom-workerctl metrics --output /tmp/atom-worker.prom",
+    # The floor under status: the CLI's interpreter alone, then with pystemd's D-Bus connection open, then
+    # with the CLI's systemd backend reading every instance (its D-Bus round trips; no config, gearmand, output).
+    "F_python": f"{PY} -c pass",
+    "F_pystemd": f"{PY} -c 'from atom_workerctl.systemd import SystemdBackend; SystemdBackend()'",
+    "F_read": f"{PY} -c 'from atom_workerctl.systemd import SystemdBackend; "
+              f"SystemdBackend().units([], \"atom-worker*@*.service\")'",
 }
 for cmd in methods.values():                      # warm up caches once
     subprocess.run(["sh", "-c", cmd], check=True)
@@ -70,6 +79,9 @@ NAMES = {
     "D": "`systemctl list-units 'atom-worker@*'`",
     "M": "`atom-workerctl metrics`",
     "M_file": "`atom-workerctl metrics --output FILE` (as the role's timer runs it)",
+    "F_python": "floor: the CLI's Python starting and exiting (`python3 -c pass`)",
+    "F_pystemd": "floor: ... with pystemd's D-Bus connection open (as the systemd backend opens it)",
+    "F_read": "floor: ... and the CLI's systemd backend reading every instance (its D-Bus round trips only)",
 }
 
 
@@ -143,6 +155,20 @@ def write(results: dict, machine: dict, rounds: int) -> None:
         lines.append(f"| {name} | {r16['median_s'] * 1000:.1f} ms ({r16['min_s'] * 1000:.1f}) |"
                      f" {r16['median_s'] / a16:.2f} | {r64['median_s'] * 1000:.1f} ms ({r64['min_s'] * 1000:.1f}) |"
                      f" {r64['median_s'] / a64:.2f} | {per * 1000:.2f} ms |")
+    a16, a64, c16, c64 = (results[n][k]["median_s"] for n, k in ((16, "A"), (64, "A"), (16, "C"), (64, "C")))
+    f16 = results[16]["F_read"]["median_s"]
+    lines += [
+        "",
+        "Issue 18's goals for status on one host, from the medians above:",
+        "",
+        (f"- `status --json` over one `systemctl show` of the same 16 units: **{a16 / c16:.2f}x** (goal 1.5x); "
+        f"at 64 units {a64 / c64:.2f}x."),
+        f"- cost per extra instance (16 to 64): **{(a64 - a16) / 48 * 1000:.2f} ms** (goal 1 ms).",
+        (f"- the floor (the CLI's Python, pystemd's connection and the systemd backend's reads of 16 units, nothing"
+        f" else): {f16 * 1000:.1f} ms, already {f16 / c16:.2f}x one `systemctl show`: status cannot come closer"
+        f" than that without leaving Python or pystemd; what status costs above it ({(a16 - f16) * 1000:.1f} ms)"
+        f" is the site's configuration, gearmand's view, /proc and the output."),
+    ]
     lines += [
         "",
         ("`atom-workerctl status --json` does more than each systemctl command: per instance it reads state,"
@@ -151,7 +177,9 @@ def write(results: dict, machine: dict, rounds: int) -> None:
         " TCP connection from /proc. The `--no-gearman` row is the systemd part alone. `metrics` reads the host"
         " through the same snapshot. The bench host's site has no database (no config/config.php), so AtoM's"
         " job table is not read here; where there is one, `--output` reads it at most every 300 s"
-        " (`--jobs-every`)."),
+        " (`--jobs-every`). A site's parsed configuration is kept in /run/atom-workerctl (root only) under"
+        " the files' identity, so these runs read it without PyYAML, as every run after the first does on a"
+        " host whose configuration did not change."),
         "",
     ]
     (REPO / "bench/cli/results.md").write_text("\n".join(lines))
