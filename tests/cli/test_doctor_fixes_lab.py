@@ -1,6 +1,7 @@
 """Every doctor finding, made for real on a lab host, fixed by running what doctor printed, then healthy.
 
-For each finding code of tools/atom_workerctl/README.md's doctor table: make the fault on a host converged by
+For each finding code of tools/atom_workerctl/README.md's doctor table (but the supervisord-only ones, made by
+tests/supervisor/test_supervisor_cli.py): make the fault on a host converged by
 site.yml (gearmand, the AtoM stand-in and two workers, the CLI installed from this checkout), run `atom-workerctl
 doctor`, parse its `fix:` lines from the human output and run each exactly as printed (`# comments` are part
 of the shell line); a line starting with `by hand:` is a person's step, which the test applies itself. Then
@@ -187,6 +188,19 @@ def test_worker_cannot_read_its_configuration(host):
     assert "healthy" in out
 
 
+def test_worker_cannot_enter_the_atom_root(host):
+    """The AtoM root itself (config/'s parent) 0700 root-owned: the fix gives the others only what is missing."""
+    host.sh(f"chmod 0700 {ROOT} && cd {ROOT} && php symfony cc >/dev/null")
+    host.sh(f"systemctl restart {W2}", check=False)
+    wait_until(lambda: host.show(W2, "ActiveState")["ActiveState"] != "active", timeout=30, interval=0.5,
+               what=f"{W2} failing to enter {ROOT}")
+    code, out, fixes = host.doctor()
+    assert f"{ROOT}: mode 0700 root:root; www-data cannot read it, enter it" in out, out
+    assert fixes[0] == f"chmod o+rx {ROOT}", out
+    fix_as_printed(host, ["worker_cannot_read"])
+    host.sh(f"chmod 0755 {ROOT}")  # back to the role's mode
+
+
 def test_cache_not_writable(host):
     host.sh(f"chown -R root:root {ROOT}/cache && cd {ROOT} && php symfony cc >/dev/null && systemctl restart {W2}")
     wait_until(lambda: host.show(W2, "ActiveState")["ActiveState"] != "active", timeout=30, interval=0.5,
@@ -205,6 +219,18 @@ def test_executable_missing(host):
     code, out, fixes = host.doctor()
     assert "[executable_missing] /usr/bin/php is missing" in out, out
     assert fixes[0] == "update-alternatives --auto php", out
+    fix_as_printed(host, ["executable_missing"])
+
+
+def test_executable_missing_reinstalls_its_package(host):
+    """/usr/bin/php8.2, the end of the /usr/bin/php link, is gone: reinstalling php8.2-cli puts it back."""
+    host.sh("rm /usr/bin/php8.2")
+    host.sh(f"systemctl restart {W2}", check=False)
+    wait_until(lambda: host.show(W2, "ExecMainStatus")["ExecMainStatus"] == "203", timeout=30, interval=0.5,
+               what=f"{W2} failing with 203/EXEC")
+    code, out, fixes = host.doctor()
+    assert "/usr/bin/php -> /usr/bin/php8.2, which is gone" in out, out
+    assert fixes[0] == "apt-get install -y --reinstall php8.2-cli", out
     fix_as_printed(host, ["executable_missing"])
 
 
@@ -432,11 +458,18 @@ def test_the_database_down(host):
 
 
 def test_every_finding_code_of_the_readme_is_made_here():
+    """Every code of the table is made here, but those marked "supervisord hosts only", which
+    tests/supervisor/test_supervisor_cli.py makes the same way (fix_as_printed) against a private supervisord."""
     readme = (TESTS.parent / "tools" / "atom_workerctl" / "README.md").read_text()
     table = readme.split("## doctor's findings", 1)[1].split("\n## ", 1)[0]
-    documented = set(re.findall(r"`([a-z_]+)`", " ".join(line.split("|")[1] for line in table.splitlines()
-                                                           if line.startswith("| `"))))
-    source = Path(__file__).read_text()
-    made = {code for group in re.findall(r"fix_as_printed\(host, \[([^\]]*)\]", source)
-            for code in re.findall(r'"(\w+)"', group)}
-    assert documented and documented <= made, sorted(documented - made)
+    cells = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    documented = set(re.findall(r"`([a-z_]+)`", " ".join(cells)))
+    supervisord_only = set(re.findall(r"`([a-z_]+)`", " ".join(c for c in cells if "supervisord hosts only" in c)))
+
+    def made(module, fixture):
+        return {code for group in re.findall(rf"fix_as_printed\({fixture}, \[([^\]]*)\]", module.read_text())
+                for code in re.findall(r'"(\w+)"', group)}
+    here = made(Path(__file__), "host")
+    assert documented and documented - supervisord_only <= here, sorted(documented - supervisord_only - here)
+    there = made(TESTS / "supervisor" / "test_supervisor_cli.py", "lab")
+    assert supervisord_only <= there, sorted(supervisord_only - there)

@@ -8,6 +8,7 @@ pool default active and registered), except the last two (config change, errors)
 
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -42,6 +43,21 @@ NS1, NS2 = "atom-workers:atom-worker@1", "atom-workers:atom-worker@2"
 class Lab:
     def __init__(self, sv, gearmand, root, config):
         self.sv, self.gearmand, self.root, self.config = sv, gearmand, root, config
+        # The commands doctor prints, as a root shell on a supervisord host finds them: `atom-workerctl` reading
+        # /etc/atom-worker/sites.json (here $ATOM_WORKERCTL_CONFIG), `supervisorctl` reading
+        # /etc/supervisor/supervisord.conf (here this supervisord's, by -c).
+        bin_dir = sv.base / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        for name, command in (("atom-workerctl", f"{shlex.quote(sys.executable)} -m atom_workerctl"),
+                              ("supervisorctl", f"{supervisor_harness.SUPERVISORCTL} -c {shlex.quote(str(sv.conf))}")):
+            (bin_dir / name).write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+            (bin_dir / name).chmod(0o755)
+        self.shell_env = {**ENV, "ATOM_WORKERCTL_CONFIG": str(config), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+    def sh(self, command):
+        """A printed fix line, run as printed by a shell (its `# comment` included)."""
+        return subprocess.run(["sh", "-c", command], capture_output=True, text=True, env=self.shell_env,
+                              timeout=45, check=False)
 
     def cli(self, *args, config=None, timeout=45, user=None):
         cmd = [sys.executable, "-m", "atom_workerctl", "--config", str(config or self.config), *args]
@@ -371,6 +387,77 @@ def test_scale_grows_numprocs_and_shrinks_by_stopping(lab):
     assert code == 0 and data["strays"] == []
 
 
+def codes(out):
+    return re.findall(r"^(?:FAULT|WARNING) \[(\w+)\]", out, re.M)
+
+
+# The module's one pool takes the `general` jobs only: doctor warns that no pool takes the others (exit 0, no
+# fault). "Healthy" here is exit 0 with that warning alone.
+BASELINE = ["no_pool_for_job"]
+
+
+def fix_as_printed(lab, expect, human=None):
+    """doctor names `expect` (its first finding is expect[0]); every fix line printed for the findings beyond the
+    module's BASELINE, run as printed (`by hand:` lines by `human(line)`), then doctor exits 0 with the BASELINE
+    only. As tests/cli/test_doctor_fixes_lab.py does on systemd hosts, for the findings only supervisord hosts
+    have."""
+    doctor = lab.cli("doctor")
+    found = codes(doctor.stdout)
+    assert doctor.returncode == 3 and found[:1] == expect[:1] and set(expect) <= set(found), doctor.stdout
+    fixes, code = [], None
+    for line in doctor.stdout.splitlines():
+        code = (codes(line) or [code])[0]
+        fix = re.match(r"^  fix: {6}(?P<fix>.+)$", line)
+        if fix and code not in BASELINE:
+            fixes.append(fix["fix"])
+    assert fixes, doctor.stdout
+    for fix in fixes:
+        if fix.startswith("by hand: "):
+            assert human is not None, f"a step for a person was printed and the test has none: {fix}"
+            human(fix)
+            continue
+        proc = lab.sh(fix)
+        assert proc.returncode == 0, f"printed fix failed: {fix}\n{proc.stdout}\n{proc.stderr}"
+    doctor = lab.cli("doctor")
+    assert doctor.returncode == 0 and codes(doctor.stdout) == BASELINE, f"after the fixes:\n{doctor.stdout}"
+    return fixes
+
+
+LISTENER = "atom-worker-policy:atom-worker-policy"
+
+
+def test_doctor_says_when_the_restart_policy_listener_is_down(lab):
+    doctor = lab.cli("doctor")
+    assert doctor.returncode == 0 and codes(doctor.stdout) == BASELINE, doctor.stdout  # positive control
+    lab.sv.ctl("stop", LISTENER, check=True)
+    try:
+        first = json.loads(lab.cli("doctor", "--json").stdout)["findings"][0]
+        assert first["code"] == "restart_policy_down" and "STOPPED" in first["evidence"][0]
+        fixes = fix_as_printed(lab, ["restart_policy_down"])
+        assert fixes == [f"tail -n 20 {lab.sv.policy_log}   # why it stopped", f"supervisorctl start {LISTENER}"]
+    finally:
+        lab.sv.ctl("start", LISTENER)  # a no-op when the fixes worked
+    assert lab.sv.statename(LISTENER) == "RUNNING"
+
+
+def test_doctor_says_when_the_restart_policy_listener_is_not_configured(lab):
+    """Its configuration file gone and supervisord updated: site.yml (a person's step) writes the file again,
+    then the printed daemon-reload adds the listener's group."""
+    conf = lab.sv.conf_dir / "atom-worker-policy.conf"
+    saved = conf.read_text()
+    conf.unlink()
+    try:
+        assert lab.cli("daemon-reload").returncode == 0
+        assert LISTENER not in [f"{i['group']}:{i['name']}" for i in lab.sv.rpc.call("supervisor.getAllProcessInfo")]
+        fixes = fix_as_printed(lab, ["restart_policy_down"], human=lambda fix: conf.write_text(saved))
+        assert fixes[0].startswith("by hand: run site.yml again"), fixes
+    finally:
+        if not conf.exists():
+            conf.write_text(saved)
+            lab.sv.ctl("update")
+    lab.sv.wait(lambda: lab.sv.statename(LISTENER) == "RUNNING", 15, "the listener back")
+
+
 def test_a_changed_configuration_is_seen_not_applied_until_daemon_reload(lab):
     conf = lab.sv.conf_dir / "atom-worker.conf"
     pid = lab.sv.info(NS1)["pid"]
@@ -386,22 +473,6 @@ def test_a_changed_configuration_is_seen_not_applied_until_daemon_reload(lab):
     lab.sv.wait(lambda: lab.registered(UNIT1, UNIT2), 30, "registered after the update")
     assert lab.sv.info(NS1)["pid"] != pid
     assert lab.units()[UNIT1]["need_daemon_reload"] is False
-
-
-def test_doctor_says_when_the_restart_policy_listener_is_down(lab):
-    listener = "atom-worker-policy:atom-worker-policy"
-    lab.sv.ctl("stop", listener, check=True)
-    try:
-        doctor = lab.cli("doctor", "--json")
-        first = json.loads(doctor.stdout)["findings"][0]
-        assert doctor.returncode == 3
-        assert first["code"] == "restart_policy_down" and "STOPPED" in first["evidence"][0]
-        assert first["fix"][-1] == f"supervisorctl start {listener}"
-        # The printed fix, against this private supervisord.
-        lab.sv.ctl(*first["fix"][-1].split()[1:], check=True)
-    finally:
-        lab.sv.ctl("start", listener)
-    assert lab.cli("doctor").returncode == 0
 
 
 def test_errors_are_one_line(lab, tmp_path):

@@ -6,6 +6,7 @@ about, the evidence read from the host, and the command that fixes it. Exit 0 on
 
 from __future__ import annotations
 
+import os
 import socket
 
 from . import model
@@ -441,10 +442,14 @@ def _policy_findings(backend) -> list[Finding]:
     evidence = [f"supervisord: {POLICY_PROCESS} is {state}"]
     if info and info.get("spawnerr"):
         evidence.append(f"spawn error: {info['spawnerr']}")
-    log_dir = backend.settings["log_dir"]
-    fixes = [f"tail -n 20 {log_dir}/atom-worker-policy.log   # why it stopped"]
-    fixes.append(f"supervisorctl start {POLICY_PROCESS}" if info else
-                 "run site.yml again (it installs the listener's configuration), then: atom-workerctl daemon-reload")
+    log = f"{backend.settings['log_dir']}/atom-worker-policy.log"
+    if info is None:
+        fixes = [f"{HUMAN}run site.yml again (it installs the listener's configuration)",
+                 "atom-workerctl daemon-reload   # supervisorctl update: adds the listener's group"]
+    else:
+        # Its log, when it ever wrote one: a fix line must run as printed (tail fails on a missing file).
+        fixes = [f"tail -n 20 {log}   # why it stopped"] if os.path.exists(log) else []
+        fixes.append(f"supervisorctl start {POLICY_PROCESS}")
     return [Finding("restart_policy_down", FAULT, POLICY_PROCESS,
                     "the restart policy listener is not running: crashed workers stay down, no start limit is kept",
                     evidence, fixes), *findings]

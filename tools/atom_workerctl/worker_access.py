@@ -151,6 +151,53 @@ def _installed(package: str) -> bool:
     return proc.stdout.startswith("ii")
 
 
+def _alternatives(name: str) -> list[str]:
+    """The alternatives registered for link group NAME (`update-alternatives --list`), [] if none."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(["update-alternatives", "--list", name], capture_output=True, text=True, timeout=10,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return proc.stdout.split() if proc.returncode == 0 else []
+
+
+def _package_fix(package: str, path: str, what: str = "is gone") -> tuple[list[str], list[str]]:
+    """Install PACKAGE, or reinstall it when it is installed (dpkg puts its files back, modes included)."""
+    if not _installed(package):
+        return [f"apt-get install -y {package}"], [f"package {package} (provides {path}) is not installed"]
+    return [f"apt-get install -y --reinstall {package}"], [f"package {package} is installed but {path} {what}"]
+
+
+def _repair(program: str, human: str) -> tuple[list[str], list[str]]:
+    """(fix lines, evidence) that put PROGRAM back: the fix is for the file that is gone, which is the program
+    itself or the end of its symlink chain (/usr/bin/php is an alternatives link to /usr/bin/php8.2)."""
+    if os.path.lexists(program):
+        gone = os.path.realpath(program)
+        what = "is not executable" if os.path.exists(gone) else "is gone"
+        evidence = [f"{program} -> {gone}, which {what}"] if gone != program else []
+        # A dangling link: the package of its end (the link's own package may not own that file).
+        package = PACKAGES.get(gone) if gone != program else PACKAGES.get(program)
+        if package is None:
+            return [f"{human}install again the package that provides {gone} (`dpkg -S {gone}` names it)"], evidence
+        fixes, more = _package_fix(package, gone, what)
+        return fixes, evidence + more
+    # The program itself is gone. An alternatives link whose alternative is there: restore the link (installing
+    # a package whose files are all there would not bring it back).
+    name = os.path.basename(program)
+    alternatives = _alternatives(name)
+    usable = [a for a in alternatives if os.access(a, os.X_OK)]
+    if usable:
+        said = f"{program} is the alternatives link {name}; its alternative {usable[0]} is there"
+        return [f"update-alternatives --auto {name}"], [said]
+    package = next((PACKAGES[a] for a in alternatives if a in PACKAGES), None) or PACKAGES.get(program)
+    if package is None:
+        return [(f"{human}install the package that provides {program} (`apt-file search {program}` names it; "
+                 "dpkg -S cannot, the file is gone)")], []
+    return _package_fix(package, program)
+
+
 def executable_findings(snap, backend, journal_lines: dict, Finding, fault: str, human: str) -> list:
     """Instances that do not run because a program of their ExecStart is gone (systemd: 203/EXEC,
     "Failed to locate executable ...")."""
@@ -177,28 +224,8 @@ def executable_findings(snap, backend, journal_lines: dict, Finding, fault: str,
                     if e.source == "systemd" and "executable" in e.message.lower()]
             if said:
                 evidence.append(f"journal (systemd): {said[-1]}")
-        # The file that is gone: the program itself, or the end of its symlink chain (/usr/bin/php is an
-        # alternatives link to /usr/bin/php8.2).
-        gone = os.path.realpath(program) if os.path.lexists(program) else program
-        package = PACKAGES.get(program)
-        if gone != program:
-            evidence.append(f"{program} -> {gone}, which is gone")
-        if package is None and PACKAGES.get(gone) is None:
-            fixes = [(f"{human}install the package that provides {gone} (`apt-file search {gone}` names it; "
-                      "dpkg -S cannot, the file is gone)")]
-        elif package is not None and not _installed(package):
-            fixes = [f"apt-get install -y {package}"]
-            evidence.append(f"package {package} (provides {program}) is not installed")
-        elif gone != program and PACKAGES.get(gone):
-            fixes = [f"apt-get install -y --reinstall {PACKAGES[gone]}"]
-        elif os.path.exists(f"/var/lib/dpkg/alternatives/{os.path.basename(program)}"):
-            # The link itself was removed; its alternative's target is there.
-            name = os.path.basename(program)
-            fixes = [f"update-alternatives --auto {name}"]
-            evidence.append(f"package {package} is installed; {program} is its alternatives link ({name})")
-        else:
-            fixes = [f"apt-get install -y --reinstall {package or PACKAGES[gone]}"]
-            evidence.append(f"package {package or PACKAGES[gone]} is installed but {gone} is gone")
+        fixes, more = _repair(program, human)
+        evidence += more
         for site in dict.fromkeys(sites.get(program, [])):
             fixes.append(f"atom-workerctl reset --site {site}   # the instances that failed, whole start budget")
         out.append(Finding("executable_missing", fault, program,
