@@ -199,7 +199,11 @@ def test_deliberate_restarts_never_use_up_the_start_limit(host):
     for _ in range(5):
         assert host.ctl("restart", W1)[0] == 0
     code, data = host.status(W1)
-    assert code == 0 and instances(data)["1"]["n_restarts"] == 0, restart_evidence(host, W1)
+    unit = instances(data)["1"]
+    # Two asserts: "status exit 3" (not active) and "NRestarts 3" once read alike as `assert 3 == 0`.
+    assert code == 0, (f"status exit {code}: {unit['active_state']}/{unit['sub_state']}, pid {unit['main_pid']}, "
+                       f"NRestarts {unit['n_restarts']}\n{restart_evidence(host, W1)}")
+    assert unit["n_restarts"] == 0, restart_evidence(host, W1)
 
 
 def test_deliberate_restarts_under_cpu_contention_spend_nothing(host, cpu_contention):

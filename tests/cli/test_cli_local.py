@@ -255,6 +255,68 @@ def _registered(snap):
     return snap if ok else None
 
 
+class RestartingBackend(FakeBackend):
+    """Reports atom-worker@1 as systemd does right after RestartUnit returns (issue 13 §2): for the first
+    `pending` reads still active, running the old process (with the restart job queued, when `job`); then the
+    new one."""
+
+    def __init__(self, states, unit, new_pid, pending, job=True):
+        super().__init__(states)
+        self.unit, self.new_pid, self.pending, self.job, self.reads = unit, new_pid, pending, job, 0
+
+    def units(self, names, glob):
+        self.reads += 1
+        if self.reads > self.pending:
+            self.states[self.unit] = UnitState(self.unit, load_state="loaded", active_state="active",
+                                               sub_state="running", main_pid=self.new_pid, since_usec=2)
+        else:
+            self.states[self.unit].job = "queued" if self.job else ""
+        return super().units(names, glob)
+
+
+def test_a_restart_is_not_done_while_the_old_worker_still_runs(gearmand, tmp_path):
+    """The wait after a restart must see the new process registered: the old one is registered too, and for a
+    moment after RestartUnit returns systemd still shows it active with the restart job queued."""
+    from atom_workerctl.render import Out
+    from atom_workerctl.waiting import wait_registered
+
+    root = standin.make_root(tmp_path / "atom", servers=[gearmand.server])
+    host = model.load(str(sites_json(tmp_path, root=root, servers=[f"127.0.0.1:{gearmand.port}"],
+                                     pools=[{"name": "default", "unit_template": "atom-worker@.service",
+                                             "instances": 1, "units": ["atom-worker@1.service"], "types": [],
+                                             "abilities": []}])))
+    prefix = standin.function_prefix(root)
+    unit = "atom-worker@1.service"
+    old, new = standin.start_worker(root), standin.start_worker(root)
+    out = Out(stream=open(os.devnull, "w"), color=False)  # noqa: SIM115 - closed with the test process
+    try:
+        for w in (old, new):
+            w.wait_for_message("Running worker")
+        standin.wait_until(lambda: standin.gearman_status(*gearmand.server).get(prefix + "arFindingAidJob",
+                                                                                (0, 0, 0))[2] == 2)
+
+        def states():
+            return {unit: UnitState(unit, load_state="loaded", active_state="active", sub_state="running",
+                                    main_pid=old.pid, since_usec=1)}
+
+        # The control: the same wait accepts a registered worker at its first read when nothing is pending.
+        backend = RestartingBackend(states(), unit, new.pid, pending=0)
+        result = wait_registered(host, backend, [unit], 10, out, progress=False)
+        assert result.registered == [unit] and backend.reads == 1
+        # Restarting: the old, registered worker with a queued job is not the restarted one; the new one is.
+        backend = RestartingBackend(states(), unit, new.pid, pending=3)
+        result = wait_registered(host, backend, [unit], 10, out, progress=False, replacing={unit: old.pid})
+        assert result.registered == [unit] and backend.reads == 4
+        assert result.snapshot.instances[unit].state.main_pid == new.pid
+        # Without a queued job, the old PID alone still tells (supervisord and circus show no jobs).
+        backend = RestartingBackend(states(), unit, new.pid, pending=2, job=False)
+        result = wait_registered(host, backend, [unit], 10, out, progress=False, replacing={unit: old.pid})
+        assert result.registered == [unit] and backend.reads == 3
+    finally:
+        old.stop()
+        new.stop()
+
+
 def test_doctor_names_an_unreachable_gearmand(tmp_path):
     port = standin.free_port()
     root = standin.make_root(tmp_path / "atom", servers=[("127.0.0.1", port)])
