@@ -99,6 +99,9 @@ def restart(args, host: model.Host, backend) -> int:
     if not units:
         raise WorkerctlError("no instance to restart")
     acted = []
+    # The main PID of each before its restart: the wait must see a new process, not the old one still running
+    # in the moment before the manager acts on the restart (waiting.wait_registered).
+    old_pids = {u: i.state.main_pid for u, i in snap.instances.items() if u in units and i.state.main_pid}
     if not args.rolling:
         for unit in units:
             backend.restart(unit)  # ResetFailedUnit, then RestartUnit
@@ -107,7 +110,8 @@ def restart(args, host: model.Host, backend) -> int:
         wait = None
         code = EXIT_OK
         if not args.no_wait:
-            wait = wait_registered(host, backend, units, args.wait_timeout, out, gearman_timeout=args.gearman_timeout)
+            wait = wait_registered(host, backend, units, args.wait_timeout, out, gearman_timeout=args.gearman_timeout,
+                                   replacing=old_pids)
             code = report(out, wait, err)
         if args.json:
             dump_json(_result_json("restart", acted, wait, code))
@@ -125,8 +129,9 @@ def restart(args, host: model.Host, backend) -> int:
         out.line(f"[{n}/{len(units)}] {model.short(unit)}: reset-failed, restarted")
         entry = {"unit": unit, "did": ["reset-failed", "restart"], "registered": None}
         acted.append(entry)
+        pid = snap.instances[unit].state.main_pid if unit in snap.instances else old_pids.get(unit)
         last_wait = wait_registered(host, backend, [unit], args.wait_timeout, out,
-                                    gearman_timeout=args.gearman_timeout)
+                                    gearman_timeout=args.gearman_timeout, replacing={unit: pid} if pid else None)
         entry["registered"] = last_wait.ok
         entry["seconds"] = round(last_wait.elapsed, 2)
         if not last_wait.ok:
