@@ -15,8 +15,8 @@ interleaved so that drift hits every method alike, times from the control host:
   reset             atom-workerctl ... --parallel F --json reset        (atom-worker@1 stopped on each host
                     first, untimed: reset starts it and waits until gearmand lists it again)
   ansible_start     ansible ... --forks F -a "name=atom-worker@1 state=started"   (the same; no wait for gearmand)
-  rolling           atom-workerctl ... --parallel B --json restart --rolling   (the fleet's rolling restart goes
-                    one host at a time whatever --parallel says: cmd_fleet.rolling never reads it)
+  rolling           atom-workerctl ... --parallel B --json restart --rolling   (B hosts at a time, each host's
+                    instances one after another, each registered again before the next)
   restart_batch     atom-workerctl ... --parallel B --json restart   (B hosts at a time, each host's instances
                     together, each host waiting until gearmand lists them again)
   playbook_sK       ansible-playbook -i INV playbooks/rolling-restart.yml --limit HOSTS, for each K in --serial:
@@ -328,8 +328,8 @@ def labels(meta) -> dict:
         "reset": f"`atom-workerctl ... --parallel {f} --json reset` (atom-worker@1 down on each host)",
         "ansible_start": f"`ansible ... --forks {f} -m ansible.builtin.systemd_service -a 'name=atom-worker@1 "
                          "state=started'` (the same)",
-        "rolling": f"`atom-workerctl ... --parallel {b} --json restart --rolling` (one host at a time: "
-                   "`--parallel` does not apply)",
+        "rolling": f"`atom-workerctl ... --parallel {b} --json restart --rolling` ({b} hosts at a time, each "
+                   "host's instances one after another)",
         "restart_batch": f"`atom-workerctl ... --parallel {b} --json restart` ({b} hosts at a time)",
     }
     for k in meta["serial"]:
@@ -538,9 +538,9 @@ def write(times, sampling, mem, trans, meta) -> None:
          f"`--parallel` ({meta['forks']}) hosts at a time, then asks gearmand once for `status` and `workers`; "
          "Ansible's module only reads the unit's properties. `reset` starts the stopped instance and waits until "
          "gearmand lists it again; `state=started` returns once systemd has started it. The fleet's "
-         "`restart --rolling` goes **one host at a time** (each host one instance at a time, each registered "
-         f"before the next): `--parallel {meta['batch']}` is accepted and has no effect there, so its time is the "
-         f"sum of the hosts' own times and grows with N by design. `restart --parallel {meta['batch']}` (no "
+         f"`restart --rolling --parallel {meta['batch']}` takes {meta['batch']} hosts at a time (each host one "
+         "instance at a time, each registered before the next; the next batch once the whole batch is done), so "
+         f"its time grows with N / {meta['batch']} batches by design. `restart --parallel {meta['batch']}` (no "
          f"`--rolling`) is the CLI's batched restart: {meta['batch']} hosts at a time, each restarting its "
          "instances together and waiting until gearmand lists them. `rolling-restart.yml` as shipped has "
          "`serial: 1` (per host: read sites.json, check with gearmand that other hosts serve its functions, "

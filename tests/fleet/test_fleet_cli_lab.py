@@ -253,6 +253,34 @@ def test_rolling_restart_over_the_fleet_keeps_a_worker_for_every_function(lab):
           f"{len(submitted)} jobs, lowest available {min(lowest.values())}")
 
 
+def test_rolling_restart_in_batches_runs_the_hosts_of_a_batch_together(lab):
+    """--parallel 2: both hosts at once, each still one instance after another, so at most one worker per
+    host is down at any moment (2 of 4 for every function); every worker is new afterwards."""
+    functions = lab.functions()
+    before = {h: lab.main_pids(h) for h in WORKERS}
+    sampler = StatusSampler(lab.gearmand, interval=0.1)
+    sampler.start()
+    try:
+        began = time.monotonic()
+        code, data, proc = lab.fleet("restart", "--rolling", "--parallel", "2")
+        ended = time.monotonic()
+        time.sleep(0.5)
+    finally:
+        sampler.stop()
+    assert code == 0 and data["parallel"] == 2 and data["stopped_at"] is None, proc.stderr
+    # Together: W2 began before W1 was done (with one host at a time, W1's last line comes first).
+    lines = proc.stderr.splitlines()
+    assert min(i for i, ln in enumerate(lines) if ln.startswith(f"[{W2}]")) < \
+        max(i for i, ln in enumerate(lines) if ln.startswith(f"[{W1}]")), proc.stderr
+    after = {h: lab.main_pids(h) for h in WORKERS}
+    for host in WORKERS:
+        assert all(after[host][u] not in (pid, "0") for u, pid in before[host].items()), (before, after)
+    assert not sampler.errors, sampler.errors
+    sampler.check_window(began, ended)
+    lowest = sampler.minimum(functions, between=(began, ended))
+    assert min(lowest.values()) >= 2, lowest
+
+
 def test_a_host_powered_off_mid_operation_is_reported_and_the_others_answer(lab, request):
     # A rolling restart over the fleet; W2 goes down while W1 is being restarted. W1's workers take 3 s to
     # start (the stand-in's start_delay), so W1's part lasts long enough for the power-off to land in it.

@@ -92,7 +92,7 @@ COMMAND_HELP = {
                  "--output replaces the file atomically. Exit 0 whenever the host could be read (an unreachable\n"
                  "gearmand is a series, atom_worker_gearmand_up 0); 1 otherwise, the file left as it was.\n"
                  "The series and the alert rules: README.md, Monitoring.")),
-    "notify": ("send the notice that an instance gave up (run by OnFailure= and the supervisord listener)",
+    "notify": ("send the notice that an instance gave up (OnFailure=, supervisord's listener, circus's hooks)",
                ("examples:\n  atom-workerctl notify atom-worker@2             what systemd's OnFailure= runs\n"
                 "  atom-workerctl notify atom-worker@2 --dry-run   show the notice, send nothing\n\n"
                 "Sends only when the instance gave up (its start limit is used up, not a deliberate stop), once per\n"
@@ -187,8 +187,8 @@ def _fleet_options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     g.add_argument("-H", "--host", dest="hosts_after" if suppress else "hosts", metavar="[USER@]HOST[:PORT]",
                    action="append", default=d([]),
                    help="a host to work on (repeat for several), instead of --inventory")
-    g.add_argument("--parallel", metavar="N", type=int, default=d(10),
-                   help="hosts worked on at the same time (default 10)")
+    g.add_argument("--parallel", metavar="N", type=int, default=d(None),
+                   help="hosts worked on at the same time (default 10; restart --rolling: 1, a host after another)")
     g.add_argument("--host-timeout", metavar="S", type=seconds, default=d(None),
                    help="give up on a host after S seconds (default 30; reset/restart/scale 300)")
 

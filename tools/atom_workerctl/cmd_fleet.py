@@ -99,6 +99,9 @@ def run(args, argv: list[str], long_options: list[str]) -> int:
     if getattr(args, "watch", None) is not None:
         raise WorkerctlError("status --watch runs on one host (ssh to it, or use Prometheus: README, Monitoring)",
                              EXIT_USAGE)
+    if args.parallel is None:
+        # A rolling restart goes a host after another unless told to take batches: its promise is availability.
+        args.parallel = 1 if args.command == "restart" and args.rolling else 10
     if args.parallel < 1:
         raise WorkerctlError("--parallel must be 1 or more", EXIT_USAGE)
     hosts = targets(args)
@@ -450,38 +453,49 @@ def action(args, hosts, remote, timeout) -> int:
 
 
 def rolling(args, hosts, remote, timeout) -> int:
-    """One host at a time, each its own rolling restart; stop at the first host whose instances do not
-    come back (the hosts after it are not touched). A host that cannot be reached is skipped and reported."""
+    """--parallel hosts at a time (default 1), each its own rolling restart (one instance after another, each
+    registered again before the next); the next batch only when the whole batch is done. Stop after a batch in
+    which a host's instances did not come back (the hosts after it are not touched). A host that cannot be
+    reached is skipped and reported."""
     out = Out(sys.stderr) if args.json else Out()
+    lock = threading.Lock()
     results: dict = {}
     code = EXIT_OK
     stopped_at = None
-    for n, t in enumerate(hosts, 1):
-        out.line(f"[{n}/{len(hosts)}] {t.name}: rolling restart")
-        out.flush()
 
-        def progress(line, name=t.name) -> None:
-            out.line(f"[{name}] {line}")
+    def say(line: str, style: str = "") -> None:
+        with lock:  # the hosts of a batch report from their own threads
+            out.line(out.paint(line, style) if style else line)
             out.flush()
 
-        r = fleet_ssh.run(t, remote, timeout, on_stderr=progress)
-        results[t.name] = r
-        if not r.reached:
-            out.line(out.paint(f"[{t.name}] not reached, skipped: {r.error}", "red"))
-            continue
-        if r.code != EXIT_OK:
-            stopped_at = t.name
-            rest = [h.name for h in hosts[n:]]
-            out.line(out.paint(f"[{t.name}] exit {r.code}{': ' + r.error if r.error else ''}; stopped the rolling "
-                               f"restart" + (f": {', '.join(rest)} not restarted" if rest else ""), "red"))
-            code = r.code
+    for first in range(0, len(hosts), args.parallel):
+        batch = hosts[first:first + args.parallel]
+        for n, t in enumerate(batch, first + 1):
+            say(f"[{n}/{len(hosts)}] {t.name}: rolling restart")
+        done = fleet_ssh.run_many(batch, remote, timeout, len(batch),
+                                  on_stderr=lambda name, line: say(f"[{name}] {line}"))
+        results.update(done)
+        failed = []
+        for n, t in enumerate(batch, first + 1):
+            r = done[t.name]
+            if not r.reached:
+                say(f"[{t.name}] not reached, skipped: {r.error}", "red")
+            elif r.code != EXIT_OK:
+                failed.append(t.name)
+                say(f"[{t.name}] exit {r.code}{': ' + r.error if r.error else ''}", "red")
+            else:
+                say(f"[{n}/{len(hosts)}] {t.name}: done in {r.seconds:.1f} s")
+        if failed:
+            stopped_at = failed[0]
+            code = done[failed[0]].code
+            rest = [h.name for h in hosts[first + len(batch):]]
+            say("stopped the rolling restart" + (f": {', '.join(rest)} not restarted" if rest else ""), "red")
             break
-        out.line(f"[{n}/{len(hosts)}] {t.name}: done in {r.seconds:.1f} s")
     if code == EXIT_OK and any(not r.reached for r in results.values()):
         code = EXIT_PARTIAL
     _unreached_line(out, results)
     if args.json:
-        data = _fleet_json("restart", results, code, rolling=True, stopped_at=stopped_at,
+        data = _fleet_json("restart", results, code, rolling=True, parallel=args.parallel, stopped_at=stopped_at,
                            not_restarted=[h.name for h in hosts if h.name not in results])
         dump_json(data)
     return code
