@@ -15,7 +15,7 @@ VENV_STAMP := $(VENV)/.installed
 # with --no-loadscope-reorder). PYTEST_ARGS= runs them one after another (README: Tests and CI).
 PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
-.PHONY: help deps venv wheel promtool lab demo test lint pytest molecule clean distclean bench-cli bench-ops bench-fleet bench-gearmand
+.PHONY: help deps venv wheel circus-wheels promtool lab demo test lint pytest molecule clean distclean bench-cli bench-ops bench-fleet bench-gearmand
 help:
 	@echo "make demo       boot the lab, converge it (playbooks/lab/site.yml), show the workers and a completed job"
 	@echo "make test       lint, pytest (stand-in, lab, roles, CLI, the Molecule scenarios)"
@@ -47,6 +47,19 @@ $(STAMPS)/wheel.stamp: $(VENV_STAMP) $(wildcard tools/atom_workerctl/*.py) pypro
 	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w $(STAMPS)/wheel .
 	@touch $@
 
+# circus for hosts without a package index (lab hosts): the wheels of the atom_worker role's pins
+# (atom_worker_circus_requirements, read from its defaults) for Debian 12's Python on x86_64, in
+# build/circus-wheels; `atom_worker_circus_wheels_dir` points the role at them (tests/circus, Molecule's circus).
+CIRCUS_WHEELS := $(STAMPS)/circus-wheels
+CIRCUS_PLATFORM ?= manylinux2014_x86_64
+CIRCUS_PYTHON ?= 3.11
+$(STAMPS)/circus-wheels.stamp: $(VENV_STAMP) roles/atom_worker/defaults/main.yml
+	rm -rf $(CIRCUS_WHEELS) && mkdir -p $(CIRCUS_WHEELS)
+	$(BIN)/pip download -q --disable-pip-version-check --only-binary=:all: --platform $(CIRCUS_PLATFORM) \
+	  --python-version $(CIRCUS_PYTHON) --implementation cp -d $(CIRCUS_WHEELS) \
+	  $$($(BIN)/python -c 'import yaml; print(" ".join(yaml.safe_load(open("roles/atom_worker/defaults/main.yml"))["atom_worker_circus_requirements"]))')
+	@touch $@
+
 # promtool (tests/test_monitoring.py checks and unit-tests monitoring/'s alert rules with it) from Debian's
 # prometheus package, unpacked into build/prometheus, not installed: the package would start a Prometheus
 # server on this machine. apt-get download needs the package lists, which the apt stamp's update fetched;
@@ -63,6 +76,7 @@ venv: $(VENV_STAMP)
 promtool: $(STAMPS)/promtool.stamp
 
 wheel: $(STAMPS)/wheel.stamp
+circus-wheels: $(STAMPS)/circus-wheels.stamp
 
 lab: venv wheel
 	@echo "== booting the lab (builds the golden image the first time: about a minute)"
@@ -80,10 +94,10 @@ lint: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ansible-lint --offline -q
 	$(BIN)/ruff check .
 
-pytest: venv wheel promtool
+pytest: venv wheel circus-wheels promtool
 	$(LAB) exec -- $(BIN)/pytest $(PYTEST_ARGS)
 
-molecule: venv wheel
+molecule: venv wheel circus-wheels
 	@for scenario in $$(ls molecule); do \
 	  echo "== molecule test -s $$scenario"; \
 	  $(LAB) exec -- env PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/molecule test -s $$scenario; \

@@ -24,6 +24,7 @@ LONGEST_FIRST = [
     "tests/drills/test_drills_lab.py",
     "tests/cli/test_cli_lab.py",
     "tests/roles/test_notify_lab.py",
+    "tests/circus/test_circus_lab.py",
     "tests/roles/test_metrics_lab.py",
     "tests/drills/test_hard_crash_lab.py",
     "tests/drills/test_hostile_input_lab.py",

@@ -3,7 +3,7 @@ verify, destroy) on lab hosts, as `make molecule` runs them.
 
 They run from pytest so that `make test` can give them a test worker of their own: with
 `-n 2 --dist loadfile` this module runs beside the other lab modules instead of after all of them. Each
-scenario boots hosts whose names no other module uses (`r-mol-*`, `f-mol-*`, `sv-mol-*`).
+scenario boots hosts whose names no other module uses (`r-mol-*`, `f-mol-*`, `sv-mol-*`, `cr-mol-*`).
 """
 
 import os
@@ -20,7 +20,7 @@ SCENARIOS = sorted(p.name for p in (REPO / "molecule").iterdir() if (p / "molecu
 
 def test_every_scenario_is_collected():
     """The control for the parametrized test below: it runs the scenarios on disk, not a list kept here."""
-    assert {"default", "fleet", "supervisor"} <= set(SCENARIOS)
+    assert {"default", "fleet", "supervisor", "circus"} <= set(SCENARIOS)
 
 
 @pytest.mark.timeout(1500)

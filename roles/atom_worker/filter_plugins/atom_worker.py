@@ -345,6 +345,9 @@ def atom_worker_state(model, realpaths, units, meta):
     if state["manager"] == "supervisor":
         # Where atom-workerctl finds supervisord, the programs and the listener (README: schema).
         state["supervisor"] = dict(meta.get("supervisor") or {})
+    elif state["manager"] == "circus":
+        # Where atom-workerctl finds circusd, its configuration, the policy's state and the logs (README: schema).
+        state["circus"] = dict(meta.get("circus") or {})
     return state
 
 
@@ -367,6 +370,7 @@ def atom_worker_supervisor_processes(units):
             out.append(
                 {
                     "namespec": f"{group}:{unit['unit_prefix']}@{n}",
+                    "name": f"{unit['unit_prefix']}@{n}",
                     "group": group,
                     "unit": f"{unit['unit_prefix']}@{n}.service",
                     "site": unit["site"],
@@ -375,6 +379,50 @@ def atom_worker_supervisor_processes(units):
                 }
             )
     return out
+
+
+def _ini_sections(text):
+    """{section: {key: value}} of a circus INI text ({} for none or a text that does not parse)."""
+    import configparser
+
+    parser = configparser.RawConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # keys as written (circus reads them case-sensitively)
+    try:
+        parser.read_string(text or "")
+    except configparser.Error:
+        return None
+    return {name: dict(parser.items(name)) for name in parser.sections()}
+
+
+def atom_worker_circus_changes(old_text, new_text):
+    """What `circusctl reloadconfig` does when the configuration goes from `old_text` (the file on the host,
+    None when there is none) to `new_text`, as circus decides it (arbiter.reload_from_config): watchers whose
+    [watcher:NAME] or [env:NAME] section is new or differs are (re)started, those gone are stopped, the others
+    are left alone; any other change ([circus], or an old file that does not parse) restarts every watcher.
+
+    Returns {"started": [names], "stopped": [names], "all": bool, "changed": bool}.
+    """
+    old, new = _ini_sections(old_text), _ini_sections(new_text) or {}
+
+    def watchers(sections):
+        out = {}
+        for name, items in sections.items():
+            kind, _, watcher = name.partition(":")
+            if kind in ("watcher", "env") and watcher:
+                out.setdefault(watcher, {})[kind] = items
+        return out
+
+    def others(sections):
+        return {name: items for name, items in sections.items() if name.partition(":")[0] not in ("watcher", "env")}
+
+    new_w = watchers(new)
+    if old is None:
+        return {"started": sorted(new_w), "stopped": [], "all": True, "changed": old_text != new_text}
+    old_w = watchers(old)
+    everything = others(old) != others(new)
+    started = sorted(n for n in new_w if everything or old_w.get(n) != new_w[n])
+    stopped = sorted(n for n in old_w if n not in new_w)
+    return {"started": started, "stopped": stopped, "all": everything, "changed": old_text != new_text}
 
 
 def _control_character(text):
@@ -424,7 +472,8 @@ RESTART_VALUES = ("no", "on-success", "on-failure", "on-abnormal", "on-watchdog"
 KILL_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 _PATH_VARS = ("php", "recycle_helper", "unit_dir", "state_file", "supervisorctl", "supervisor_conf_dir",
               "supervisor_log_dir", "supervisor_policy_command", "supervisor_policy_state_file", "notify_sendmail",
-              "notify_command")
+              "notify_command", "circus_venv", "circus_config", "circus_log_dir", "circus_lib_dir",
+              "circus_state_file", "circus_wheels_cache")
 NOTIFY_CHANNELS = ("log", "mail", "webhook")
 # A plain mail address (no display name, no list): it goes into a To:/From: header of the notice as it is.
 _ADDRESS = re.compile(r"[A-Za-z0-9._+=-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*")
@@ -456,6 +505,8 @@ def atom_worker_bad_values(values, model):
 
     for key in _PATH_VARS:
         check(f"atom_worker_{key}", values.get(f"atom_worker_{key}"), _PATH)
+    if values.get("atom_worker_circus_wheels_dir"):  # "" = from the package index
+        check("atom_worker_circus_wheels_dir", values["atom_worker_circus_wheels_dir"], _PATH)
     for key in ("user", "group"):
         check(f"atom_worker_{key}", values.get(f"atom_worker_{key}"), _ACCOUNT)
     choice("atom_worker_restart", RESTART_VALUES)
@@ -546,6 +597,7 @@ class FilterModule:
             "atom_worker_bad_values": atom_worker_bad_values,
             "atom_worker_supervisor_processes": atom_worker_supervisor_processes,
             "atom_worker_supervisor_group": supervisor_group,
+            "atom_worker_circus_changes": atom_worker_circus_changes,
             "atom_worker_gearman_servers": atom_worker_gearman_servers,
             "atom_worker_prefix": atom_worker_prefix,
             "atom_worker_is_loopback": is_loopback,
