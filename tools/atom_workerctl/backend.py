@@ -1,9 +1,10 @@
 """The process-manager interface every command talks to, and the state of one worker instance.
 
 A backend knows how to list instances and act on them; it knows nothing about sites, gearmand or
-output. systemd (systemd.py, pystemd over D-Bus) and supervisord (supervisor.py, XML-RPC on its unix
-socket plus the atom-worker-policy listener's state file) implement the same methods and fill the same
-UnitState fields, so every command and the `--json` schema stay the same.
+output. systemd (systemd.py, pystemd over D-Bus), supervisord (supervisor.py, XML-RPC on its unix
+socket plus the atom-worker-policy listener's state file) and circus (circus.py, circusd's control socket
+through circus's client library plus the same policy's state file, policystate.py) implement the same
+methods and fill the same UnitState fields, so every command and the `--json` schema stay the same.
 
 Policy that lives here, once: every deliberate start or restart resets the instance's failed state and
 start-limit counter first (docs/facts.md, "systemd's start limit"), so only crash loops ever spend the start limit.
@@ -55,7 +56,7 @@ class UnitState:
         # `failed`) sets these; None: derive it from the unit's state as on systemd (start_limit()).
         self.limit_hit: bool | None = None
         self.limit_reason: str | None = None
-        self.namespec = ""        # supervisord's group:process ("" on systemd)
+        self.namespec = ""        # the policy's group:process under supervisord and circus ("" on systemd)
         for key, value in fields.items():
             setattr(self, key, value)
 
@@ -172,8 +173,8 @@ def _process_tree(pid: int) -> list[int]:
 def open_backend(manager: str, host=None) -> Backend:
     """The backend for the manager named in sites.json (imported only when needed).
 
-    The supervisord backend needs the host's model (sites.json's `supervisor` settings and the sites'
-    groups); without `host`, the model loaded last (model.load) is used."""
+    The supervisord and circus backends need the host's model (sites.json's `supervisor` / `circus`
+    settings and the sites' groups); without `host`, the model loaded last (model.load) is used."""
     if manager == "systemd":
         from .systemd import SystemdBackend
 
@@ -183,7 +184,12 @@ def open_backend(manager: str, host=None) -> Backend:
         from .supervisor import SupervisorBackend
 
         return SupervisorBackend(host if host is not None else model.current())
+    if manager == "circus":
+        from . import model
+        from .circus import CircusBackend
+
+        return CircusBackend(host if host is not None else model.current())
     from .errors import ConfigError
 
     raise ConfigError(f"process manager {manager!r} is not supported by atom-workerctl "
-                      "(supported: systemd, supervisor)")
+                      "(supported: systemd, supervisor, circus)")

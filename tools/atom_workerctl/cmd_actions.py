@@ -197,6 +197,9 @@ def scale(args, host: model.Host, backend) -> int:
             restarted = [u for p in pool.site.pools for u in (target if p is pool else p.units)]
             out.line(f"supervisord: {'; '.join(changes)}; applied with `supervisorctl update`, which restarted "
                      f"every worker of site {pool.site.name} (their restart budgets reset first)")
+        elif backend.name == "circus":
+            # One watcher per instance: reloadconfig starts and stops only the watchers that changed.
+            out.line(f"circus: {'; '.join(changes)}; applied with reloadconfig (the other workers keep running)")
     states = backend.units(target + remove, "")
     for unit in target:
         if not states[unit].active:
@@ -287,6 +290,15 @@ def daemon_reload(args, host: model.Host, backend) -> int:
                  (f"group{'s' if len(groups) != 1 else ''} {', '.join(groups)} (supervisorctl update: every "
                   "process of a changed group was restarted, its restart budget reset first)" if groups
                   else "nothing: the workers' groups did not change"))
+        return EXIT_OK
+    if backend.name == "circus":
+        names = getattr(backend, "changed_watchers", [])
+        out.line("circus: reloadconfig " + (f"started, stopped or restarted {', '.join(names)} (each one whose "
+                                            "configuration changed, restart budgets reset first); the other workers "
+                                            "kept running" if names else
+                                            "changed nothing: the workers' configuration did not change"))
+        if getattr(backend, "reload_note", ""):
+            out.line(backend.reload_note)
         return EXIT_OK
     out.line("reloaded the process manager's configuration (systemd daemon-reload); running workers keep their "
              "old settings until restarted: atom-workerctl restart --rolling")

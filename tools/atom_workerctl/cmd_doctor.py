@@ -135,7 +135,7 @@ def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None, backe
         s = inst.state
         short = model.short(unit)
         logs = journal_lines.get(unit, [])
-        tail = _journal_evidence(logs, "log" if supervisor else "journal")
+        tail = _journal_evidence(logs, "journal" if host.manager == "systemd" else "log")
         if not inst.expected:
             if s.active_state in ("active", "activating", "failed"):
                 findings.append(Finding(
@@ -222,7 +222,7 @@ def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None, backe
             [f"supervisord reloadConfig (supervisorctl reread): group {g} changed" for g in groups],
             [("atom-workerctl daemon-reload   # supervisorctl update of these groups: restarts their workers, "
               "restart budgets reset first")]))
-    elif stale:
+    elif stale and host.manager != "circus":  # circus: circus.policy_findings() names them
         findings.append(Finding(
             "unit_changed_not_reloaded", FAULT, ", ".join(model.short(u) for u in stale),
             "unit files changed on disk but systemd still runs the old ones",
@@ -287,7 +287,7 @@ def _journal_evidence(entries, label: str = "journal") -> list[str]:
     out = []
     systemd = [e for e in entries if e.source == "systemd"]
     limit = [e for e in systemd if "repeated too quickly" in e.message]
-    policy = [e for e in entries if e.source == "supervisor"]
+    policy = [e for e in entries if e.source in ("supervisor", "circus")]
     if limit:
         out.append(f"journal (systemd): {limit[-1].message}")
     elif systemd:
@@ -480,6 +480,10 @@ def run(args, host: model.Host, backend) -> int:
     findings.sort(key=_order)
     if backend.name == "supervisor":
         findings = _policy_findings(backend) + findings
+    if backend.name == "circus":
+        from .circus import policy_findings
+
+        findings = policy_findings(backend) + findings
     faults = [f for f in findings if f.severity == FAULT]
     code = EXIT_NOT_ACTIVE if faults else EXIT_OK
     if args.json:

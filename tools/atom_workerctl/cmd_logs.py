@@ -1,9 +1,9 @@
 """`atom-workerctl logs`: the instances' logs, merged in time order and tagged by instance.
 
-systemd hosts: the journal (one journalctl process, journal.py). supervisord hosts: the log files in
-sites.json's `supervisor.log_dir` (`<instance>.log` and its rotations) and the atom-worker-policy
-listener's lines about each instance (journal.py's second half); -f follows them across rotation and
-restarts by polling.
+systemd hosts: the journal (one journalctl process, journal.py). supervisord and circus hosts: the log files
+in sites.json's `supervisor.log_dir` / `circus.log_dir` (`<instance>.log` and its rotations) and the
+atom-worker-policy engine's lines about each instance (journal.py's second half); -f follows them across
+rotation and restarts by polling.
 """
 
 from __future__ import annotations
@@ -30,8 +30,22 @@ def _units(args, host: model.Host, backend) -> list[str]:
     return units
 
 
+FILE_MANAGERS = ("supervisor", "circus")
+
+
+def file_settings(host: model.Host) -> tuple[str, str]:
+    """(log_dir, the policy lines' source) of a host whose workers log to files (supervisord, circus)."""
+    if host.manager == "circus":
+        from .circus import settings_of
+
+        return settings_of(host)["log_dir"], "circus"
+    from .supervisor import settings_of
+
+    return settings_of(host)["log_dir"], "supervisor"
+
+
 def run(args, host: model.Host, backend) -> int:
-    if host.manager == "supervisor":
+    if host.manager in FILE_MANAGERS:
         return run_files(args, host, backend)
     units = _units(args, host, backend)
     lines = args.lines
@@ -76,16 +90,17 @@ def run(args, host: model.Host, backend) -> int:
 def read_entries(host: model.Host, backend, units: list[str], lines: int | None = None,
                  since: str | None = None) -> list[journal.Entry]:
     """The instances' log entries, oldest first, not following (doctor's evidence, jobs' ties): the journal,
-    or on supervisord hosts the log files and the policy listener's lines."""
-    if host.manager == "supervisor":
-        return journal.read_files(backend.settings["log_dir"], units, namespecs_of(host, units, backend),
-                                  lines=lines, since=since)
+    or on supervisord and circus hosts the log files and the policy engine's lines."""
+    if host.manager in FILE_MANAGERS:
+        log_dir, source = file_settings(host)
+        return journal.read_files(log_dir, units, namespecs_of(host, units, backend), lines=lines, since=since,
+                                  source=source)
     return journal.read(units, lines=lines, since=since)
 
 
 def namespecs_of(host: model.Host, units: list[str], backend=None) -> dict[str, str]:
-    """group:process -> unit (the policy listener names processes so). From supervisord when it answers,
-    else from the model (the group is the site's target without `.target`)."""
+    """group:process -> unit (the policy engine names processes so). From the manager when it answers, else
+    from the model (the group is the site's target without `.target`)."""
     out = {}
     states = {}
     if backend is not None:
@@ -104,15 +119,14 @@ def namespecs_of(host: model.Host, units: list[str], backend=None) -> dict[str, 
 
 
 def run_files(args, host: model.Host, backend) -> int:
-    from .supervisor import settings_of
-
     units = _units(args, host, backend)
-    log_dir = settings_of(host)["log_dir"]
+    log_dir, source = file_settings(host)
     lines = args.lines
     if lines is None and not args.since:
         lines = 10 if args.follow else 50
     namespecs = namespecs_of(host, units, backend)
-    entries = journal.read_files(log_dir, units, namespecs, lines=lines, since=args.since, until=args.until)
+    entries = journal.read_files(log_dir, units, namespecs, lines=lines, since=args.since, until=args.until,
+                                 source=source)
     out = sys.stdout
 
     def write(batch) -> None:
@@ -120,7 +134,7 @@ def run_files(args, host: model.Host, backend) -> int:
             out.write((json.dumps(entry.as_dict()) if args.json else entry.human()) + "\n")
         out.flush()
 
-    sources = journal.file_sources(log_dir, units, namespecs) if args.follow else []
+    sources = journal.file_sources(log_dir, units, namespecs, source) if args.follow else []
     for src in sources:
         src.start_following()  # before printing: nothing written meanwhile is lost
     try:

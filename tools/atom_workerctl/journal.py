@@ -1,5 +1,5 @@
-"""The workers' journal through `journalctl -o json` (pystemd cannot read the journal); on supervisord
-hosts, their log files (the second half of this module).
+"""The workers' journal through `journalctl -o json` (pystemd cannot read the journal); on supervisord and
+circus hosts, their log files (the second half of this module).
 
 One journalctl process reads every selected unit (`-u` once per unit): it merges their entries in time
 order itself, and `-f` keeps following a unit by name across its restarts. Each entry is tagged with
@@ -70,7 +70,8 @@ class Entry:
 
     def human(self) -> str:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.usec / 1e6))
-        tag = self.instance + {"systemd": " [systemd]", "supervisor": " [policy]"}.get(self.source, "")
+        tag = self.instance + {"systemd": " [systemd]", "supervisor": " [policy]", "circus": " [policy]"}.get(
+            self.source, "")
         return f"{stamp} {tag}: {self.message}"
 
 
@@ -150,12 +151,15 @@ def read(units: list[str], **kw) -> list[Entry]:
     return out
 
 
-# -- supervisord hosts: the workers' log files ------------------------------------------------------------------
+# -- supervisord and circus hosts: the workers' log files -------------------------------------------------------
 # supervisord writes each process's stdout and stderr (redirect_stderr=true) to <log_dir>/<process>.log
 # (`atom-worker@1.log`), rotated to `.1`, `.2`... (higher is older), and the atom-worker-policy listener
-# logs its decisions about each process to <log_dir>/atom-worker-policy.log. These files stand in for the
-# journal: the worker's lines are entries of source "worker", the listener's lines about a process are
-# entries of source "supervisor" (the counterpart of systemd's own lines about a unit).
+# logs its decisions about each process to <log_dir>/atom-worker-policy.log. circusd writes the same files
+# (one watcher per instance, stdout and stderr into one file, rotated by circus's FileStream the same way,
+# no time stamp of its own), and the same policy engine in its hooks writes the same policy log. These files
+# stand in for the journal: the worker's lines are entries of source "worker", the policy's lines about a
+# process are entries of source "supervisor" or "circus" (the manager's: the counterpart of systemd's own
+# lines about a unit).
 #
 # Time. AtoM's worker prints `YYYY-MM-DD HH:MM:SS > message` (PHP's date(), the server's time zone) and
 # the listener `YYYY-MM-DD HH:MM:SS atom-worker-policy[PID]: ...`; both are read as local time. A line
@@ -187,10 +191,12 @@ POLICY_LOG = "atom-worker-policy.log"
 class LogSource:
     """One instance's log file (and its rotations), or the policy listener's log filtered for instances."""
 
-    def __init__(self, path: str, unit: str | None, namespecs: dict[str, str] | None = None):
+    def __init__(self, path: str, unit: str | None, namespecs: dict[str, str] | None = None,
+                 source: str = "supervisor"):
         self.path = path
         self.unit = unit                  # the instance (a worker log), or None (the policy log)
         self.namespecs = namespecs or {}  # policy log: group:process -> unit
+        self.source = source              # policy log: the entries' source (the manager's name)
         self.last_usec = 0
         self.fh = None
         self.inode = None
@@ -241,7 +247,7 @@ class LogSource:
         if unit is None or not sep:
             return None
         pid = _int(head[len("atom-worker-policy["):].rstrip("]"))
-        return Entry(usec, unit, pid, None, "supervisor", what)
+        return Entry(usec, unit, pid, None, self.source, what)
 
     def read_all(self, since_usec: int | None = None) -> list[Entry]:
         out: list[Entry] = []
@@ -341,20 +347,21 @@ def _tail_lines(path: str, n: int) -> list[bytes]:
         return lines[-n:]
 
 
-def file_sources(log_dir: str, units: list[str], namespecs: dict[str, str]) -> list[LogSource]:
-    """One source per instance (<log_dir>/<instance>.log) and the policy listener's log."""
+def file_sources(log_dir: str, units: list[str], namespecs: dict[str, str],
+                 source: str = "supervisor") -> list[LogSource]:
+    """One source per instance (<log_dir>/<instance>.log) and the policy's log (its entries of `source`)."""
     sources = [LogSource(os.path.join(log_dir, unit.removesuffix(".service") + ".log"), unit) for unit in units]
-    sources.append(LogSource(os.path.join(log_dir, POLICY_LOG), None, namespecs))
+    sources.append(LogSource(os.path.join(log_dir, POLICY_LOG), None, namespecs, source))
     return sources
 
 
 def read_files(log_dir: str, units: list[str], namespecs: dict[str, str], lines: int | None = None,
-               since: str | None = None, until: str | None = None) -> list[Entry]:
+               since: str | None = None, until: str | None = None, source: str = "supervisor") -> list[Entry]:
     """Entries of the instances' log files, merged in time order (oldest first), as journalctl -n/--since."""
     since_usec = parse_time(since) if since else None
     until_usec = parse_time(until) if until else None
     out: list[Entry] = []
-    for src in file_sources(log_dir, units, namespecs):
+    for src in file_sources(log_dir, units, namespecs, source):
         if since_usec is not None or lines is None:
             out += src.read_all(since_usec)
         else:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import http.client
-import json
 import os
 import socket
 import time
@@ -40,6 +39,16 @@ import xmlrpc.client
 
 from .backend import Backend, UnitState
 from .errors import ManagerError, NoSuchError
+from .policystate import (
+    DEFAULT_POLICY,
+    PolicyState,
+    apply_policy,
+    exit_fields,
+    last_exit,
+    limit_reason,
+    policy_of,
+    rss_tree,
+)
 
 DEFAULTS = {
     "server_url": "unix:///run/supervisor.sock",
@@ -51,10 +60,6 @@ DEFAULTS = {
 }
 POLICY_GROUP = "atom-worker-policy"
 POLICY_PROCESS = "atom-worker-policy:atom-worker-policy"
-# The listener's defaults (atom-worker-policy DEFAULT_POLICY): used when neither the state file nor the
-# listener's configuration says otherwise.
-DEFAULT_POLICY = {"restart": "on-failure", "restart_sec": 30.0, "start_limit_interval_sec": 86400.0,
-                  "start_limit_burst": 3}
 CALL_TIMEOUT = 10.0
 # stopProcess(wait=True) returns when the process is gone: up to stopwaitsecs (TimeoutStopSec, 90 s).
 STOP_TIMEOUT = 150.0
@@ -129,6 +134,7 @@ class SupervisorBackend(Backend):
         self.settings = settings or settings_of(host)
         self.url = self.settings["server_url"]
         self.state_file = self.settings["policy_state_file"]
+        self.policy = PolicyState(self.state_file)
         self._infos: dict[str, dict] = {}    # process name (atom-worker@1) -> getProcessInfo
         self._changed: set[str] | None = None
         self.reread_error: str | None = None
@@ -185,72 +191,12 @@ class SupervisorBackend(Backend):
             return f"cannot reach supervisord: nothing listens on {path} (supervisord is not running)"
         return f"cannot reach supervisord at {path}: {exc.strerror or exc}"
 
-    # -- the policy listener's state file --------------------------------------------------------------------
+    # -- the policy listener's state file (policystate.py, shared with the circus backend) ------------------
     def read_state(self) -> dict:
-        try:
-            with open(self.state_file, encoding="utf-8") as fh:
-                state = json.load(fh)
-        except FileNotFoundError:
-            return {"processes": {}}
-        except PermissionError:
-            raise ManagerError(f"cannot read {self.state_file}: permission denied (run as root)") from None
-        except (OSError, ValueError) as exc:
-            raise ManagerError(f"cannot read the restart policy's state file {self.state_file}: {exc}") from None
-        if not isinstance(state, dict) or not isinstance(state.get("processes"), dict):
-            raise ManagerError(f"{self.state_file}: not an atom-worker-policy state file")
-        return state
-
-    @contextlib.contextmanager
-    def _update_state(self):
-        """The state under the listener's exclusive flock, written back atomically when changed
-        (the protocol of atom-worker-policy's StateStore: README-supervisor.md "The state file")."""
-        import fcntl
-        import tempfile
-
-        directory = os.path.dirname(self.state_file) or "."
-        try:
-            os.makedirs(directory, mode=0o755, exist_ok=True)
-            fd = os.open(self.state_file + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except PermissionError:
-            raise ManagerError(f"cannot lock {self.state_file}.lock: permission denied (run as root)") from None
-        except OSError as exc:
-            raise ManagerError(f"cannot lock {self.state_file}.lock: {exc}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            state = self.read_state()
-            before = json.dumps(state, sort_keys=True)
-            yield state
-            if json.dumps(state, sort_keys=True) != before:
-                state["schema"] = state.get("schema", 1)
-                state["updated"] = round(time.time(), 3)
-                tmp_fd, tmp = tempfile.mkstemp(prefix=".supervisor-policy.", suffix=".tmp", dir=directory)
-                try:
-                    with os.fdopen(tmp_fd, "w", encoding="utf-8") as fh:
-                        json.dump(state, fh, indent=2, sort_keys=True)
-                        fh.write("\n")
-                    os.chmod(tmp, 0o644)
-                    os.replace(tmp, self.state_file)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-                    raise
-        finally:
-            os.close(fd)
+        return self.policy.read()
 
     def _reset_entries(self, namespecs: list[str], cancel: bool = False) -> None:
-        """systemctl reset-failed: failed state, start counter, NRestarts and Result cleared (as
-        `atom-worker-policy reset`, which also clears Result=start-limit-hit; systemd's reset-failed sets
-        Result=success whatever it was). cancel: also drop a scheduled restart."""
-        if not os.path.exists(self.state_file):
-            return  # the listener has counted nothing yet
-        with self._update_state() as state:
-            for ns in namespecs:
-                entry = state["processes"].get(ns)
-                if not isinstance(entry, dict):
-                    continue
-                entry.update(starts=[], failed=False, failed_at=None, n_restarts=0, result="success")
-                if cancel:
-                    entry["next_restart"] = None
+        self.policy.reset(namespecs, cancel=cancel)
 
     # -- reading -------------------------------------------------------------------------------------------
     def _groups(self) -> set[str]:
@@ -329,18 +275,9 @@ class SupervisorBackend(Backend):
         s = UnitState(unit, load_state="loaded", active_state=active, sub_state=sub,
                       unit_file_state="enabled", need_reload=changed)
         s.main_pid = int(info.get("pid") or 0)
-        policy = dict(defaults)
-        if entry and isinstance(entry.get("policy"), dict) and entry["policy"]:
-            policy.update(entry["policy"])
-        burst = int(policy.get("start_limit_burst") or 0)
-        interval = policy.get("start_limit_interval_sec")
-        interval = 2**63 if interval in ("infinity", None) else float(interval)
-        s.start_limit_burst = burst
-        s.start_limit_interval_usec = int(min(interval, 2**63 / 1e6) * 1_000_000)
-        s.restart = str(policy.get("restart") or "no")
-        s.restart_usec = int(float(policy.get("restart_sec") or 0) * 1_000_000)
-        last = (entry or {}).get("last_exit") if entry else None
-        last = last if isinstance(last, dict) else None
+        interval = apply_policy(s, policy_of(defaults, entry))
+        burst = s.start_limit_burst
+        last = last_exit(entry)
         result = "success"
         if last is not None and last.get("result"):
             result = str(last["result"])
@@ -352,10 +289,7 @@ class SupervisorBackend(Backend):
         running = statename in ("RUNNING", "STARTING", "STOPPING")
         if s.limit_hit and not running:
             s.active_state, s.sub_state, s.result = "failed", "failed", "start-limit-hit"
-            s.limit_reason = (f"the restart policy refused a restart at {_clock(entry.get('failed_at'))}: "
-                              f"{len(entry.get('starts') or [])} starts since {_clock((entry.get('starts') or [0])[0])}"
-                              f", StartLimitBurst={burst} within {_span(interval)} (atom-worker-policy state "
-                              f"{self.state_file})")
+            s.limit_reason = limit_reason(entry, burst, interval, self.state_file)
         elif statename in ("EXITED", "FATAL", "BACKOFF") and entry and entry.get("next_restart"):
             s.active_state, s.sub_state, s.result = "activating", "auto-restart", result
         elif statename in ("EXITED", "FATAL"):
@@ -375,18 +309,13 @@ class SupervisorBackend(Backend):
             since = info.get("stop") or (last or {}).get("at") or 0
         s.since_usec = int(float(since) * 1_000_000)
         if s.active_state != "active":
-            if last is not None:
-                status = last.get("exit_status")
-                if last.get("spawn_error"):
-                    s.exit_code, s.exit_status = "exited", 203  # systemd's 203/EXEC
-                elif status == -1 or last.get("signal"):
-                    s.exit_code, s.exit_status = "killed", _signal_number(last.get("signal"))
-                elif status is not None:
-                    s.exit_code, s.exit_status = "exited", int(status)
-            elif statename == "EXITED":
+            fields = exit_fields(last) if last is not None else None
+            if fields is not None:
+                s.exit_code, s.exit_status = fields
+            elif last is None and statename == "EXITED":
                 s.exit_code, s.exit_status = "exited", int(info.get("exitstatus") or 0)
         if s.main_pid:
-            s.memory_bytes = _rss_tree(s.main_pid)
+            s.memory_bytes = rss_tree(s.main_pid)
         s.namespec = f"{info['group']}:{info['name']}"
         return s
 
@@ -431,11 +360,7 @@ class SupervisorBackend(Backend):
         ns = self._namespec(unit)
         # A stop must not be undone RestartSec later by the listener (systemd's StopUnit cancels a pending
         # auto-restart too).
-        if os.path.exists(self.state_file):
-            with contextlib.suppress(ManagerError), self._update_state() as state:
-                entry = state["processes"].get(ns)
-                if isinstance(entry, dict):
-                    entry["next_restart"] = None
+        self.policy.cancel([ns])
         try:
             self._call("supervisor.stopProcess", ns, False, what=f"stop {ns}")
         except ManagerError as exc:
@@ -558,41 +483,3 @@ def _parse_span(text: str) -> float | None:
         pos = m.end()
     return total if pos == len(text) and text else None
 
-
-def _span(seconds: float) -> str:
-    if seconds >= 2**62:
-        return "infinity"
-    from .backend import format_usec
-
-    return format_usec(int(seconds * 1_000_000))
-
-
-def _clock(ts) -> str:
-    if not isinstance(ts, (int, float)) or not ts:
-        return "?"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
-def _signal_number(name) -> int | None:
-    import signal
-
-    try:
-        return int(getattr(signal, str(name)))
-    except (AttributeError, TypeError, ValueError):
-        return None
-
-
-def _rss_tree(pid: int) -> int | None:
-    """Resident memory of the process and its children (systemd's MemoryCurrent counts the cgroup)."""
-    from .backend import _process_tree
-
-    total = 0
-    found = False
-    for p in _process_tree(pid):
-        try:
-            with open(f"/proc/{p}/statm") as fh:
-                total += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-                found = True
-        except (OSError, ValueError, IndexError):
-            continue
-    return total if found else None
