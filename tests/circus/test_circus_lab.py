@@ -19,13 +19,15 @@ ATOM_KEEP_LAB=1 keeps the host after the module (it is removed before the next b
 import json
 import os
 import shlex
+import subprocess
 import time
 
 import pytest
+import yaml
 from circus_harness import make_units, plain_env
 from gearman_sampler import HostSampler, hold_stopped
 from gsubmit import GSUBMIT
-from labhosts import ATOM_ROOT, REPO, LabHosts, build_project_wheel
+from labhosts import ATOM_ROOT, REPO, VENV_BIN, LabHosts, build_project_wheel
 from polling import wait_until
 from standin import KNOWN_CLASSES
 
@@ -258,6 +260,32 @@ def test_sites_json_carries_the_circus_contract(lab):
 
 def test_the_workers_register_with_gearmand(lab):
     lab.wait(lambda: lab.registered() == INSTANCES, 60, "both workers registered with gearmand")
+
+
+def test_fleet_commands_answer_for_a_circus_host(lab):
+    """The fleet form runs each host's own CLI over ssh: a circus host answers status, restart --rolling and
+    doctor as a systemd host does (gearmand here listens on the host's loopback: --no-gearman for status)."""
+    lab_vars = yaml.safe_load(lab.hosts.inventory.read_text())["all"]["vars"]
+    env = {**os.environ, "NO_COLOR": "1", "ATOM_WORKERCTL_SSH_ARGS": " ".join(
+        ["-i", lab_vars["ansible_ssh_private_key_file"], lab_vars["ansible_ssh_common_args"]])}
+
+    def fleet(*args):
+        proc = subprocess.run([str(VENV_BIN / "atom-workerctl"), "-i", str(lab.hosts.inventory), *args, "--json"],
+                              capture_output=True, text=True, env=env, timeout=300, check=False)
+        data = json.loads(proc.stdout)
+        assert data["mode"] == "fleet" and list(data["hosts"]) == [HOST], data
+        return proc.returncode, data, proc
+
+    code, data, proc = fleet("status", "--no-gearman")
+    assert code == 0 and data["hosts"][HOST]["exit_code"] == 0, proc.stdout + proc.stderr
+    before = lab.pids()
+    code, data, proc = fleet("restart", "--rolling")
+    assert code == 0 and data["stopped_at"] is None, proc.stderr
+    after = lab.pids()
+    assert set(after) == set(before) and all(after[w] != before[w] for w in before), (before, after)
+    lab.wait(lambda: lab.registered() == INSTANCES, 60, "both workers registered again")
+    code, data, proc = fleet("doctor")
+    assert code == 0 and data["hosts"][HOST]["exit_code"] == 0, proc.stdout + proc.stderr
 
 
 def test_a_new_pool_starts_alone_and_a_second_run_changes_nothing(lab):

@@ -458,18 +458,21 @@ def test_the_database_down(host):
 
 
 def test_every_finding_code_of_the_readme_is_made_here():
-    """Every code of the table is made here, but those marked "supervisord hosts only", which
-    tests/supervisor/test_supervisor_cli.py makes the same way (fix_as_printed) against a private supervisord."""
+    """Every code of the table is made here, but those marked "supervisord and circus hosts only", which
+    tests/supervisor/test_supervisor_cli.py and tests/circus/test_circus_cli.py make the same way (fix_as_printed)
+    against a private supervisord and a private circusd."""
     readme = (TESTS.parent / "tools" / "atom_workerctl" / "README.md").read_text()
     table = readme.split("## doctor's findings", 1)[1].split("\n## ", 1)[0]
     cells = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
     documented = set(re.findall(r"`([a-z_]+)`", " ".join(cells)))
-    supervisord_only = set(re.findall(r"`([a-z_]+)`", " ".join(c for c in cells if "supervisord hosts only" in c)))
+    supervisord_only = set(re.findall(r"`([a-z_]+)`", " ".join(c for c in cells
+                                                                if "supervisord and circus hosts only" in c)))
 
     def made(module, fixture):
         return {code for group in re.findall(rf"fix_as_printed\({fixture}, \[([^\]]*)\]", module.read_text())
                 for code in re.findall(r'"(\w+)"', group)}
     here = made(Path(__file__), "host")
     assert documented and documented - supervisord_only <= here, sorted(documented - supervisord_only - here)
-    there = made(TESTS / "supervisor" / "test_supervisor_cli.py", "lab")
-    assert supervisord_only <= there, sorted(supervisord_only - there)
+    for module in (TESTS / "supervisor" / "test_supervisor_cli.py", TESTS / "circus" / "test_circus_cli.py"):
+        there = made(module, "lab")
+        assert supervisord_only <= there, (module.name, sorted(supervisord_only - there))

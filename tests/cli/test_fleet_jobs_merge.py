@@ -91,3 +91,22 @@ def test_a_job_server_one_host_reached_counts():
     assert ev.gearman[SERVER].reachable
     only_unreachable = fleet_jobs.merged_evidence([("w1", unreachable["evidence"])])
     assert not only_unreachable.gearman[SERVER].reachable
+
+
+def test_fleet_status_does_not_hold_an_unasked_gearmand_against_a_host():
+    """status --no-gearman over a fleet: each host says its job server was "not queried"; that is no reason for
+    the host to stand out (it made fleet status exit 3 on healthy hosts). A job server the host could not reach
+    still is (the control)."""
+    from atom_workerctl import cmd_fleet, cmd_status
+
+    def host(error):
+        r = fleet_ssh.HostResult(fleet_ssh.Target("w1", address="10.0.0.5"))
+        r.reached, r.code = True, 0
+        r.data = {"summary": {"active": 2, "not_active": 0},
+                  "sites": [{"gearman": [{"server": SERVER, "reachable": False, "error": error, "local_ip": None}]}]}
+        return {"w1": r}
+
+    unasked = cmd_fleet.merge_status(host(cmd_status.NOT_QUERIED), {})["per_host"]["w1"]
+    assert not unasked["stands_out"], unasked
+    refused = cmd_fleet.merge_status(host("connection refused"), {})["per_host"]["w1"]
+    assert refused["stands_out"] and any("connection refused" in n for n in refused["notes"]), refused

@@ -167,6 +167,8 @@ def merge_status(results: dict, views: dict) -> dict:
     A host is matched to gearmand's `workers` lines by the address gearmand sees it at: the host's own
     `local_ip` towards that server (from its status), else its inventory address resolved here.
     """
+    from .cmd_status import NOT_QUERIED
+
     ip_of: dict[str, dict[str, str | None]] = {}
     for name, r in results.items():
         ip_of[name] = {}
@@ -244,7 +246,8 @@ def merge_status(results: dict, views: dict) -> dict:
             for g in site.get("gearman") or []:
                 if g["server"] not in host_servers:
                     host_servers.append(g["server"])
-                if not g.get("reachable"):
+                # NOT_QUERIED: the host was asked with --no-gearman; it could not fail to reach what it never asked.
+                if not g.get("reachable") and g.get("error") != NOT_QUERIED:
                     notes.append(f"cannot reach gearmand {g['server']}: {g.get('error')}")
         for server in host_servers:
             view = views.get(server)

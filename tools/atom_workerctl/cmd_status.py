@@ -8,6 +8,8 @@ from .render import Out, ago, dump_json, iso, size
 from .snapshot import InstanceView, Snapshot, hostname, take
 
 JSON_SCHEMA_VERSION = 1
+# A job server's "error" when the host was asked with --no-gearman (the fleet merge does not count it).
+NOT_QUERIED = "not queried"
 
 
 def instance_json(inst: InstanceView) -> dict:
@@ -56,7 +58,7 @@ def snapshot_json(snap: Snapshot, selected: list[str], exit_code: int) -> dict:
         for server in sv.servers:
             view = snap.gearman.get(server)
             entry = {"server": server, "reachable": bool(view and view.reachable),
-                     "error": view.error if view else "not queried", "local_ip": view.local_ip if view else None,
+                     "error": view.error if view else NOT_QUERIED, "local_ip": view.local_ip if view else None,
                      "workers_from_this_host": len(view.local_workers()) if view and view.reachable else None,
                      "functions": []}
             if view and view.reachable:
