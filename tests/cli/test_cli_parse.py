@@ -68,3 +68,13 @@ def test_errors_are_the_whole_parser_s(argv, capsys):
     except SystemExit as exc:
         got = ("exit", exc.code)
     assert got == expected and capsys.readouterr().err == want_err
+
+
+@pytest.mark.parametrize("argv", [["-h", "status"], ["--help", "doctor"], ["status", "-h"], ["--help"]], ids=" ".join)
+def test_help_is_the_whole_parser_s(argv, capsys):
+    with pytest.raises(SystemExit):
+        whole(argv)
+    want = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.parse(argv)
+    assert capsys.readouterr().out == want and want

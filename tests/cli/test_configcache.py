@@ -144,3 +144,22 @@ def test_what_the_reader_refuses_is_refused_as_before_and_not_kept(site, tmp_pat
     with pytest.raises(ConfigError, match="malformed YAML"):
         servers(site)
     assert not cache_file(tmp_path).exists()
+
+
+def test_an_upgraded_parser_never_reads_an_older_parse(site, tmp_path, monkeypatch):
+    """The parser's own files are in the key: after an upgrade of atom-workerctl (its files replaced), the
+    configuration is parsed again even though it did not change."""
+    parser = tmp_path / "sfyaml.py"
+    parser.write_text("# version 1\n")
+    monkeypatch.setattr(atomconfig, "PARSER_FILES", [str(parser)])
+    servers(site)
+    refusing = monkeypatch.context()
+    with refusing as m:  # the control: unchanged parser and files, read back without parsing
+        m.setattr(sfyaml, "loads", lambda text: (_ for _ in ()).throw(AssertionError("parsed")))
+        assert servers(site) == {"default": "gearmand-a:4730"}
+    new = tmp_path / "sfyaml.py.new"
+    new.write_text("# version 2\n")
+    os.replace(new, parser)  # as pip installs a file
+    no_parsing(monkeypatch)
+    with pytest.raises(AssertionError, match="parsed YAML"):
+        servers(site)

@@ -17,6 +17,9 @@ from . import configcache
 from .errors import ConfigError
 from .gearman import split_server as parse_server  # the one parser of 'host:port' (AtoM's gearman.yml)
 
+# The code that turns config/*.yml into what read_config returns (keyed into the configuration cache).
+PARSER_FILES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{m}.py")
+                for m in ("atomconfig", "sfyaml", "phpvalues")]
 WORKER_ENV = "worker"
 APP = "qubit"
 # AtoM's configuration files are a few KiB; anything near this is not one.
@@ -84,7 +87,8 @@ def read_config(root: str, name: str, env: str = WORKER_ENV) -> tuple[dict, list
     Kept in the configuration cache (configcache.py) under the files' identity, taken before they are read:
     a run whose files did not change reads neither them nor PyYAML."""
     paths = [os.path.join(root, rel, f"{name}.yml") for rel in ("config", f"apps/{APP}/config")]
-    files = configcache.identity(paths)
+    # The parser's own files are part of the key: an upgraded atom-workerctl never reads an older parse.
+    files = configcache.identity(paths + PARSER_FILES)
     key = ("config", root, name, env)
     if files is not None:
         kept = configcache.get(key, files)

@@ -357,8 +357,8 @@ def _command_named(parser: argparse.ArgumentParser, argv: list[str]) -> str | No
     for word in argv:
         if skip:
             skip = False
-        elif word == "--":
-            return None
+        elif word in ("--", "-h", "--help"):
+            return None  # `-h COMMAND` is the main help, which lists every command
         elif word.startswith("-"):
             # An option that takes a value as the next word (argparse also takes unique prefixes of long ones).
             skip = "=" not in word and (word in takes_value or word.startswith("--") and any(
