@@ -8,11 +8,13 @@ policy code (atom-worker-policy + atom_worker_circus.py, copied as the role inst
 on circusd's PYTHONPATH (hosts use a .pth file). The workers' `php` is fake_worker.py, whose behaviour a test
 sets per pool (--types=: crash, clean, recycle, sleep) or per instance at any time (set_mode()).
 
-The API (R's and C's tests reuse it):
+The API (R's and C's tests reuse it; what the supervisord tests use too is in tests/manager_tests.py: the
+pools CRASH, SLEEP, CLEAN, RECYCLE, ns(pool, n), the short policy, the policy's state and log):
 
-    make_units(root, pools, **settings)   the role's pools (atom_worker_units) for site `default` at root
-    CRASH, SLEEP, CLEAN, RECYCLE          one-instance pools of the fake worker's modes
-    watcher(pool, n=1), ns(pool, n=1)     "atom-worker-default-crash@1", "atom-workers:atom-worker-default-crash@1"
+    make_units(root, pools, **settings)   the role's pools (atom_worker_units) for site `default` at root, the
+                                          fake worker as their php
+    watcher(pool, n=1)                    "atom-worker-default-crash@1" (its namespec: manager_tests.ns())
+    write_sites_json(path, cd, sites, units, root, **circus)   the role's sites.json naming this circusd
     circusd fixture (conftest.py)         a Circusd to start(); everything it started is killed at teardown
 
     Circusd(base, sockdir)
@@ -39,85 +41,41 @@ The API (R's and C's tests reuse it):
       .stop()                                      kill circusd and every process it started
       attributes: base, root, log_dir, lib_dir, conf, state_file, policy_log, endpoint, pubsub_endpoint, proc
 
-The short policy of these tests: RestartSec=1, StartLimitIntervalSec=60, StartLimitBurst=3 (make_units
-settings override them).
+The short policy of these tests (manager_tests): RestartSec=1, StartLimitIntervalSec=60, StartLimitBurst=3
+(make_units settings override them).
 """
 
 import contextlib
-import importlib.machinery
-import importlib.util
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import jinja2
-from polling import wait_until
+import manager_tests
+from manager_tests import POLICY, REPO, PrivateManager, plain_env
 
-REPO = Path(__file__).resolve().parents[2]
-FILES = REPO / "roles" / "atom_worker" / "files"
-POLICY = FILES / "atom-worker-policy"
-ADAPTER = FILES / "atom_worker_circus.py"
-TEMPLATES = REPO / "templates"
+ADAPTER = REPO / "roles" / "atom_worker" / "files" / "atom_worker_circus.py"
 FAKE_WORKER = Path(__file__).resolve().parent / "fake_worker.py"
 BIN = Path(sys.executable).parent
 CIRCUSD = BIN / "circusd"
 CIRCUSCTL = BIN / "circusctl"
-
-# The short policy of these tests (the defaults are 30 s, 24h, 3).
-RESTART_SEC = 1
-INTERVAL = 60
-BURST = 3
 BUSY_ERRNO = 5  # circus: "arbiter is already running <command> command"
 
 
-def _load(name, path):
-    loader = importlib.machinery.SourceFileLoader(name, str(path))
-    spec = importlib.util.spec_from_loader(name, loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+def make_units(root, pools, php=str(FAKE_WORKER), **settings):
+    """manager_tests.make_units with this harness's fake worker as `php` unless given."""
+    return manager_tests.make_units(root, pools, php=php, **settings)
 
 
-policy_module = _load("atom_worker_policy_for_tests", POLICY)
-filters = _load("atom_worker_filters", REPO / "roles" / "atom_worker" / "filter_plugins" / "atom_worker.py")
-
-
-def plain_env():
-    """How the CLI renders templates/: plain Jinja2 with Ansible's template defaults."""
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), trim_blocks=True,
-                              keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
-
-
-def make_units(root, pools, php=str(FAKE_WORKER), recycle_helper="/nonexistent", sites=None, **common):
-    """The role's model for one site `default` at ROOT with POOLS (the default pool has no instance), merged
-    with the settings every unit shares (the short test policy unless given)."""
-    cfg = {
-        "sites": sites
-        or [{"name": "default", "root": str(root), "pools": [{"name": "default", "instances": 0}, *pools]}],
-        "user": "root",
-        "group": "root",
-        "gearman_servers": ["127.0.0.1:4730"],
-    }
-    model = filters.atom_worker_model(cfg)
-    settings = {
-        "php": php, "restart": "on-failure", "restart_sec": RESTART_SEC, "start_limit_interval_sec": INTERVAL,
-        "start_limit_burst": BURST, "kill_signal": "SIGTERM", "timeout_stop_sec": 5, "after": [], "wants": [],
-        "hardening": True, "read_write_dirs": [], "recycle_helper": recycle_helper,
-    }
-    settings.update(common)
-    return filters.atom_worker_units(model["pools"], settings)
-
-
-# One-instance pools of the fake worker's modes.
-CRASH = {"name": "crash", "instances": 1, "types": ["crash"]}
-SLEEP = {"name": "sleep", "instances": 1, "types": ["sleep"]}
-CLEAN = {"name": "clean", "instances": 1, "types": ["clean"]}
-RECYCLE = {"name": "recycle", "instances": 1, "types": ["recycle"]}
+def write_sites_json(path, cd, sites, units, root, **circus):
+    """The sites.json the role writes on a circus host (roles/atom_worker/tasks/state.yml), naming this harness's
+    circusd, configuration, state file and logs; `service` "": circusd is started by other means (here the test)."""
+    settings = {"endpoint": cd.endpoint, "config": str(cd.conf), "state_file": str(cd.state_file),
+                "log_dir": str(cd.log_dir), "service": "", "venv": "/nonexistent", **circus}
+    return manager_tests.write_sites_json(path, sites, units, root, "circus", settings)
 
 
 def watcher(pool, n=1):
@@ -125,16 +83,11 @@ def watcher(pool, n=1):
     return f"atom-worker-default-{pool}@{n}"
 
 
-def ns(pool, n=1):
-    """The policy's namespec of that watcher (group = the site's target without .target)."""
-    return f"atom-workers:{watcher(pool, n)}"
-
-
 class CircusError(AssertionError):
     """circusd answered a command with an error."""
 
 
-class Circusd:
+class Circusd(PrivateManager):
     def __init__(self, base: Path, sockdir: Path):
         self.base = Path(base)
         self.root = self.base / "atom"  # the pools' AtoM root: the fake worker's cwd, records and mode files
@@ -253,29 +206,16 @@ class Circusd:
             assert result.returncode == 0, result
         return result
 
-    # -- the policy's state ------------------------------------------------------------------------------
-    def state(self):
-        if not self.state_file.exists():
-            return {"processes": {}}
-        return json.loads(self.state_file.read_text())
-
-    def entry(self, namespec):
-        return self.state()["processes"].get(namespec)
-
+    # -- the policy's state (state(), entry(), policy_lines(): PrivateManager) -------------------------------
     def reset(self, namespec, cancel=False):
         """systemctl reset-failed, as atom-workerctl does it (tools/atom_workerctl/policystate.py): under the
         state file's flock, never held across a circus call."""
-        with policy_module.StateStore(str(self.state_file)).update() as state:
+        with manager_tests.policy_module.StateStore(str(self.state_file)).update() as state:
             entry = state["processes"].get(namespec)
             if isinstance(entry, dict):
                 entry.update(starts=[], failed=False, failed_at=None, n_restarts=0, result="success")
                 if cancel:
                     entry["next_restart"] = None
-
-    def policy_lines(self, needle=""):
-        if not self.policy_log.exists():
-            return []
-        return [line for line in self.policy_log.read_text(errors="replace").splitlines() if needle in line]
 
     def log_text(self, name):
         path = self.log_dir / f"{name}.log"
@@ -307,11 +247,7 @@ class Circusd:
         self.wait(lambda: len(self.starts(name)) >= count, timeout, f"{name}'s fake worker to start {count} times")
         return self.starts(name)
 
-    # -- looking -----------------------------------------------------------------------------------------
-    def wait(self, predicate, timeout, what):
-        """Poll PREDICATE (a safety net against hangs, not a timing assertion)."""
-        return wait_until(predicate, timeout, 0.05, what, details=self.diagnostics)
-
+    # -- looking (wait(): PrivateManager) ----------------------------------------------------------------
     def diagnostics(self):
         parts = [f"--- state file {self.state_file}", json.dumps(self.state(), indent=1)]
         if self.policy_log.exists():
@@ -331,34 +267,10 @@ class Circusd:
                 self._client.stop()
             self._client = None
 
-    def descendants(self):
-        """Every process below circusd (workers in their own sessions, notice runners and their commands)."""
-        children = {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        found, todo = [], [self.proc.pid]
-        while todo:
-            for child in children.get(todo.pop(), []):
-                found.append(child)
-                todo.append(child)
-        return found
-
     def stop(self):
         """Freeze circusd, kill it, then kill every process (and process group) below it."""
         if self._client is not None:
             with contextlib.suppress(Exception):
                 self._client.stop()
             self._client = None
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.kill(self.proc.pid, signal.SIGSTOP)  # no more spawns while we look
-        below = self.descendants()
-        self.proc.kill()
-        self.proc.wait(10)
-        for pid in below:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        self.kill_tree()

@@ -11,8 +11,6 @@ restart only the watchers that change.
 import contextlib
 import json
 import os
-import re
-import shlex
 import shutil
 import signal
 import socket
@@ -23,80 +21,40 @@ import time
 from pathlib import Path
 
 import circus_harness
+import manager_tests
 import prom_text
 import pytest
 import standin
-from circus_harness import BURST, make_units, plain_env
-from standin import Gearmand, make_root
+from circus_harness import write_sites_json
+from manager_tests import BASELINE, BURST, ENV, codes, fix_as_printed, shape
+from standin import Gearmand
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
-from atom_workerctl import cmd_status, model, snapshot  # noqa: E402
-from atom_workerctl.backend import UnitState  # noqa: E402
+from atom_workerctl import model  # noqa: E402
 from atom_workerctl.journal import Entry  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
-ENV = {**os.environ, "PYTHONPATH": str(REPO / "tools"), "NO_COLOR": "1"}
 UNIT1, UNIT2, UNIT3 = "atom-worker@1.service", "atom-worker@2.service", "atom-worker@3.service"
 W1, W2, W3 = "atom-worker@1", "atom-worker@2", "atom-worker@3"
 NS1, NS2 = f"atom-workers:{W1}", f"atom-workers:{W2}"
 
 
-def write_sites_json(path, cd, sites, units, root, **circus):
-    """The sites.json the role writes on a circus host (roles/atom_worker/tasks/state.yml), naming this harness's
-    circusd, configuration, state file and logs; `service` "": circusd is started by other means (here the test)."""
-    filters = circus_harness.filters
-    model_ = filters.atom_worker_model(
-        {"sites": sites, "user": "root", "group": "root", "gearman_servers": sites[0]["gearman_servers"]})
-    settings = {"endpoint": cd.endpoint, "config": str(cd.conf), "state_file": str(cd.state_file),
-                "log_dir": str(cd.log_dir), "service": "", "venv": "/nonexistent", **circus}
-    state = filters.atom_worker_state(model_, {"default": os.path.realpath(root)}, units,
-                                      {"manager": "circus", "circus": settings})
-    Path(path).write_text(json.dumps(state, indent=2))
-    return state
+class Lab(manager_tests.WorkerctlLab):
+    """atom-workerctl on the module's circus host; the printed commands find `atom-workerctl` on PATH."""
 
-
-class Lab:
     def __init__(self, cd, gearmand, root, config, units, circus):
-        self.cd, self.gearmand, self.root, self.config, self.units_, self.circus = (cd, gearmand, root, config, units,
-                                                                                    circus)
-        # The commands doctor prints, as a root shell on a circus host finds them: `atom-workerctl` reading
-        # /etc/atom-worker/sites.json (here $ATOM_WORKERCTL_CONFIG).
-        bin_dir = cd.base / "bin"
-        bin_dir.mkdir(exist_ok=True)
-        wrapper = bin_dir / "atom-workerctl"
-        wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m atom_workerctl "$@"\n')
-        wrapper.chmod(0o755)
-        self.shell_env = {**ENV, "ATOM_WORKERCTL_CONFIG": str(config), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-
-    def sh(self, command):
-        """A printed fix line, run as printed by a shell (its `# comment` included)."""
-        return subprocess.run(["sh", "-c", command], capture_output=True, text=True, env=self.shell_env,
-                              timeout=60, check=False)
-
-    def cli(self, *args, config=None, timeout=60, user=None, python=(sys.executable,), env=None):
-        cmd = [*python, "-m", "atom_workerctl", "--config", str(config or self.config), *args]
-        if user is not None:
-            cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
-        return subprocess.run(cmd, capture_output=True, text=True, env=env or ENV, timeout=timeout, check=False)
-
-    def status(self, *args):
-        result = self.cli("status", "--json", *args)
-        return result.returncode, json.loads(result.stdout)
-
-    def units(self, *args):
-        _, data = self.status(*args)
-        return {u["unit"]: u for s in data["sites"] for p in s["pools"] for u in p["units"]}
-
-    def registered(self, *units):
-        states = self.units()
-        return all(states[u]["active_state"] == "active" and states[u]["gearman"]["registered"] is True
-                   for u in units)
+        super().__init__(cd, config)
+        self.cd, self.gearmand, self.root, self.units_, self.circus = cd, gearmand, root, units, circus
 
     def pid(self, name):
         pids = self.cd.pids(name)
         return pids[0] if pids else None
+
+    def settle_after_fixes(self):
+        """circus's fixes restart circusd or reset the workers: both back before doctor looks again."""
+        self.cd.wait(lambda: self.registered(UNIT1, UNIT2), 30, "both registered after the fixes")
 
     def restart_circusd(self, as_on_disk=False, wait=True):
         """Kill this circusd and everything below it, start it again: with the module's configuration rendered
@@ -125,14 +83,7 @@ def lab(tmp_path_factory):
     gearmand = Gearmand().start()
     cd = circus_harness.Circusd(base, sockdir)
     try:
-        root = make_root(base / "standin", servers=[gearmand.server])
-        helper = base / "atom-worker-recycle"
-        helper.write_text(plain_env().get_template("atom-worker-recycle.j2").render())
-        helper.chmod(0o755)
-        server = f"{gearmand.server[0]}:{gearmand.server[1]}"
-        sites = [{"name": "default", "root": str(root), "gearman_servers": [server],
-                  "pools": [{"name": "default", "instances": 2, "types": ["general"]}]}]
-        units = make_units(root, [], php=shutil.which("php"), sites=sites, recycle_helper=str(helper))
+        root, sites, units = manager_tests.standin_site(base, gearmand)
         config = base / "sites.json"
         write_sites_json(config, cd, sites, units, root)
         # Small log files, so that -f is seen to follow circus's own rotation.
@@ -145,28 +96,6 @@ def lab(tmp_path_factory):
         cd.stop()
         gearmand.stop()
         shutil.rmtree(sockdir, ignore_errors=True)
-
-
-class FakeBackend:
-    """A systemd-shaped backend (no systemd here): the reference for the --json schema."""
-
-    name = "systemd"
-
-    def units(self, names, glob):
-        return {u: UnitState(u, load_state="loaded", active_state="active", sub_state="running",
-                             unit_file_state="enabled", main_pid=0) for u in names}
-
-    def pids(self, state):
-        return []
-
-
-def shape(value):
-    """The keys of every object, recursively (lists: the shape of their first element)."""
-    if isinstance(value, dict):
-        return {k: shape(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [shape(value[0])] if value and isinstance(value[0], (dict, list)) else []
-    return None
 
 
 def test_a_busy_circusd_is_asked_again_until_the_deadline():
@@ -209,8 +138,7 @@ def test_status_json_has_systemds_schema_and_both_workers_registered(lab):
     code, data = lab.status()
     assert code == 0
     assert data["manager"] == "circus"
-    host = model.load(str(lab.config))
-    reference = cmd_status.snapshot_json(snapshot.take(host, FakeBackend(), timeout=2), host.expected_units(), 0)
+    reference = manager_tests.systemd_status_json(lab.config)
     assert shape(data) == shape(reference)
     units = lab.units()
     for unit, name in ((UNIT1, W1), (UNIT2, W2)):
@@ -379,7 +307,7 @@ def test_reset_of_an_instance_waiting_for_its_restart_starts_it_at_once(lab):
     """activating (auto-restart): reset cancels the due restart, gives the budget back and starts it itself."""
     lab.cd.stop_watcher(W1)
     # What the policy leaves after an unclean exit: a restart due RestartSec later (here: in a minute).
-    with circus_harness.policy_module.StateStore(str(lab.cd.state_file)).update() as state:
+    with manager_tests.policy_module.StateStore(str(lab.cd.state_file)).update() as state:
         entry = state["processes"][NS1]
         entry.update(next_restart=round(time.time() + 60, 3), n_restarts=1, result="signal",
                      last_exit={"at": round(time.time(), 3), "exit_status": -1, "signal": "SIGKILL",
@@ -432,42 +360,6 @@ def test_scale_adds_and_stops_watchers_and_leaves_the_others_running(lab):
     lab.cd.wait(lambda: lab.registered(UNIT3), 30, f"{W3} registered")
     assert lab.cli("scale", "2").returncode == 0
     assert lab.cd.status(W3) == "stopped"
-
-
-def codes(out):
-    return re.findall(r"^(?:FAULT|WARNING) \[(\w+)\]", out, re.M)
-
-
-# The module's one pool takes the `general` jobs only: doctor warns that no pool takes the others (exit 0, no
-# fault). "Healthy" here is exit 0 with that warning alone.
-BASELINE = ["no_pool_for_job"]
-
-
-def fix_as_printed(lab, expect, human=None):
-    """doctor names `expect` (its first finding is expect[0]); every fix line printed for the findings beyond the
-    module's BASELINE, run as printed (`by hand:` lines by `human(line)`), then doctor exits 0 with the BASELINE
-    only."""
-    doctor = lab.cli("doctor")
-    found = codes(doctor.stdout)
-    assert doctor.returncode == 3 and found[:1] == expect[:1] and set(expect) <= set(found), doctor.stdout
-    fixes, code = [], None
-    for line in doctor.stdout.splitlines():
-        code = (codes(line) or [code])[0]
-        fix = re.match(r"^  fix: {6}(?P<fix>.+)$", line)
-        if fix and code not in BASELINE:
-            fixes.append(fix["fix"])
-    assert fixes, doctor.stdout
-    for fix in fixes:
-        if fix.startswith("by hand: "):
-            assert human is not None, f"a step for a person was printed and the test has none: {fix}"
-            human(fix)
-            continue
-        proc = lab.sh(fix)
-        assert proc.returncode == 0, f"printed fix failed: {fix}\n{proc.stdout}\n{proc.stderr}"
-    lab.cd.wait(lambda: lab.registered(UNIT1, UNIT2), 30, "both registered after the fixes")
-    doctor = lab.cli("doctor")
-    assert doctor.returncode == 0 and codes(doctor.stdout) == BASELINE, f"after the fixes:\n{doctor.stdout}"
-    return fixes
 
 
 def test_a_changed_configuration_is_seen_not_applied_until_daemon_reload(lab):

@@ -24,10 +24,11 @@ import time
 
 import pytest
 import yaml
-from circus_harness import make_units, plain_env
+from circus_harness import make_units
 from gearman_sampler import HostSampler, hold_stopped
 from gsubmit import GSUBMIT
-from labhosts import ATOM_ROOT, REPO, VENV_BIN, LabHosts, build_project_wheel
+from labhosts import ATOM_ROOT, REPO, VENV_BIN, LabHosts, booted_per_module, build_project_wheel
+from manager_tests import assert_burst_starts_apart, assert_lab_worker_runs_as_the_unit, lab_exec_start
 from polling import wait_until
 from standin import KNOWN_CLASSES
 
@@ -188,30 +189,14 @@ class CircusLab:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     assert any(WHEELS.glob("circus-*.whl")), f"no circus wheels in {WHEELS}: run `make circus-wheels`"
-    work = tmp_path_factory.mktemp("circus-lab")
-    wheel = str(build_project_wheel(work / "wheel"))
-    hosts = LabHosts(INVENTORY, work)
-    hosts.down()
-    hosts.up()
-    lab = CircusLab(hosts, wheel)
-    try:
+    wheel = str(build_project_wheel(tmp_path_factory.mktemp("circus-wheel")))
+    with booted_per_module(tmp_path_factory, lambda hosts: CircusLab(hosts, wheel), prefix="circus-lab") as make:
+        lab = make(INVENTORY)
         converge = lab.playbook(with_cli=True)
         assert converge.returncode == 0, converge
         lab.run(f"cat > /root/gsubmit.py <<'EOF'\n{GSUBMIT}EOF")
         lab.wait_active([W1, W2])
         yield lab
-    finally:
-        if not os.environ.get("ATOM_KEEP_LAB"):
-            hosts.down()
-
-
-def exec_start(pool):
-    """ExecStart= of the systemd unit the role renders for the same variables (templates/atom-worker@.service.j2)."""
-    units = make_units(ATOM_ROOT, [], php="/usr/bin/php",
-                       sites=[{"name": "default", "root": ATOM_ROOT, "pools": [pool]}],
-                       recycle_helper="/usr/local/lib/atom-worker/atom-worker-recycle")
-    text = plain_env().get_template("atom-worker@.service.j2").render(unit=units[0])
-    return next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ExecStart="))
 
 
 def test_the_workers_are_circus_watchers_not_systemd_units(lab):
@@ -223,14 +208,10 @@ def test_the_workers_are_circus_watchers_not_systemd_units(lab):
     assert lab.run("ls /etc/systemd/system | grep '^atom-worker' || true").stdout.split() == [SERVICE]
     snapshot = lab.snapshot()
     assert {n: w["state"] for n, w in snapshot.items()} == {W1: "active", W2: "active"}
-    command = shlex.split(exec_start({"name": "default", "instances": INSTANCES}))
+    command = shlex.split(lab_exec_start({"name": "default", "instances": INSTANCES}))
     for name in (W1, W2):
         pid = snapshot[name]["pid"]
-        assert lab.run(f"ps -o user= -p {pid}").stdout.strip() == "www-data"
-        assert lab.run(f"tr '\\0' '\\n' < /proc/{pid}/cmdline").stdout.splitlines() == command
-        assert lab.run(f"readlink /proc/{pid}/cwd").stdout.strip() == ATOM_ROOT
-        environ = lab.run(f"tr '\\0' '\\n' < /proc/{pid}/environ").stdout.splitlines()
-        assert {"USER=www-data", "LOGNAME=www-data", "HOME=/var/www"} <= set(environ)
+        assert_lab_worker_runs_as_the_unit(lab, pid, command)
         # A child of circusd, in the service's cgroup.
         assert lab.run(f"ps -o ppid= -p {pid}").stdout.strip() == lab.circusd_pid()
         assert f"/{SERVICE}" in lab.run(f"cat /proc/{pid}/cgroup").stdout
@@ -321,14 +302,7 @@ def test_a_crash_loop_stops_after_exactly_three_starts_with_the_restart_delay_an
     assert e["result"] == "start-limit-hit" and e["n_restarts"] == 2, e
     assert e["last_exit"]["exit_status"] == 3 and e["last_exit"]["result"] == "exit-code", e
     # Exactly StartLimitBurst starts, each at least RestartSec after the previous one's exit.
-    record = [ev for ev in lab.record() if ev["time"] > since]
-    starts = sorted(ev["time"] for ev in record if ev["event"] == "start")
-    exits = sorted(ev["time"] for ev in record if ev["event"] == "exit" and ev["reason"] == "crash_at_start")
-    assert len(starts) == 3 and len(exits) == 3, record
-    gaps = [start - exit_ for exit_, start in zip(exits, starts[1:], strict=False)]
-    assert all(gap >= RESTART_SEC for gap in gaps), gaps
-    assert len(e["starts"]) == 3
-    assert all(b - a >= RESTART_SEC for a, b in zip(e["starts"], e["starts"][1:], strict=False)), e["starts"]
+    assert_burst_starts_apart(lab.record(), since, e, RESTART_SEC)
     assert lab.policy("status", ns(W2)).returncode == 3
     assert "start-limit-hit" in lab.run(f"cat {LOG_DIR}/atom-worker-policy.log").stdout
     assert "start-limit-hit" in lab.run(f"journalctl -u {SERVICE} --no-pager -o cat").stdout
@@ -367,7 +341,7 @@ def test_a_converge_resets_and_starts_a_watcher_that_is_down(lab):
 
 def test_recycling_under_load_never_counts(lab):
     helper_pid = lab.pids()[RECYCLED]
-    command = shlex.split(exec_start(RECYCLE_POOL))
+    command = shlex.split(lab_exec_start(RECYCLE_POOL))
     assert command[:2] == ["/usr/local/lib/atom-worker/atom-worker-recycle", "--"] and "--max-job-count=1" in command
     assert lab.run(f"tr '\\0' '\\n' < /proc/{helper_pid}/cmdline").stdout.splitlines() == ["/usr/bin/python3", *command]
     before = lab.entry(RECYCLED)
@@ -455,7 +429,7 @@ def test_rolling_restart_keeps_every_function_served(lab):
 
 def test_the_model_maps_watchers_and_reloadconfig_changes():
     """No lab needed: the filters behind the watcher names, sites.json and what reloadconfig restarts."""
-    from circus_harness import filters
+    from manager_tests import filters
 
     units = make_units("/srv/a", [], sites=[
         {"name": "default", "root": "/srv/a", "pools": [{"name": "default", "instances": 2}]},

@@ -12,36 +12,12 @@ import os
 import signal
 import time
 
+import manager_tests
 import pytest
-from circus_harness import (
-    ADAPTER,
-    BURST,
-    CLEAN,
-    CRASH,
-    RECYCLE,
-    RESTART_SEC,
-    SLEEP,
-    make_units,
-    ns,
-    plain_env,
-    watcher,
-)
+from circus_harness import ADAPTER, make_units, watcher
+from manager_tests import BURST, CLEAN, CRASH, RECYCLE, RESTART_SEC, SLEEP, entry_of, ns, wait_failed, wait_starts
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def entry_of(cd, namespec):
-    return cd.entry(namespec) or {}
-
-
-def wait_failed(cd, namespec, timeout=30):
-    cd.wait(lambda: entry_of(cd, namespec).get("failed"), timeout, f"{namespec} to be failed")
-    return cd.entry(namespec)
-
-
-def wait_starts(cd, namespec, count, timeout=20):
-    cd.wait(lambda: len(entry_of(cd, namespec).get("starts", [])) == count, timeout,
-            f"{namespec} to have {count} counted starts")
 
 
 def with_policy(units, pool, **settings):
@@ -324,7 +300,7 @@ def test_the_rendered_command_is_the_systemd_execstart(circusd):
     pool = dict(SLEEP, abilities=["x"], max_job_count=10)
     units = make_units(circusd.root, [pool, dict(RECYCLE, max_job_count=5)], recycle_helper="/usr/local/bin/rec")
     text = circusd.render(units)
-    env = plain_env()
+    env = manager_tests.plain_env()
     for unit in units[1:]:
         unit_file = env.get_template("atom-worker@.service.j2").render(unit=unit)
         exec_start = next(line for line in unit_file.splitlines() if line.startswith("ExecStart="))

@@ -6,124 +6,41 @@ tmp_path, `-n` in the background, killed at teardown), the listener rendered fro
 atom-worker-policy.conf.j2 with a short policy (RestartSec=1, StartLimitIntervalSec=60,
 StartLimitBurst=3), and worker pools from atom-worker.conf.j2 whose `php` is a stand-in
 (fake_php.py) that behaves as the pool's `--types=` says: crash, clean, recycle, sleep.
+
+What the circus tests use too is in tests/manager_tests.py: the pools CRASH, SLEEP, CLEAN, RECYCLE, ns(pool, n),
+the short policy, the policy's state file and log, the teardown.
 """
 
-import contextlib
-import importlib.machinery
-import importlib.util
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-import jinja2
+import manager_tests
 import pytest
-from polling import wait_until
+from manager_tests import POLICY, PrivateManager, plain_env, private_manager
 
-REPO = Path(__file__).resolve().parents[2]
-POLICY = REPO / "roles" / "atom_worker" / "files" / "atom-worker-policy"
-TEMPLATES = REPO / "templates"
 FAKE_PHP = Path(__file__).resolve().parent / "fake_php.py"
 SUPERVISORD = shutil.which("supervisord") or "/usr/bin/supervisord"
 SUPERVISORCTL = shutil.which("supervisorctl") or "/usr/bin/supervisorctl"
 
-# The short policy of these tests (the defaults are 30 s, 24h, 3).
-RESTART_SEC = 1
-INTERVAL = 60
-BURST = 3
 
-
-def load_policy_module():
-    loader = importlib.machinery.SourceFileLoader("atom_worker_policy", str(POLICY))
-    spec = importlib.util.spec_from_loader("atom_worker_policy", loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-policy_module = load_policy_module()
-
-
-def load_filters():
-    path = REPO / "roles" / "atom_worker" / "filter_plugins" / "atom_worker.py"
-    spec = importlib.util.spec_from_file_location("atom_worker_filters", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-filters = load_filters()
-
-
-def plain_env():
-    """How the CLI renders templates/: plain Jinja2 with Ansible's template defaults."""
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-        trim_blocks=True,
-        keep_trailing_newline=True,
-        undefined=jinja2.StrictUndefined,
-    )
-
-
-def make_units(root, pools, php=str(FAKE_PHP), recycle_helper="/nonexistent", sites=None, **common):
-    """The role's model for one site `default` at ROOT with POOLS, merged with the common settings."""
-    cfg = {
-        "sites": sites
-        or [{"name": "default", "root": str(root), "pools": [{"name": "default", "instances": 0}, *pools]}],
-        "user": "root",
-        "group": "root",
-        "gearman_servers": ["127.0.0.1:4730"],
-    }
-    model = filters.atom_worker_model(cfg)
-    settings = {
-        "php": php,
-        "restart": "on-failure",
-        "restart_sec": RESTART_SEC,
-        "start_limit_interval_sec": INTERVAL,
-        "start_limit_burst": BURST,
-        "kill_signal": "SIGTERM",
-        "timeout_stop_sec": 5,
-        "after": [],
-        "wants": [],
-        "hardening": True,
-        "read_write_dirs": [],
-        "recycle_helper": recycle_helper,
-    }
-    settings.update(common)
-    return filters.atom_worker_units(model["pools"], settings)
-
-
-# Pools of the fake workers (fake_php.py's job types), one instance each.
-CRASH = {"name": "crash", "instances": 1, "types": ["crash"]}
-SLEEP = {"name": "sleep", "instances": 1, "types": ["sleep"]}
-CLEAN = {"name": "clean", "instances": 1, "types": ["clean"]}
-RECYCLE = {"name": "recycle", "instances": 1, "types": ["recycle"]}
-
-
-def ns(pool, n=1):
-    """The namespec of instance n of a pool of site default."""
-    return f"atom-workers:atom-worker-default-{pool}@{n}"
+def make_units(root, pools, php=str(FAKE_PHP), **settings):
+    """manager_tests.make_units with this harness's fake php unless given."""
+    return manager_tests.make_units(root, pools, php=php, **settings)
 
 
 def write_sites_json(path, sv, sites, units, root):
     """The sites.json the role writes on a supervisord host, naming this harness's supervisord, logs and
     listener: what atom-workerctl reads (`--config PATH`)."""
-    model = filters.atom_worker_model(
-        {"sites": sites, "user": "root", "group": "root", "gearman_servers": sites[0]["gearman_servers"]})
-    state = filters.atom_worker_state(model, {"default": os.path.realpath(root)}, units, {"manager": "supervisor"})
-    state["supervisor"] = {"server_url": sv.url, "conf_file": str(sv.conf_dir / "atom-worker.conf"),
-                           "policy_conf_file": str(sv.conf_dir / "atom-worker-policy.conf"),
-                           "log_dir": str(sv.log_dir), "policy_command": str(POLICY),
-                           "policy_state_file": str(sv.state_file)}
-    Path(path).write_text(json.dumps(state, indent=2))
-    return state
+    return manager_tests.write_sites_json(path, sites, units, root, "supervisor", {
+        "server_url": sv.url, "conf_file": str(sv.conf_dir / "atom-worker.conf"),
+        "policy_conf_file": str(sv.conf_dir / "atom-worker-policy.conf"), "log_dir": str(sv.log_dir),
+        "policy_command": str(POLICY), "policy_state_file": str(sv.state_file)})
 
 
-class Supervisord:
+class Supervisord(PrivateManager):
     def __init__(self, base: Path, sockdir: Path):
         self.base = base
         self.root = base / "atom"  # the pools' AtoM root: fake php writes its records here
@@ -136,7 +53,7 @@ class Supervisord:
         self.state_file = base / "run" / "supervisor-policy.json"
         self.policy_log = self.log_dir / "atom-worker-policy.log"
         self.proc = None
-        self.rpc = policy_module.Supervisor(self.url, timeout=10)
+        self.rpc = manager_tests.policy_module.Supervisor(self.url, timeout=10)
         for directory in (self.root, self.log_dir, self.conf_dir):
             directory.mkdir(parents=True, exist_ok=True)
 
@@ -202,40 +119,15 @@ files = {self.conf_dir}/*.conf
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self):
-        """Freeze supervisord, kill it, then kill every process group it started."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.kill(self.proc.pid, signal.SIGSTOP)  # no more spawns while we look
-        children = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                if int(fields[1]) == self.proc.pid:
-                    children.append(int(stat.parent.name))
-        self.proc.kill()
-        self.proc.wait(10)
-        for pid in children:  # each child runs in its own process group (supervisord's setpgrp)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
+        """Freeze supervisord, kill it, then kill every process (and process group) below it."""
+        self.kill_tree()
 
-    # -- looking -----------------------------------------------------------------------------------
-    def wait(self, predicate, timeout, what):
-        """Poll PREDICATE (a safety net against hangs, not a timing assertion)."""
-        return wait_until(predicate, timeout, 0.05, what, details=self.diagnostics)
-
+    # -- looking (state(), entry(), policy_lines(), wait(): PrivateManager) ------------------------
     def info(self, namespec):
         return self.rpc.call("supervisor.getProcessInfo", namespec)
 
     def statename(self, namespec):
         return self.info(namespec)["statename"]
-
-    def state(self):
-        if not self.state_file.exists():
-            return {"processes": {}}
-        return json.loads(self.state_file.read_text())
-
-    def entry(self, namespec):
-        return self.state()["processes"].get(namespec)
 
     def records(self, namespec):
         """What the fake php wrote at each of its starts (one JSON object per start)."""
@@ -243,11 +135,6 @@ files = {self.conf_dir}/*.conf
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def policy_lines(self, needle=""):
-        if not self.policy_log.exists():
-            return []
-        return [line for line in self.policy_log.read_text().splitlines() if needle in line]
 
     def ctl(self, *args, check=False):
         result = subprocess.run([SUPERVISORCTL, "-c", str(self.conf), *args], capture_output=True,
@@ -281,11 +168,4 @@ def supervisord(tmp_path, request):
     tests/ has several test folders and their conftest modules would shadow each other)."""
     if not os.path.exists(SUPERVISORD):
         pytest.skip("supervisord is not installed (apt-get install supervisor)")
-    sockdir = Path(tempfile.mkdtemp(prefix="sv-"))  # unix socket paths must stay short
-    sv = Supervisord(tmp_path, sockdir)
-    failures = request.session.testsfailed
-    yield sv
-    if request.session.testsfailed > failures:  # this test failed: show what supervisord saw
-        sys.stderr.write(sv.diagnostics() + "\n")
-    sv.stop()
-    shutil.rmtree(sockdir, ignore_errors=True)
+    yield from private_manager(request, lambda sockdir: Supervisord(tmp_path, sockdir), "sv-")

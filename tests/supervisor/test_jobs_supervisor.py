@@ -23,9 +23,10 @@ from pathlib import Path
 import prom_text
 import pytest
 import supervisor_harness
+from manager_tests import plain_env
 from mariadb import MariaDB, write_site_database
 from standin import Gearmand, events, function_prefix, make_root, submit, wait_until, write_control
-from supervisor_harness import make_units, plain_env, write_sites_json
+from supervisor_harness import make_units, write_sites_json
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "tools"), "NO_COLOR": "1"}

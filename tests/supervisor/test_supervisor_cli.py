@@ -8,7 +8,6 @@ pool default active and registered), except the last two (config change, errors)
 
 import json
 import os
-import re
 import shlex
 import shutil
 import socket
@@ -18,70 +17,43 @@ import tempfile
 import time
 from pathlib import Path
 
+import manager_tests
 import prom_text
 import pytest
 import standin
 import supervisor_harness
 from gsubmit import submit_here
+from manager_tests import BASELINE, BURST, ENV, codes, fix_as_printed, shape
 from promtool import promtool_path
 from standin import Gearmand, free_port, make_root
-from supervisor_harness import BURST, make_units, plain_env, write_sites_json
+from supervisor_harness import write_sites_json
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
-from atom_workerctl import cmd_status, model, snapshot  # noqa: E402
-from atom_workerctl.backend import UnitState  # noqa: E402
+from atom_workerctl import model  # noqa: E402
 from atom_workerctl.journal import Entry  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
-ENV = {**os.environ, "PYTHONPATH": str(REPO / "tools"), "NO_COLOR": "1"}
 UNIT1, UNIT2 = "atom-worker@1.service", "atom-worker@2.service"
 NS1, NS2 = "atom-workers:atom-worker@1", "atom-workers:atom-worker@2"
 
 
-class Lab:
+class Lab(manager_tests.WorkerctlLab):
+    """atom-workerctl on the module's supervisord host; the printed commands find `atom-workerctl` and
+    `supervisorctl` (reading /etc/supervisor/supervisord.conf, here this supervisord's by -c) on PATH."""
+
+    timeout = 45
+
     def __init__(self, sv, gearmand, root, config):
-        self.sv, self.gearmand, self.root, self.config = sv, gearmand, root, config
-        # The commands doctor prints, as a root shell on a supervisord host finds them: `atom-workerctl` reading
-        # /etc/atom-worker/sites.json (here $ATOM_WORKERCTL_CONFIG), `supervisorctl` reading
-        # /etc/supervisor/supervisord.conf (here this supervisord's, by -c).
-        bin_dir = sv.base / "bin"
-        bin_dir.mkdir(exist_ok=True)
-        for name, command in (("atom-workerctl", f"{shlex.quote(sys.executable)} -m atom_workerctl"),
-                              ("supervisorctl", f"{supervisor_harness.SUPERVISORCTL} -c {shlex.quote(str(sv.conf))}")):
-            (bin_dir / name).write_text(f'#!/bin/sh\nexec {command} "$@"\n')
-            (bin_dir / name).chmod(0o755)
-        self.shell_env = {**ENV, "ATOM_WORKERCTL_CONFIG": str(config), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-
-    def sh(self, command):
-        """A printed fix line, run as printed by a shell (its `# comment` included)."""
-        return subprocess.run(["sh", "-c", command], capture_output=True, text=True, env=self.shell_env,
-                              timeout=45, check=False)
-
-    def cli(self, *args, config=None, timeout=45, user=None):
-        cmd = [sys.executable, "-m", "atom_workerctl", "--config", str(config or self.config), *args]
-        if user is not None:
-            cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
-        return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, check=False)
-
-    def status(self, *args):
-        result = self.cli("status", "--json", *args)
-        return result.returncode, json.loads(result.stdout)
-
-    def units(self, *args):
-        _, data = self.status(*args)
-        return {u["unit"]: u for s in data["sites"] for p in s["pools"] for u in p["units"]}
+        super().__init__(sv, config,
+                         {"supervisorctl": f"{supervisor_harness.SUPERVISORCTL} -c {shlex.quote(str(sv.conf))}"})
+        self.sv, self.gearmand, self.root = sv, gearmand, root
 
     def metrics(self, *args, config=None):
         result = self.cli("metrics", *args, config=config)
         assert result.returncode == 0, result.stderr
         return result.stdout
-
-    def registered(self, *units):
-        states = self.units()
-        return all(states[u]["active_state"] == "active" and states[u]["gearman"]["registered"] is True
-                   for u in units)
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +65,7 @@ def lab(tmp_path_factory):
     gearmand = Gearmand().start()
     sv = supervisor_harness.Supervisord(base, sockdir)
     try:
-        root = make_root(base / "standin", servers=[gearmand.server])
-        helper = base / "atom-worker-recycle"
-        helper.write_text(plain_env().get_template("atom-worker-recycle.j2").render())
-        helper.chmod(0o755)
-        server = f"{gearmand.server[0]}:{gearmand.server[1]}"
-        sites = [{"name": "default", "root": str(root), "gearman_servers": [server],
-                  "pools": [{"name": "default", "instances": 2, "types": ["general"]}]}]
-        units = make_units(root, [], php=shutil.which("php"), sites=sites, recycle_helper=str(helper))
+        root, sites, units = manager_tests.standin_site(base, gearmand)
         config = base / "sites.json"
         write_sites_json(config, sv, sites, units, root)
         # Small log files, so that -f is seen to follow supervisord's own rotation.
@@ -114,34 +79,11 @@ def lab(tmp_path_factory):
         shutil.rmtree(sockdir, ignore_errors=True)
 
 
-class FakeBackend:
-    """A systemd-shaped backend (no systemd here): the reference for the --json schema."""
-
-    name = "systemd"
-
-    def units(self, names, glob):
-        return {u: UnitState(u, load_state="loaded", active_state="active", sub_state="running",
-                             unit_file_state="enabled", main_pid=0) for u in names}
-
-    def pids(self, state):
-        return []
-
-
-def shape(value):
-    """The keys of every object, recursively (lists: the shape of their first element)."""
-    if isinstance(value, dict):
-        return {k: shape(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [shape(value[0])] if value and isinstance(value[0], (dict, list)) else []
-    return None
-
-
 def test_status_json_has_systemds_schema_and_both_workers_registered(lab):
     code, data = lab.status()
     assert code == 0
     assert data["manager"] == "supervisor"
-    host = model.load(str(lab.config))
-    reference = cmd_status.snapshot_json(snapshot.take(host, FakeBackend(), timeout=2), host.expected_units(), 0)
+    reference = manager_tests.systemd_status_json(lab.config)
     assert shape(data) == shape(reference)
     units = lab.units()
     for unit, ns in ((UNIT1, NS1), (UNIT2, NS2)):
@@ -385,42 +327,6 @@ def test_scale_grows_numprocs_and_shrinks_by_stopping(lab):
     assert recorded["instances"] == 2 and "scaled" not in recorded
     code, data = lab.status()
     assert code == 0 and data["strays"] == []
-
-
-def codes(out):
-    return re.findall(r"^(?:FAULT|WARNING) \[(\w+)\]", out, re.M)
-
-
-# The module's one pool takes the `general` jobs only: doctor warns that no pool takes the others (exit 0, no
-# fault). "Healthy" here is exit 0 with that warning alone.
-BASELINE = ["no_pool_for_job"]
-
-
-def fix_as_printed(lab, expect, human=None):
-    """doctor names `expect` (its first finding is expect[0]); every fix line printed for the findings beyond the
-    module's BASELINE, run as printed (`by hand:` lines by `human(line)`), then doctor exits 0 with the BASELINE
-    only. As tests/cli/test_doctor_fixes_lab.py does on systemd hosts, for the findings only supervisord hosts
-    have."""
-    doctor = lab.cli("doctor")
-    found = codes(doctor.stdout)
-    assert doctor.returncode == 3 and found[:1] == expect[:1] and set(expect) <= set(found), doctor.stdout
-    fixes, code = [], None
-    for line in doctor.stdout.splitlines():
-        code = (codes(line) or [code])[0]
-        fix = re.match(r"^  fix: {6}(?P<fix>.+)$", line)
-        if fix and code not in BASELINE:
-            fixes.append(fix["fix"])
-    assert fixes, doctor.stdout
-    for fix in fixes:
-        if fix.startswith("by hand: "):
-            assert human is not None, f"a step for a person was printed and the test has none: {fix}"
-            human(fix)
-            continue
-        proc = lab.sh(fix)
-        assert proc.returncode == 0, f"printed fix failed: {fix}\n{proc.stdout}\n{proc.stderr}"
-    doctor = lab.cli("doctor")
-    assert doctor.returncode == 0 and codes(doctor.stdout) == BASELINE, f"after the fixes:\n{doctor.stdout}"
-    return fixes
 
 
 LISTENER = "atom-worker-policy:atom-worker-policy"

@@ -27,7 +27,8 @@ from conftest import (
     SERVER_URL,
 )
 from labhosts import ATOM_ROOT
-from supervisor_harness import make_units, plain_env
+from manager_tests import assert_burst_starts_apart, assert_lab_worker_runs_as_the_unit, lab_exec_start
+from supervisor_harness import make_units
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -42,15 +43,6 @@ GEARMAN_WORKERS = (
     "while not b.endswith(b'\\n.\\n'): b+=s.recv(65536)\n"
     "print(b.decode())\n"
 )
-
-
-def exec_start(pool):
-    """ExecStart= of the systemd unit the role renders for the same variables (templates/atom-worker@.service.j2)."""
-    units = make_units(ATOM_ROOT, [], php="/usr/bin/php",
-                       sites=[{"name": "default", "root": ATOM_ROOT, "pools": [pool]}],
-                       recycle_helper="/usr/local/lib/atom-worker/atom-worker-recycle")
-    text = plain_env().get_template("atom-worker@.service.j2").render(unit=units[0])
-    return next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ExecStart="))
 
 
 def host_time(lab):
@@ -83,14 +75,10 @@ def test_the_workers_are_supervisord_programs_not_systemd_units(supervisor_lab):
 
     procs = lab.processes()
     assert {n for n, p in procs.items() if p["state"] == "RUNNING"} == {W1, W2, LISTENER}, procs
-    command = shlex.split(exec_start({"name": "default", "instances": INSTANCES}))
+    command = shlex.split(lab_exec_start({"name": "default", "instances": INSTANCES}))
     for name in (W1, W2):
         pid = procs[name]["pid"]
-        assert lab.run(f"ps -o user= -p {pid}").stdout.strip() == "www-data"
-        assert lab.run(f"tr '\\0' '\\n' < /proc/{pid}/cmdline").stdout.splitlines() == command
-        assert lab.run(f"readlink /proc/{pid}/cwd").stdout.strip() == ATOM_ROOT
-        environ = lab.run(f"tr '\\0' '\\n' < /proc/{pid}/environ").stdout.splitlines()
-        assert {"USER=www-data", "LOGNAME=www-data", "HOME=/var/www"} <= set(environ)
+        assert_lab_worker_runs_as_the_unit(lab, pid, command)
     conf = lab.run(f"cat {CONF_FILE}").stdout
     assert "stopsignal=TERM" in conf and "numprocs=2" in conf and "stdout_logfile_maxbytes=50MB" in conf
     assert "Running worker..." in lab.run(f"cat {LOG_DIR}/atom-worker@1.log").stdout
@@ -137,14 +125,7 @@ def test_a_crash_loop_stops_after_the_burst_with_the_restart_delay_and_stays_dow
     assert e["result"] == "start-limit-hit" and e["n_restarts"] == 2, e
     assert e["last_exit"]["exit_status"] == 3 and e["last_exit"]["result"] == "exit-code", e
     # Exactly StartLimitBurst starts, each at least RestartSec after the previous one's exit.
-    record = [ev for ev in lab.record() if ev["time"] > since]
-    starts = sorted(ev["time"] for ev in record if ev["event"] == "start")
-    exits = sorted(ev["time"] for ev in record if ev["event"] == "exit" and ev["reason"] == "crash_at_start")
-    assert len(starts) == 3 and len(exits) == 3, record
-    gaps = [start - exit_ for exit_, start in zip(exits, starts[1:], strict=False)]
-    assert all(gap >= RESTART_SEC for gap in gaps), gaps
-    assert len(e["starts"]) == 3
-    assert all(b - a >= RESTART_SEC for a, b in zip(e["starts"], e["starts"][1:], strict=False)), e["starts"]
+    assert_burst_starts_apart(lab.record(), since, e, RESTART_SEC)
     assert lab.policy("status", W2).returncode == 3
     assert "start-limit-hit" in lab.run(f"cat {LOG_DIR}/atom-worker-policy.log").stdout
 
@@ -203,7 +184,7 @@ def test_recycling_never_counts_as_a_failure(recycling_pool):
     lab.wait_running([W1, W2, RECYCLED])
     helper_pid = lab.processes()[RECYCLED]["pid"]
     # The recycle helper (a python3 script) in front of php, as in the systemd unit's ExecStart.
-    command = shlex.split(exec_start(RECYCLE_POOL))
+    command = shlex.split(lab_exec_start(RECYCLE_POOL))
     assert command[:2] == ["/usr/local/lib/atom-worker/atom-worker-recycle", "--"] and "--max-job-count=1" in command
     assert lab.run(f"tr '\\0' '\\n' < /proc/{helper_pid}/cmdline").stdout.splitlines() == ["/usr/bin/python3", *command]
 
@@ -228,7 +209,7 @@ def test_recycling_never_counts_as_a_failure(recycling_pool):
 
 def test_the_model_maps_units_to_processes_and_keeps_systemd_hosts_unchanged():
     """No lab needed: the filters behind sites.json and the role's process names."""
-    from supervisor_harness import filters
+    from manager_tests import filters
 
     sites = [{"name": "default", "root": "/srv/a", "pools": [{"name": "default", "instances": 2}]},
              {"name": "b", "root": "/srv/b", "pools": [{"name": "default", "instances": 0},

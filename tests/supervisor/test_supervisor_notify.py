@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 import supervisor_harness
+from manager_tests import BURST, CLEAN, CRASH, RECYCLE, SLEEP, ns
 from notify_receiver import Receiver
 from standin import Gearmand, clear_control, make_root, write_control
-from supervisor_harness import BURST, CLEAN, CRASH, RECYCLE, SLEEP, make_units, ns, write_sites_json
+from supervisor_harness import make_units, write_sites_json
 
 pytestmark = pytest.mark.timeout(120)
 supervisord = supervisor_harness.supervisord

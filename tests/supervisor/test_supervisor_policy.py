@@ -9,28 +9,15 @@ import json
 import subprocess
 import time
 
+import manager_tests
 import pytest
 import supervisor_harness
-from supervisor_harness import BURST, CLEAN, CRASH, POLICY, RECYCLE, RESTART_SEC, SLEEP, make_units, ns, plain_env
+from manager_tests import BURST, CLEAN, CRASH, RECYCLE, RESTART_SEC, SLEEP, entry_of, ns, wait_failed, wait_starts
+from supervisor_harness import make_units
 
 pytestmark = pytest.mark.timeout(60)
 # The fixture, from the harness (tests/ has several test folders: no shared conftest module).
 supervisord = supervisor_harness.supervisord
-
-
-
-def entry_of(sv, namespec):
-    return sv.entry(namespec) or {}
-
-
-def wait_failed(sv, namespec, timeout=20):
-    sv.wait(lambda: entry_of(sv, namespec).get("failed"), timeout, f"{namespec} to be failed")
-    return sv.entry(namespec)
-
-
-def wait_starts(sv, namespec, count, timeout=15):
-    sv.wait(lambda: len(entry_of(sv, namespec).get("starts", [])) == count, timeout,
-            f"{namespec} to have {count} counted starts")
 
 
 def test_crash_loop_stops_after_exactly_burst_starts_with_the_delay_and_stays_down(supervisord):
@@ -149,7 +136,7 @@ def test_exit_111_reaching_the_listener_restarts_at_once_and_never_counts(superv
 
 def test_the_recycle_helper_keeps_recycling_inside_one_start(supervisord):
     helper = supervisord.base / "atom-worker-recycle"
-    helper.write_text(plain_env().get_template("atom-worker-recycle.j2").render())
+    helper.write_text(manager_tests.plain_env().get_template("atom-worker-recycle.j2").render())
     helper.chmod(0o755)
     pool = dict(RECYCLE, max_job_count=1)
     units = make_units(supervisord.root, [pool], recycle_helper=str(helper))
@@ -248,7 +235,7 @@ def test_the_listener_survives_malformed_events(tmp_path):
     """Feed the listener protocol by hand (no supervisord behind it: every XML-RPC call fails)."""
     state_file = tmp_path / "state.json"
     proc = subprocess.Popen(
-        [str(POLICY), "listen", "--state-file", str(state_file), "--server-url",
+        [str(manager_tests.POLICY), "listen", "--state-file", str(state_file), "--server-url",
          f"unix://{tmp_path}/nothing.sock", "--restart-sec", "1", "--start-limit-interval-sec", "60",
          "--start-limit-burst", "3"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -9,8 +9,9 @@ import subprocess
 
 import pytest
 import supervisor_harness
+from manager_tests import BURST, plain_env
 from standin import Gearmand, function_name, job_counts, make_root, submit
-from supervisor_harness import BURST, make_units, plain_env
+from supervisor_harness import make_units
 
 pytestmark = pytest.mark.timeout(90)
 # The fixture, from the harness (tests/ has several test folders: no shared conftest module).

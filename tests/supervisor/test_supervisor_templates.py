@@ -7,7 +7,16 @@ import subprocess
 
 import pytest
 import supervisor_harness
-from supervisor_harness import FAKE_PHP, POLICY, REPO, TEMPLATES, make_units, plain_env, policy_module
+from manager_tests import (
+    POLICY,
+    RENDER_SITES,
+    REPO,
+    ansible_renders_like_plain_jinja,
+    plain_env,
+    policy_module,
+    unit_exec_start,
+)
+from supervisor_harness import FAKE_PHP, make_units
 
 pytestmark = pytest.mark.timeout(60)
 # The fixture, from the harness (tests/ has several test folders: no shared conftest module).
@@ -27,11 +36,6 @@ def render(units, supervisor=None):
     listener = env.get_template("supervisor/atom-worker-policy.conf.j2").render(units=units,
                                                                                 supervisor=supervisor or {})
     return workers, listener
-
-
-def exec_start(unit):
-    text = plain_env().get_template("atom-worker@.service.j2").render(unit=unit)
-    return next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ExecStart="))
 
 
 POOLS = [
@@ -55,7 +59,7 @@ def test_the_command_is_the_systemd_execstart(tmp_path, pool):
     unit = next(u for u in units if u["instances"])
     ini = parse_ini(render(units)[0])
     program = ini[f"program:{unit['unit_prefix']}"]
-    assert program["command"].replace("%%", "%") == exec_start(unit)
+    assert program["command"].replace("%%", "%") == unit_exec_start(unit)
     assert program["numprocs"] == str(unit["instances"])
     assert program["process_name"] == "%(program_name)s@%(process_num)d"
     assert program["user"] == "root" and program["directory"] == "/usr/share/nginx/atom"
@@ -94,7 +98,7 @@ def test_a_real_supervisord_runs_the_rendered_sites_and_pools(supervisord, tmp_p
 
     record = sv.wait(lambda: sv.records("atom-workers:atom-worker@1"), 10, "the first worker's record")[0]
     default_unit = next(u for u in units if u["unit_prefix"] == "atom-worker")
-    assert record["argv"] == shlex.split(exec_start(default_unit))[1:]
+    assert record["argv"] == shlex.split(unit_exec_start(default_unit))[1:]
     assert record["argv"][:6] == ["-d", "memory_limit=-1", "-d", "error_reporting=E_ALL", "symfony", "jobs:worker"]
     assert record["cwd"] == str(supervisord.root) and record["user"] == "root"
     site2 = root2 / "starts-atom-worker-site2-big@2.jsonl"
@@ -195,36 +199,15 @@ def test_restart_modes_follow_systemd():
 
 def test_ansible_and_plain_jinja_render_the_same_text(tmp_path):
     """The role (ansible.builtin.template) and the CLI (plain Jinja2) produce identical files."""
-    yaml = pytest.importorskip("yaml")
+    pytest.importorskip("yaml")
     playbook_bin = REPO / ".venv" / "bin" / "ansible-playbook"
     if not playbook_bin.exists():
         pytest.skip("no ansible-playbook in .venv")
-    sites = [
-        {"name": "default", "root": "/usr/share/nginx/atom", "pools": [
-            {"name": "default", "instances": 2},
-            {"name": "serial", "instances": 1, "types": ["move", "file_import"], "max_job_count": 5},
-        ]},
-        {"name": "b", "root": "/srv/b", "pools": [{"name": "default", "instances": 0},
-                                                  {"name": "big", "instances": 3, "abilities": ["arFindingAidJob"]}]},
-    ]
-    units = make_units(tmp_path, [], php="/usr/bin/php", sites=sites, restart_sec=30,
+    units = make_units(tmp_path, [], php="/usr/bin/php", sites=RENDER_SITES, restart_sec=30,
                        start_limit_interval_sec="24h", recycle_helper="/usr/local/lib/atom-worker/atom-worker-recycle")
     units[-1] = dict(units[-1], restart_sec=10, home="/var/www", environment={"LANG": "C.UTF-8"})
     supervisor = {"log_dir": "/var/log/atom-worker", "policy_command": "/usr/local/lib/atom-worker/atom-worker-policy"}
     templates = ("supervisor/atom-worker.conf.j2", "supervisor/atom-worker-policy.conf.j2")
     contexts = ({"units": units, "supervisor": supervisor}, {"units": []})
     cases = [(template, context) for template in templates for context in contexts]
-    tasks = [{"name": f"render {n}",
-              "ansible.builtin.template": {"src": str(TEMPLATES / template), "dest": str(tmp_path / f"{n}.out")},
-              "vars": {**context, "ansible_managed": "Managed by the atom-worker toolkit"}}
-             for n, (template, context) in enumerate(cases)]
-    playbook = [{"hosts": "localhost", "gather_facts": False, "connection": "local", "tasks": tasks,
-                 "vars": {"ansible_python_interpreter": "{{ ansible_playbook_python }}"}}]
-    (tmp_path / "render.yml").write_text(yaml.safe_dump(playbook))
-    proc = subprocess.run([str(playbook_bin), "-i", "localhost,", str(tmp_path / "render.yml")], check=False,
-                          capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    for n, (template, context) in enumerate(cases):
-        managed = tasks[n]["vars"]["ansible_managed"]
-        plain = plain_env().get_template(template).render(**context, ansible_managed=managed)
-        assert (tmp_path / f"{n}.out").read_text() == plain, template
+    ansible_renders_like_plain_jinja(tmp_path, cases)

@@ -1,18 +1,17 @@
-"""testinfra checks of the circus scenario (molecule verify): the workers as circus watchers, for real."""
+"""testinfra checks of the circus scenario (molecule verify): the workers as circus watchers, for real. What the
+supervisor scenario checks alike is in tests/manager_tests.py (pytest.ini puts tests/ on the path)."""
 
 import hashlib
 import json
-import time
 
 import pytest
+from manager_tests import assert_no_worker_is_a_systemd_unit, assert_runs_as_the_unit, job_round_trip
 
-ROOT = "/usr/share/nginx/atom"
 VENV = "/opt/atom-worker-circus"
 CIRCUSCTL = f"{VENV}/bin/circusctl --endpoint ipc:///run/atom-worker/circus.sock --timeout 30"
 POLICY = "/usr/local/lib/atom-worker/atom-worker-policy"
 STATE = "/run/atom-worker/circus-policy.json"
 WATCHERS = ["atom-worker@1", "atom-worker@2"]
-COMMAND = ["/usr/bin/php", "-d", "memory_limit=-1", "-d", "error_reporting=E_ALL", "symfony", "jobs:worker"]
 
 
 def circusctl(host, *args):
@@ -45,16 +44,11 @@ def test_one_watcher_per_instance_running_the_unit_command(host):
     assert statuses == dict.fromkeys(WATCHERS, "active"), logs(host)
     for name in WATCHERS:
         [pid] = circusctl(host, "list", name)["pids"]
-        assert host.check_output(f"ps -o user= -p {pid}").strip() == "www-data"
-        assert host.file(f"/proc/{pid}/cmdline").content_string.split("\0")[:-1] == COMMAND
-        assert host.check_output(f"readlink /proc/{pid}/cwd") == ROOT
+        assert_runs_as_the_unit(host, pid)
 
 
 def test_no_worker_is_a_systemd_unit(host):
-    out = host.check_output("systemctl list-units --all --plain --no-legend --no-pager 'atom-worker@*' 'atom-workers*'")
-    assert out.strip() == ""
-    assert not host.file("/etc/systemd/system/atom-worker@.service").exists
-    assert not host.file("/etc/systemd/system/atom-workers.target").exists
+    assert_no_worker_is_a_systemd_unit(host, "atom-worker@*")
 
 
 @pytest.mark.parametrize(("path", "mode"), [
@@ -94,13 +88,4 @@ def test_sites_json_says_circus(host):
 
 
 def test_a_job_round_trip(host):
-    job_id = host.check_output(
-        f"cd {ROOT} && runuser -u www-data -- php symfony standin:submit --class=arFindingAidJob --count=1"
-    ).strip()
-    for _ in range(60):
-        record = host.file(f"{ROOT}/log/standin-record.jsonl").content_string
-        events = [json.loads(line) for line in record.splitlines() if f'"{job_id}"' in line]
-        if any(e.get("event") == "job" and e.get("status") == "completed" for e in events):
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not complete:\n{logs(host)}")
+    job_round_trip(host, logs)

@@ -1,15 +1,14 @@
-"""testinfra checks of the supervisor scenario (molecule verify): the workers under supervisord, for real."""
+"""testinfra checks of the supervisor scenario (molecule verify): the workers under supervisord, for real. What
+the circus scenario checks alike is in tests/manager_tests.py (pytest.ini puts tests/ on the path)."""
 
 import hashlib
 import json
-import time
 
 import pytest
+from manager_tests import assert_no_worker_is_a_systemd_unit, assert_runs_as_the_unit, job_round_trip
 
-ROOT = "/usr/share/nginx/atom"
 WORKERS = ["atom-workers:atom-worker@1", "atom-workers:atom-worker@2"]
 LISTENER = "atom-worker-policy"
-COMMAND = ["/usr/bin/php", "-d", "memory_limit=-1", "-d", "error_reporting=E_ALL", "symfony", "jobs:worker"]
 
 
 def status(host):
@@ -42,16 +41,11 @@ def test_the_workers_and_the_listener_run_under_supervisord(host):
     assert {name for name, (state, _) in procs.items() if state == "RUNNING"} == {*WORKERS, LISTENER}, logs(host)
     for name in WORKERS:
         pid = procs[name][1]
-        assert host.check_output(f"ps -o user= -p {pid}").strip() == "www-data"
-        assert host.file(f"/proc/{pid}/cmdline").content_string.split("\0")[:-1] == COMMAND
-        assert host.check_output(f"readlink /proc/{pid}/cwd") == ROOT
+        assert_runs_as_the_unit(host, pid)
 
 
 def test_no_worker_is_a_systemd_unit(host):
-    out = host.check_output("systemctl list-units --all --plain --no-legend --no-pager 'atom-worker*' 'atom-workers*'")
-    assert out.strip() == ""
-    assert not host.file("/etc/systemd/system/atom-worker@.service").exists
-    assert not host.file("/etc/systemd/system/atom-workers.target").exists
+    assert_no_worker_is_a_systemd_unit(host, "atom-worker*")
 
 
 @pytest.mark.parametrize(("path", "mode"), [
@@ -88,13 +82,4 @@ def test_sites_json_says_supervisor(host):
 
 
 def test_a_job_round_trip(host):
-    job_id = host.check_output(
-        f"cd {ROOT} && runuser -u www-data -- php symfony standin:submit --class=arFindingAidJob --count=1"
-    ).strip()
-    for _ in range(60):
-        record = host.file(f"{ROOT}/log/standin-record.jsonl").content_string
-        events = [json.loads(line) for line in record.splitlines() if f'"{job_id}"' in line]
-        if any(e.get("event") == "job" and e.get("status") == "completed" for e in events):
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not complete:\n{logs(host)}")
+    job_round_trip(host, logs)
