@@ -66,7 +66,11 @@ DEFAULTS = {
     "log_dir": "/var/log/atom-worker",
     "service": "atom-worker-circus",
     "venv": "/opt/atom-worker-circus",
+    # The copy of circus.ini circusd was started with (the unit's ExecStartPre makes it): its [circus] section is
+    # what circusd runs (reloadconfig never applies a changed one). "": beside the state file.
+    "running_config": "",
 }
+RUNNING_COPY = "circus.running.ini"
 WATCHER_GLOB = "atom-worker*@*"
 CALL_TIMEOUT = 10.0
 # A call that waits for workers to stop: their graceful_timeout (TimeoutStopSec) plus this.
@@ -93,6 +97,8 @@ def settings_of(host) -> dict:
         raise ConfigError(f"{host.path}: `circus` must be an object")
     out = dict(DEFAULTS)
     out.update({k: v for k, v in raw.items() if isinstance(v, str) and (v or k == "service")})
+    if not out["running_config"]:
+        out["running_config"] = os.path.join(os.path.dirname(out["state_file"]) or ".", RUNNING_COPY)
     return out
 
 
@@ -429,7 +435,7 @@ class CircusBackend(Backend):
         out["added"] = set(on_disk) - set(running)
         out["removed"] = set(running) - set(on_disk)
         common = sorted(set(on_disk) & set(running))
-        calls = [("options", {"name": n}) for n in common] + [("globaloptions", {})]
+        calls = [("options", {"name": n}) for n in common] + [("globaloptions", {}), ("dstats", {})]
         answers = self._call_many(calls, "compare circusd's watchers with its configuration", missing_ok=True)
         for name, res in zip(common, answers, strict=False):
             if res is None:
@@ -437,10 +443,17 @@ class CircusBackend(Backend):
             self._options[name] = res["options"]
             if _watcher_differs(on_disk[name], res["options"]):
                 out["changed"].add(name)
-        loaded = answers[-1].get("options") or {}
+        loaded = answers[-2].get("options") or {}
         arbiter = cfg["arbiter"]
         out["arbiter"] = any(k in loaded and k in arbiter and _norm(arbiter[k]) != _norm(loaded[k])
                              for k in ARBITER_KEYS)
+        # Every other [circus] setting: compared with the copy circusd was started with, when that copy is
+        # this circusd's (made within moments before it started).
+        info = answers[-1].get("info")
+        pid = int(info["pid"]) if isinstance(info, dict) and info.get("pid") else None
+        running_arbiter = self.running_arbiter(pid)
+        if running_arbiter is not None and _norm(running_arbiter) != _norm(arbiter):
+            out["arbiter"] = True
         out["stale"] = out["changed"] | out["removed"] | (set(running) if out["arbiter"] else set())
         self.changed_watchers = sorted(out["added"] | out["removed"] | out["changed"])
         self.arbiter_changed = out["arbiter"]
@@ -457,7 +470,7 @@ class CircusBackend(Backend):
         if self._disk is not None:
             return self._disk
         files = configcache.identity([path])
-        key = ("circus-config", path)
+        key = ("circus-config-2", path)
         kept = configcache.get(key, files) if files is not None and files[0] is not None else None
         if kept is None:
             try:
@@ -469,7 +482,7 @@ class CircusBackend(Backend):
                 cfg = get_config(path)
                 kept = {"watchers": {w["name"]: w for w in cfg.get("watchers", [])
                                      if fnmatch.fnmatchcase(w["name"], WATCHER_GLOB)},
-                        "arbiter": {k: cfg[k] for k in ARBITER_KEYS if k in cfg}}
+                        "arbiter": _arbiter_config(cfg)}
             except ManagerError:
                 if strict:
                     raise
@@ -482,6 +495,28 @@ class CircusBackend(Backend):
                 configcache.put(key, files, kept)
         self._disk = kept
         return kept
+
+    def running_arbiter(self, pid: int | None) -> dict | None:
+        """The [circus] settings circusd was started with: the whole section (as circus's arbiter compares it at
+        reloadconfig) of the copy its unit's ExecStartPre made. None when there is no such copy, or when it is
+        not this circusd's (made more than a minute before it started, or after: started by other means)."""
+        path = self.settings.get("running_config") or ""
+        if not path or not pid:
+            return None
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError:
+            return None
+        started = _started_at(pid)
+        if started is None or not (started - 60 <= mtime <= started + 2):
+            return None
+        try:
+            self._connect()
+            from circus.config import get_config
+
+            return _arbiter_config(get_config(path))
+        except Exception:  # a copy that does not parse says nothing
+            return None
 
     # -- acting --------------------------------------------------------------------------------------------
     def _watcher(self, unit: str) -> str:
@@ -521,32 +556,54 @@ class CircusBackend(Backend):
         timeout = self._graceful([name]) + STOP_MARGIN
         if self._settle(name, timeout) != "stopped":
             return  # running (or starting/stopping: its own command decides)
+        asked = time.time()
         res = self._call("start", what=f"start {name}", timeout=timeout, name=name, match="simple", waiting=True)
-        self._check_started(name, res)
+        self._check_started(name, res, asked)
 
     def restart(self, unit: str) -> None:
         name = self._watcher(unit)
         ns = f"{self._group(name)}:{name}"
         self.policy.reset([ns], cancel=True)
         timeout = 2 * self._graceful([name]) + STOP_MARGIN
+        asked = time.time()
         res = self._call("restart", what=f"restart {name}", timeout=timeout, name=name, match="simple",
                          waiting=True)
-        self._check_started(name, res)
+        self._check_started(name, res, asked)
 
-    def _check_started(self, name: str, res: dict) -> None:
+    def _check_started(self, name: str, res: dict, asked: float = 0.0) -> None:
         info = res.get("info")
         if isinstance(info, dict) and not info.get("started") and not info.get("kept"):
-            raise ManagerError(f"circusd did not start {name}: the restart policy refused the start (see "
-                               f"`atom-workerctl logs -n 20 {name}`)")
+            # Nothing started: a spawn error (the command cannot run) or the policy refusing the start; the
+            # state file tells which.
+            ns = f"{self._group(name)}:{name}"
+            try:
+                entry = self.read_state()["processes"].get(ns)
+            except ManagerError:
+                entry = None
+            entry = entry if isinstance(entry, dict) else {}
+            last = last_exit(entry) or {}
+            spawn = last.get("spawn_error") if float(last.get("at") or 0) >= asked - 1 else None
+            hint = f"see `atom-workerctl logs -n 20 {name}`"
+            if entry.get("failed"):
+                why = f"the restart policy refused the start ({entry.get('result') or 'failed'})"
+            elif spawn:
+                why = f"it could not be spawned: {spawn}"
+            else:
+                why = "nothing was spawned (a spawn error or the restart policy)"
+            raise ManagerError(f"circusd did not start {name}: {why} ({hint})")
 
     def stop(self, unit: str) -> None:
         name = unit.removesuffix(".service")
         # A stop must not be undone RestartSec later by the policy (systemd's StopUnit cancels a pending
         # auto-restart too).
-        self.policy.cancel([f"{self._group(name)}:{name}"])
+        ns = f"{self._group(name)}:{name}"
+        self.policy.cancel([ns])
+        # waiting=True, then cancel again: an exit between the first cancel and the stop may have scheduled a
+        # restart that would start the stopped watcher later.
         with contextlib.suppress(NoSuchError):  # not in circusd: nothing runs
             self._call("stop", what=f"stop {name}", timeout=self._graceful([name]) + STOP_MARGIN, name=name,
-                       match="simple", waiting=False)
+                       match="simple", waiting=True)
+        self.policy.cancel([ns])
 
     def enable(self, units: list[str]) -> list[str]:
         """Watchers in circus.ini with autostart = true; a missing one copied from a sibling instance of its pool
@@ -600,7 +657,10 @@ class CircusBackend(Backend):
         running = self._statuses or {}
         flipped = {n for n in self._flipped if n in running}
         changes["changed"] |= flipped
-        everything = set(running) if changes["arbiter"] else set()
+        if changes["arbiter"]:
+            self._restart_daemon(changes, running)
+            return
+        everything = set()
         again = changes["added"] | changes["changed"] | everything
         self.policy.reset([f"{self._group(n)}:{n}" for n in sorted(again)], cancel=True)
         stopping = sorted(changes["removed"] | changes["changed"] | everything)
@@ -610,10 +670,60 @@ class CircusBackend(Backend):
         self.changed_watchers = sorted(changes["added"] | changes["removed"] | changes["changed"])
         self.arbiter_changed = changes["arbiter"]
         self._flipped = {}
-        self.reload_note = ("[circus] changed: reloadconfig restarted every watcher and does not apply it; only a "
-                            "restart of circusd does (" + (f"systemctl restart {self.settings['service']}"
-                                                           if self.settings.get("service") else "stop it, start it")
-                            + ")" if changes["arbiter"] else "")
+        self.reload_note = ""
+        self._changes = None
+        self._disk = None
+        self._options = {}
+        self._statuses = None
+
+    def _restart_daemon(self, changes: dict, running: dict) -> None:
+        """[circus] changed: reloadconfig would stop and start every watcher WITHOUT applying it (and every later
+        reloadconfig again); only a new circusd applies it. Every watcher's budget is reset (and a pending
+        restart cancelled) first: the new circusd starts each one, deliberately."""
+        service = self.settings.get("service")
+        if not service:
+            raise ManagerError(f"the [circus] section of {self.config_file} changed: only a restart of circusd applies "
+                               f"it (reloadconfig would restart every worker without applying it): "
+                               f"{restart_fix(self.settings, 'every worker restarts')}, then `atom-workerctl reset`")
+        import subprocess
+
+        names = sorted(set(running) | changes["added"])
+        self.policy.reset([f"{self._group(n)}:{n}" for n in names], cancel=True)
+        old_pid = None
+        with contextlib.suppress(WorkerctlError):
+            old_pid = self.daemon_pid()
+        timeout = STOP_MARGIN + self._graceful(sorted(running)) + 60
+        try:
+            proc = subprocess.run(["systemctl", "restart", service], capture_output=True, text=True,
+                                  timeout=timeout, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ManagerError(f"systemctl restart {service}: {exc}") from None
+        if proc.returncode != 0:
+            why = (proc.stderr or proc.stdout).strip().splitlines()
+            raise ManagerError(f"systemctl restart {service} failed: {why[0] if why else f'exit {proc.returncode}'}")
+        # The new circusd: answering (with another pid), its watchers started.
+        self.close()
+        self._statuses = None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._probe()
+                pid = self.daemon_pid()
+                statuses = self.statuses()
+                if pid != old_pid and all(s in ("active", "stopped") for s in statuses.values()):
+                    break
+            except WorkerctlError:
+                self.close()
+            if time.monotonic() > deadline:
+                raise ManagerError(f"systemctl restart {service}: circusd did not answer with its watchers started "
+                                   f"within {timeout:g}s")
+            time.sleep(0.2)
+        self.changed_watchers = sorted(changes["added"] | changes["removed"] | changes["changed"])
+        self.arbiter_changed = True
+        self._flipped = {}
+        self.reload_note = (f"[circus] changed in {self.config_file}: circusd was restarted (systemctl restart "
+                            f"{service}) to apply it, not reloaded (reloadconfig would restart every worker without "
+                            "applying it): every worker restarted, restart budgets reset first")
         self._changes = None
         self._disk = None
         self._options = {}
@@ -627,6 +737,11 @@ class CircusBackend(Backend):
 
 
 # -- comparing a watcher's section with circusd's options ---------------------------------------------------------
+def _arbiter_config(cfg: dict) -> dict:
+    """The [circus] settings of a parsed configuration, as circus's Arbiter.get_arbiter_config keeps them."""
+    return {k: v for k, v in cfg.items() if k not in ("watchers", "plugins", "sockets")}
+
+
 def _norm(value):
     if isinstance(value, float) and value.is_integer():
         return int(value)
@@ -857,8 +972,11 @@ def policy_findings(backend) -> list:
         findings.append(Finding(
             "unit_changed_not_reloaded", FAULT, "[circus]",
             f"the [circus] section of {settings['config']} changed: only a restart of circusd applies it",
-            ["circusctl globaloptions differs from the file (endpoint, pubsub_endpoint, check_delay, ...)"],
-            [restart_fix(settings, "applies [circus]; every worker restarts"), AFTER_RESTART]))
+            [(f"the [circus] settings circusd runs (circusctl globaloptions; {settings['running_config']}, the copy "
+              "it was started with) differ from the file")],
+            ([("atom-workerctl daemon-reload   # restarts circusd (not reloadconfig, which would restart every "
+               "worker without applying [circus]), restart budgets reset first")] if settings.get("service") else
+             [restart_fix(settings, "applies [circus]; every worker restarts"), AFTER_RESTART])))
     elif changes["added"] or changes["removed"] or changes["changed"]:
         names = sorted(changes["added"] | changes["removed"] | changes["changed"])
         how = {**dict.fromkeys(changes["changed"], "changed in"), **dict.fromkeys(changes["added"], "added to"),

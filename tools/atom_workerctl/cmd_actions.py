@@ -200,6 +200,8 @@ def scale(args, host: model.Host, backend) -> int:
         elif backend.name == "circus":
             # One watcher per instance: reloadconfig starts and stops only the watchers that changed.
             out.line(f"circus: {'; '.join(changes)}; applied with reloadconfig (the other workers keep running)")
+            if getattr(backend, "reload_note", ""):  # a changed [circus] section: circusd itself was restarted
+                out.line(backend.reload_note)
     states = backend.units(target + remove, "")
     for unit in target:
         if not states[unit].active:

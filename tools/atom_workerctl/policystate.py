@@ -24,6 +24,29 @@ DEFAULT_POLICY = {"restart": "on-failure", "restart_sec": 30.0, "start_limit_int
                   "start_limit_burst": 3}
 
 
+# How long the CLI waits for the state file's lock (the engine holds it for a read-modify-write of a small file).
+LOCK_WAIT = 10.0
+
+
+def open_lock(path: str) -> int:
+    """The state file's lock, as atom-worker-policy's open_lock: created 0600, never through a symlink, an
+    existing one must be a regular file owned by this user (root) and is set to 0600 (flock works on a read-only
+    fd: a lock file others can open lets any local user stop the restart policy, and circusd, by holding it)."""
+    import stat
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise OSError(f"not a regular file owned by uid {os.geteuid()}")
+        if stat.S_IMODE(st.st_mode) != 0o600:
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class PolicyState:
     """The state file at `path` (it may not exist yet: nothing was counted)."""
 
@@ -55,13 +78,22 @@ class PolicyState:
         directory = os.path.dirname(self.path) or "."
         try:
             os.makedirs(directory, mode=0o755, exist_ok=True)
-            fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = open_lock(self.path + ".lock")
         except PermissionError:
             raise ManagerError(f"cannot lock {self.path}.lock: permission denied (run as root)") from None
         except OSError as exc:
             raise ManagerError(f"cannot lock {self.path}.lock: {exc}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            deadline = time.monotonic() + LOCK_WAIT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise ManagerError(f"{self.path}.lock: still locked by another process after "
+                                           f"{LOCK_WAIT:g}s (the restart policy's state file; try again)") from None
+                    time.sleep(0.05)
             state = self.read()
             before = json.dumps(state, sort_keys=True)
             yield state

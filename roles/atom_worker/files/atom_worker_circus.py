@@ -27,8 +27,11 @@ and these free-form watcher options (`circusctl options NAME` shows them):
     atom_policy_log                the policy log file (default <the watcher's log dir>/atom-worker-policy.log)
     atom_pool                      the pool's unit prefix (for atom-workerctl scale)
 
-The hooks run on circusd's only thread, inside its event loop: nothing here blocks (the state file's flock
-is held for a read-modify-write of a small JSON file; notices run in a process of their own). A hook never
+The hooks run on circusd's only thread, inside its event loop: nothing here blocks. The state file's flock
+(on a root-only 0600 lock file) is taken without waiting, held for a read-modify-write of a small JSON file;
+when another process holds it the work is tried again on the loop moments later (before_start, which must
+answer at once, tries for up to START_LOCK_WAIT, then allows the start uncounted). Notices run in a process
+of their own. A hook never
 takes circusd down: every error is logged (with its traceback) and the hook returns True. For before_start
 that means an internal error ALLOWS the start: circus itself never restarts a worker (respawn = false), so a
 broken policy cannot cause a restart loop, while refusing would keep every worker of the host down (boot,
@@ -66,6 +69,8 @@ DEFAULT_STATE_FILE = "/run/atom-worker/circus-policy.json"
 POLICY_LOG_NAME = "atom-worker-policy.log"
 TICK_MS = 250  # the due-restart timer's period; exact due times get a call_later of their own
 BUSY_RETRY = 0.05  # seconds: a due restart found circusd busy with a command looks again this soon
+LOCK_RETRY = 0.02  # seconds: work that found the state file's lock held is tried again this soon, on the loop
+START_LOCK_WAIT = 1.0  # seconds before_start (which must answer now) tries the lock before allowing the start
 POLICY_OPTIONS = ("restart", "restart_sec", "start_limit_interval_sec", "start_limit_burst")
 RUNTIME_ATTR = "_atom_worker_policy"  # the Runtime of an arbiter, kept on it (survives a module reload)
 # circus's serialised commands (util.synchronized names) that stop watchers on purpose.
@@ -316,7 +321,7 @@ class Runtime:
         self.loop = ioloop.IOLoop.current()
         self.started = time.time()
         self.runs = {}
-        self.announced = set()  # state files holding this circusd's listener block
+        self.announced = set()  # state files whose "hooks loaded" line was logged
         self.due_cache = {}     # state file -> (stat signature, [(next_restart, namespec)])
         self.retry_pending = False  # a look BUSY_RETRY later is scheduled (never more than one)
         self.timer = ioloop.PeriodicCallback(self.tick, TICK_MS)
@@ -325,31 +330,56 @@ class Runtime:
     def run(self, name):
         return self.runs.setdefault(name, Run())
 
-    def store(self, cfg):
-        return P.StateStore(cfg.state_file)
+    @contextlib.contextmanager
+    def update(self, cfg_or_path):
+        """The state file under its lock, never waiting for it (P.LockBusy when another process holds it: the
+        caller tries again on the loop, later()); the listener block written when it is not this circusd's."""
+        path = cfg_or_path if isinstance(cfg_or_path, str) else cfg_or_path.state_file
+        with P.StateStore(path).update(blocking=False) as state:
+            self.ensure_listener(state, path, None if isinstance(cfg_or_path, str) else cfg_or_path)
+            yield state
+
+    def later(self, what, fn, *args):
+        """fn(*args) now; while the state file's lock is busy, again LOCK_RETRY later on circusd's loop (never
+        blocking its only thread). Errors are logged."""
+        try:
+            fn(*args)
+        except P.LockBusy:
+            self.loop.call_later(LOCK_RETRY, self.later, what, fn, *args)
+        except Exception:
+            log_error(what)
 
     # -- the listener block: proof that this circusd runs the hooks -----------------------------------
     def announce(self, cfg):
         if cfg.policy_log:
             POLICY_LOG.add(cfg.policy_log, cfg.log_max_bytes, cfg.log_backups)
-        if cfg.state_file in self.announced:
+
+    def ensure_listener(self, state, path, cfg):
+        """Under the lock: (re)write the listener block whenever it is not this circusd's (first hook, or the
+        state file was removed or set aside as corrupt), forgetting entries of watchers circusd no longer has."""
+        listener = state.get("listener")
+        if isinstance(listener, dict) and listener.get("pid") == os.getpid():
             return
         arbiter = self.arbiter
         names = {w.name for w in arbiter.watchers}
-        log(f"circus hooks loaded in circusd (pid {os.getpid()}): state {cfg.state_file}; endpoint "
-            f"{getattr(arbiter, 'endpoint', '?')}; engine {P.__file__}; notices "
-            f"{'by `' + cfg.notify_command + ' notify`' if cfg.notify_command else 'off'}")
-        with self.store(cfg).update() as state:
-            state["listener"] = {"pid": os.getpid(), "started": round(self.started, 3), "manager": "circus",
-                                 "endpoint": getattr(arbiter, "endpoint", None), "adapter": os.path.abspath(__file__),
-                                 "engine": P.__file__}
+        if path not in self.announced:
+            notify = cfg.notify_command if cfg is not None else None
+            log(f"circus hooks loaded in circusd (pid {os.getpid()}): state {path}; endpoint "
+                f"{getattr(arbiter, 'endpoint', '?')}; engine {P.__file__}; notices "
+                f"{'by `' + notify + ' notify`' if notify else 'off'}")
+            self.announced.add(path)
+        else:
+            log(f"state {path}: the listener block was missing or not this circusd's: written again")
+        state["listener"] = {"pid": os.getpid(), "started": round(self.started, 3), "manager": "circus",
+                             "endpoint": getattr(arbiter, "endpoint", None), "adapter": os.path.abspath(__file__),
+                             "engine": P.__file__}
+        if cfg is not None:
             state["policy"] = P.public_policy(cfg.policy)
-            for namespec in sorted(state["processes"]):
-                entry = state["processes"][namespec]
-                if isinstance(entry, dict) and entry.get("name") not in names:
-                    log(f"{namespec}: no longer a watcher of circusd; forgetting its state")
-                    del state["processes"][namespec]
-        self.announced.add(cfg.state_file)
+        for namespec in sorted(state["processes"]):
+            entry = state["processes"][namespec]
+            if isinstance(entry, dict) and entry.get("name") not in names:
+                log(f"{namespec}: no longer a watcher of circusd; forgetting its state")
+                del state["processes"][namespec]
 
     # -- exits ------------------------------------------------------------------------------------------
     def record_exit(self, watcher, cfg, exit_code, what="exited"):
@@ -360,7 +390,7 @@ class Runtime:
         cause, result, how = P.classify_exit(status, signame, False, expected, cfg.recycle_exit_code)
         if what != "exited":
             how = f"{how}; {what}"
-        with self.store(cfg).update() as state:
+        with self.update(cfg) as state:
             entry = P.get_entry(state, cfg.group, cfg.name, cfg.policy)
             last_exit = {"at": round(now, 3), "exit_status": status, "signal": signame, "expected": expected,
                          "result": result}
@@ -443,8 +473,12 @@ class Runtime:
             return False  # starting or stopping: look again at the next tick
         policy = cfg.policy if cfg else P.DEFAULT_POLICY
         fix = cfg.fix if cfg else None
-        with P.StateStore(path).update() as state:
-            verdict = P.due_decision(state, group, name, policy, time.time(), restartable, what, fix)
+        try:
+            with self.update(cfg if cfg is not None else path) as state:
+                verdict = P.due_decision(state, group, name, policy, time.time(), restartable, what, fix)
+        except P.LockBusy:
+            self.retry_soon()  # the lock is busy: look again soon
+            return True
         if verdict == "gave-up":
             self.notify(cfg, namespec)
         if verdict not in ("start", "recycle"):
@@ -459,13 +493,17 @@ class Runtime:
             future = watcher.start()  # the serialised path of `circusctl start`: before_start counts it
         except ConflictError as exc:
             log(f"{cfg.namespec}: the restart must wait: {exc}")
-            with self.store(cfg).update() as state:  # as it was: due again now
-                entry = P.get_entry(state, cfg.group, cfg.name, cfg.policy)
-                if verdict == "start":
-                    entry["n_restarts"] = max(0, entry["n_restarts"] - 1)
-                    entry["pending_start"] = None
-                entry["next_restart"] = P.ms_ceil(time.time())
-            self.retry_soon()
+
+            def undo():
+                with self.update(cfg) as state:  # as it was: due again now
+                    entry = P.get_entry(state, cfg.group, cfg.name, cfg.policy)
+                    if verdict == "start":
+                        entry["n_restarts"] = max(0, entry["n_restarts"] - 1)
+                        entry["pending_start"] = None
+                    entry["next_restart"] = P.ms_ceil(time.time())
+                self.retry_soon()
+
+            self.later(f"putting back the restart of {cfg.namespec}", undo)
             return
 
         def done(fut):
@@ -531,9 +569,22 @@ def before_start(watcher, arbiter, **_):
     cfg.report()
     rt.announce(cfg)
     run = rt.run(watcher.name)
-    with rt.store(cfg).update() as state:
-        verdict = P.start_decision(P.get_entry(state, cfg.group, cfg.name, cfg.policy), cfg.namespec, cfg.policy,
-                                   time.time(), cfg.fix)
+    # before_start must answer now: the lock is tried (never waited for) up to START_LOCK_WAIT; only root can
+    # hold it (0600), for a read-modify-write of a small file.
+    deadline = time.monotonic() + START_LOCK_WAIT
+    while True:
+        try:
+            with rt.update(cfg) as state:
+                verdict = P.start_decision(P.get_entry(state, cfg.group, cfg.name, cfg.policy), cfg.namespec,
+                                           cfg.policy, time.time(), cfg.fix)
+            break
+        except P.LockBusy:
+            if time.monotonic() >= deadline:
+                log(f"{cfg.namespec}: start ALLOWED without the restart policy: {cfg.state_file}.lock was held "
+                    f"by another process for {START_LOCK_WAIT:g}s (this start is not counted)")
+                verdict = "uncounted"
+                break
+            time.sleep(0.01)
     if verdict == "gave-up":
         rt.notify(cfg, cfg.namespec)
     if verdict in ("failed", "gave-up"):
@@ -565,7 +616,7 @@ def after_reap(watcher, arbiter, process_pid=None, exit_code=None, **_):
         how = P.classify_exit(status, signame, False, exit_code == 0, cfg.recycle_exit_code)[2]
         log(f"{cfg.namespec}: stopped ({how}, pid {process_pid}): a deliberate stop, not restarted")
         return True
-    rt.record_exit(watcher, cfg, exit_code)
+    rt.later(f"recording the exit of {cfg.namespec}", rt.record_exit, watcher, cfg, exit_code)
     return True
 
 
@@ -598,15 +649,22 @@ def after_stop(watcher, arbiter, **_):
     if kind == "spawn-failed":
         cfg = Config(watcher)
         now = time.time()
-        with rt.store(cfg).update() as state:
-            entry = P.get_entry(state, cfg.group, cfg.name, cfg.policy)
-            verdict = P.spawn_error_decision(entry, cfg.namespec, cfg.policy, now, spawn_error(watcher))
-            due = entry["next_restart"]
-        if verdict == "restart" and due:
-            rt.wake(due)
+        error = spawn_error(watcher)
+
+        def record():
+            with rt.update(cfg) as state:
+                entry = P.get_entry(state, cfg.group, cfg.name, cfg.policy)
+                verdict = P.spawn_error_decision(entry, cfg.namespec, cfg.policy, now, error)
+                due = entry["next_restart"]
+            if verdict == "restart" and due:
+                rt.wake(due)
+
+        rt.later(f"recording the spawn error of {cfg.namespec}", record)
     elif kind == "exited" and not exited:
         exit_code = process.returncode() if process is not None else None
-        rt.record_exit(watcher, Config(watcher), exit_code, what="ended without a reap by circus")
+        cfg = Config(watcher)
+        rt.later(f"recording the exit of {cfg.namespec}", rt.record_exit, watcher, cfg, exit_code,
+                 "ended without a reap by circus")
     return True
 
 
