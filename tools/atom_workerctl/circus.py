@@ -46,6 +46,7 @@ import socket
 import sys
 import time
 
+from . import atomicfile
 from .backend import Backend, UnitState
 from .errors import ConfigError, ManagerError, NoSuchError, WorkerctlError
 from .policystate import (
@@ -815,19 +816,13 @@ def _read(path: str) -> str:
 
 def _write(path: str, text: str) -> None:
     """Replace the file atomically, keeping its mode."""
-    tmp = f"{path}.workerctl-{os.getpid()}"
     try:
         mode = os.stat(path).st_mode & 0o7777
     except OSError:
         mode = 0o644
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        atomicfile.replace(path, text, mode)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         if isinstance(exc, PermissionError):
             raise ManagerError(f"cannot write {path}: permission denied (run as root)") from None
         raise ManagerError(f"cannot write {path}: {exc.strerror or exc}") from None

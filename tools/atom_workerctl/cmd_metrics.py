@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 
-from . import model
+from . import atomicfile, model
 from .errors import EXIT_OK, WorkerctlError
 from .snapshot import InstanceView, Snapshot, take
 
@@ -190,18 +189,7 @@ def write_atomically(path: str, text: str, mode: int = 0o644) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise WorkerctlError(f"--output: no such directory: {directory}")
-    fd, tmp = tempfile.mkstemp(prefix=".atom-worker-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomicfile.replace(path, text, mode, fsync=True, prefix=".atom-worker-")
 
 
 def functions_of(host: model.Host, choice: str) -> bool | set[str]:

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-from . import cmd_logs, journal, model
+from . import atomicfile, cmd_logs, journal, model
 from .errors import EXIT_ERROR, EXIT_OK, ConfigError, WorkerctlError
 from .render import iso
 
@@ -202,10 +202,7 @@ def claim(state_dir: str, unit: str, key: str) -> bool:
                     return False
         except FileNotFoundError:
             pass
-        tmp = f"{path}.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(key + "\n")
-        os.replace(tmp, path)
+        atomicfile.replace(path, key + "\n")
         return True
     finally:
         os.close(fd)

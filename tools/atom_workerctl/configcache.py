@@ -26,6 +26,8 @@ import os
 import stat
 import time
 
+from . import atomicfile
+
 CACHE_DIR = "/run/atom-workerctl"
 CACHE_FILE = "site-config.cache"
 FORMAT = 1
@@ -115,13 +117,8 @@ def put(key: tuple, files: tuple, value) -> None:
     entries[key] = (files, value)
     while len(entries) > MAX_ENTRIES:
         entries.pop(next(iter(entries)))
-    tmp = os.path.join(folder, f".{CACHE_FILE}.{os.getpid()}.tmp")
     try:
         data = marshal.dumps({"format": FORMAT, "entries": entries})
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, os.path.join(folder, CACHE_FILE))  # readers see the old file or the new one, whole
+        atomicfile.replace(os.path.join(folder, CACHE_FILE), data, 0o600)
     except (OSError, ValueError):  # ValueError: a value marshal cannot keep; the run goes on without caching it
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        pass

@@ -10,11 +10,11 @@ records it in the pool's `scaled` field; the role's next run writes the file bac
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
 import os
 
+from . import atomicfile
 from .errors import ConfigError, NoSuchError
 
 DEFAULT_CONFIG = "/etc/atom-worker/sites.json"
@@ -172,23 +172,12 @@ def load(path: str | None = None) -> Host:
 def save(host: Host) -> None:
     """Write the model back atomically (keys sorted, two-space indent, as the role writes it)."""
     text = json.dumps(host.raw, indent=2, sort_keys=True) + "\n"
-    tmp = f"{host.path}.workerctl-{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, host.path)
+        atomicfile.replace(host.path, text)
     except PermissionError:
-        _unlink(tmp)
         raise ConfigError(f"cannot write {host.path}: permission denied", hint="run as root") from None
     except OSError as exc:
-        _unlink(tmp)
         raise ConfigError(f"cannot write {host.path}: {exc}") from None
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
 
 
 class Selection:

@@ -16,6 +16,7 @@ import json
 import os
 import time
 
+from . import atomicfile
 from .errors import ManagerError
 
 # The engine's defaults (atom-worker-policy DEFAULT_POLICY): used when neither the state file nor the
@@ -73,7 +74,6 @@ class PolicyState:
         atom-worker-policy's StateStore). Never held across a call to the process manager: the engine takes
         the same lock inside it (circusd's hooks run on its one thread)."""
         import fcntl
-        import tempfile
 
         directory = os.path.dirname(self.path) or "."
         try:
@@ -100,18 +100,9 @@ class PolicyState:
             if json.dumps(state, sort_keys=True) != before:
                 state["schema"] = state.get("schema", 1)
                 state["updated"] = round(time.time(), 3)
+                # The temporary file's name as atom-worker-policy's StateStore makes it.
                 prefix = "." + os.path.basename(self.path).removesuffix(".json") + "."
-                tmp_fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
-                try:
-                    with os.fdopen(tmp_fd, "w", encoding="utf-8") as fh:
-                        json.dump(state, fh, indent=2, sort_keys=True)
-                        fh.write("\n")
-                    os.chmod(tmp, 0o644)
-                    os.replace(tmp, self.path)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-                    raise
+                atomicfile.replace(self.path, json.dumps(state, indent=2, sort_keys=True) + "\n", prefix=prefix)
         finally:
             os.close(fd)
 

@@ -32,11 +32,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import http.client
-import os
 import socket
 import time
 import xmlrpc.client
 
+from . import atomicfile
 from .backend import Backend, UnitState
 from .errors import ManagerError, NoSuchError
 from .policystate import (
@@ -430,15 +430,9 @@ def set_numprocs(path: str, program: str, n: int) -> int:
             lines[i] = f"numprocs={n}\n"
     if old is None:
         raise ManagerError(f"{path}: no [program:{program}] with numprocs= (run site.yml to write it)")
-    tmp = f"{path}.workerctl-{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write("".join(lines))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        atomicfile.replace(path, "".join(lines))
     except PermissionError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise ManagerError(f"cannot write {path}: permission denied (run as root)") from None
     return old
 
