@@ -16,7 +16,10 @@ import shlex
 import time
 
 import pytest
-from conftest import (
+from labhosts import ATOM_ROOT
+from manager_tests import assert_burst_starts_apart, assert_lab_worker_runs_as_the_unit, lab_exec_start
+from supervisor_harness import make_units
+from supervisor_lab import (
     CONF_FILE,
     INSTANCES,
     LOG_DIR,
@@ -26,9 +29,6 @@ from conftest import (
     RESTART_SEC,
     SERVER_URL,
 )
-from labhosts import ATOM_ROOT
-from manager_tests import assert_burst_starts_apart, assert_lab_worker_runs_as_the_unit, lab_exec_start
-from supervisor_harness import make_units
 
 pytestmark = pytest.mark.timeout(900)
 
