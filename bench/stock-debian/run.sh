@@ -344,7 +344,10 @@ phases = []
 stamped = logs / "make-demo.log"
 if stamped.exists():
     lines = [line.split(" ", 1) for line in stamped.read_text().splitlines() if " " in line]
-    marks = [(int(t), text) for t, text in lines if text.startswith("== ") and t.isdigit()]
+    # The Makefile's own marks only: tools/demo_status.py's section banners ("== jobs1: ... =====") are
+    # part of the last phase.
+    marks = [(int(t), text) for t, text in lines
+             if text.startswith("== ") and not text.endswith("==") and t.isdigit()]
     # A phase ends at the next mark of the same leg, or when its leg did (the output may stop long before,
     # e.g. in a stopped run); each leg is one make-demo step.
     legs = [(s["start"], round(s["start"] + s["seconds"])) for s in steps if s["step"] == "make-demo"]
