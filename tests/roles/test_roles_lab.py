@@ -161,8 +161,13 @@ def test_allowlist_admits_workers_and_refuses_others(lab):
             {"atom_worker_pools": [{"name": "serial", "instances": 1}]},
             "atom_worker_pools[0]",
         ),
+        ({"atom_worker_manager": "circus", "atom_worker_circus_endpoint": "tcp://127.0.0.1:5555"},
+         "got tcp://127.0.0.1:5555"),
+        ({"atom_worker_manager": "circus", "atom_worker_circus_service": "atom-worker@9"},
+         "(got atom-worker@9)"),
     ],
-    ids=["instances-1", "port-abc", "unknown-manager", "pool-without-types"],
+    ids=["instances-1", "port-abc", "unknown-manager", "pool-without-types", "circus-tcp-endpoint",
+         "circus-service-instance"],
 )
 def test_bad_values_fail_before_any_change(lab, extra_vars, needle):
     before = {h: snapshot(lab, h) for h in (GM, W1)}
