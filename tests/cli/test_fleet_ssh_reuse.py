@@ -26,17 +26,18 @@ def runtime(monkeypatch):
     folder = Path(tempfile.mkdtemp(prefix="awc-", dir="/tmp"))
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(folder))
     monkeypatch.delenv("ATOM_WORKERCTL_SSH_ARGS", raising=False)
-    fleet_ssh.connection_reuse_args.cache_clear()
+    fleet_ssh.control_dir.cache_clear()
     yield folder
-    fleet_ssh.connection_reuse_args.cache_clear()
+    fleet_ssh.control_dir.cache_clear()
     shutil.rmtree(folder)
 
 
 def effective(argv: list[str]) -> dict[str, str]:
     """What the real ssh would use for this command line: `ssh -G` prints it without connecting."""
     dash = argv.index("--")
-    proc = subprocess.run(["ssh", "-G", *argv[1:dash], argv[dash + 1]], capture_output=True, text=True,
-                          check=True, timeout=10, env={**os.environ, "HOME": os.environ.get("HOME", "/root")})
+    # -F /dev/null: this machine's own ssh configuration is not the test's
+    proc = subprocess.run(["ssh", "-G", "-F", "/dev/null", *argv[1:dash], argv[dash + 1]], capture_output=True,
+                          text=True, check=True, timeout=10)
     return dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
 
 
@@ -45,11 +46,16 @@ def test_a_host_is_reached_through_a_persistent_connection_in_a_private_folder(r
     seen = effective(argv)
     folder = runtime / "atom-workerctl-ssh"
     assert seen["controlmaster"] == "auto" and seen["controlpersist"] == "60", seen
-    # %C: one socket per (local host, address, port, user); ssh -G prints it expanded
     path = Path(seen["controlpath"])
-    assert path.parent == folder and len(path.name) == 40 and all(c in "0123456789abcdef" for c in path.name)
-    other = effective(fleet_ssh.Target("w2", "192.0.2.11", "root", 2222).ssh_argv(["x"], 10))
-    assert other["controlpath"] != seen["controlpath"]
+    assert path.parent == folder and len(path.name) == 24 and all(c in "0123456789abcdef" for c in path.name)
+    # The same destination, the same socket; another address, user, port or option, another socket.
+    again = fleet_ssh.Target("w1-again", "192.0.2.10", "root", 2222).ssh_argv(["y"], 10)
+    assert effective(again)["controlpath"] == seen["controlpath"]
+    for other in (fleet_ssh.Target("w2", "192.0.2.11", "root", 2222),
+                  fleet_ssh.Target("w1", "192.0.2.10", "atom", 2222),
+                  fleet_ssh.Target("w1", "192.0.2.10", "root", 22),
+                  fleet_ssh.Target("w1", "192.0.2.10", "root", 2222, ssh_args=["-o", "ProxyJump=bastion2"])):
+        assert effective(other.ssh_argv(["x"], 10))["controlpath"] != seen["controlpath"], other.as_dict()
     mode = folder.lstat().st_mode
     assert stat.S_ISDIR(mode) and stat.S_IMODE(mode) == 0o700
     assert argv[-1] == "atom-workerctl status" and argv[-2] == "192.0.2.10"  # the command stays last
@@ -68,6 +74,7 @@ def test_the_users_and_the_inventorys_own_options_win(runtime, monkeypatch):
     assert seen["controlmaster"] == "auto"  # what they did not set is still ours
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root (CI runs as root)")
 @pytest.mark.parametrize("spoil", ["group", "symlink", "not_ours"])
 def test_no_reuse_when_the_folder_is_not_private(runtime, spoil):
     folder = runtime / "atom-workerctl-ssh"
@@ -81,7 +88,7 @@ def test_no_reuse_when_the_folder_is_not_private(runtime, spoil):
     else:
         folder.mkdir(mode=0o700)
         os.chown(folder, 65534, 65534)
-    assert fleet_ssh.connection_reuse_args() == []
+    assert fleet_ssh.connection_reuse_args(fleet_ssh.Target("w1")) == []
     seen = effective(fleet_ssh.Target("w1", "192.0.2.10").ssh_argv(["x"], 10))
     assert seen["controlmaster"] == "false" and seen.get("controlpath", "none") == "none", seen
     # Control: the same folder made private again is used.
@@ -90,24 +97,47 @@ def test_no_reuse_when_the_folder_is_not_private(runtime, spoil):
     else:
         os.chown(folder, os.geteuid(), os.getegid())
         folder.chmod(0o700)
-    fleet_ssh.connection_reuse_args.cache_clear()
-    assert "ControlMaster=auto" in fleet_ssh.connection_reuse_args()
+    fleet_ssh.control_dir.cache_clear()
+    assert "ControlMaster=auto" in fleet_ssh.connection_reuse_args(fleet_ssh.Target("w1"))
+
+
+def test_two_sites_hosts_at_one_address_behind_different_jump_hosts_never_share_a_connection(runtime):
+    # ssh's own %C would give both the same socket (it hashes local host, address, port and user only).
+    site1 = fleet_ssh.Target("s1-w1", "10.0.0.5", "root", ssh_args=["-o", "ProxyJump=bastion1"])
+    site2 = fleet_ssh.Target("s2-w1", "10.0.0.5", "root", ssh_args=["-o", "ProxyJump=bastion2"])
+    paths = [effective(t.ssh_argv(["x"], 10)) for t in (site1, site2)]
+    assert paths[0]["controlpath"] != paths[1]["controlpath"]
+    assert [p["proxyjump"] for p in paths] == ["bastion1", "bastion2"]  # control: the options did reach ssh
+
+
+def test_runtime_folder_not_ours_alone_falls_back_to_the_home_of_our_user(runtime, monkeypatch):
+    import pwd
+
+    home_cache = os.path.join(pwd.getpwuid(os.geteuid()).pw_dir, ".cache", "atom-workerctl-ssh")
+    runtime.chmod(0o755)  # e.g. someone else's, kept by `sudo -E`
+    assert fleet_ssh.control_dir() == home_cache
+    # Control: 0700 again, it is the one used.
+    runtime.chmod(0o700)
+    fleet_ssh.control_dir.cache_clear()
+    assert fleet_ssh.control_dir() == str(runtime / "atom-workerctl-ssh")
 
 
 def test_no_reuse_when_the_socket_path_would_be_too_long(runtime, monkeypatch):
-    deep = runtime / ("d" * 60)
-    deep.mkdir()
+    deep = runtime / ("d" * 60)  # the folder's path must leave room for a 24-character name in 90 bytes
+    deep.mkdir(mode=0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(deep))
-    assert fleet_ssh.connection_reuse_args() == []
+    assert fleet_ssh.control_dir() is None and fleet_ssh.connection_reuse_args(fleet_ssh.Target("w1")) == []
     # Control: the shorter folder is used (ssh binds the socket's temporary name, 17 bytes longer, first).
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-    fleet_ssh.connection_reuse_args.cache_clear()
-    assert "ControlMaster=auto" in fleet_ssh.connection_reuse_args()
+    fleet_ssh.control_dir.cache_clear()
+    assert "ControlMaster=auto" in fleet_ssh.connection_reuse_args(fleet_ssh.Target("w1"))
 
 
-def test_a_percent_sign_in_the_folder_is_not_read_as_a_token(runtime, monkeypatch):
-    odd = runtime / "50%h"
+@pytest.mark.parametrize("name", ["50%h", "a b", "x$HOME", "q'uote"])
+def test_no_reuse_from_a_folder_ssh_would_misread(runtime, monkeypatch, name):
+    odd = runtime / name
     odd.mkdir(mode=0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(odd))
-    seen = effective(fleet_ssh.Target("w1", "192.0.2.10").ssh_argv(["x"], 10))
-    assert Path(seen["controlpath"]).parent == odd / "atom-workerctl-ssh", seen
+    argv = fleet_ssh.Target("w1", "192.0.2.10").ssh_argv(["x"], 10)
+    assert "ControlMaster=auto" not in argv
+    assert effective(argv).get("controlpath", "none") == "none"  # and ssh still reads the command line

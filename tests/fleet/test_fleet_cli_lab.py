@@ -169,6 +169,35 @@ def test_status_over_the_inventory_and_over_named_hosts(lab):
         assert proc.stderr.startswith("atom-workerctl: error: ") and not proc.stdout
 
 
+def test_fleet_commands_reuse_one_ssh_connection_per_host(lab):
+    """ControlMaster/ControlPersist: a command within 60 s of the last rides on its connection; each host's
+    sshd counts the logins."""
+    def logins():
+        count = "journalctl _COMM=sshd -o cat --no-pager | grep -c 'Accepted publickey' || true"
+        return {host: int(lab.run(host, count).stdout.strip() or 0) for host in WORKERS}
+
+    def status(env):
+        proc = subprocess.run([*CTL, "-i", lab.inventory, "status", "--json"], capture_output=True, text=True,
+                              env=env, timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr
+
+    # Control: turned off the way the README says (the user's options come first and win), every command
+    # logs in to every host again, and the count sees it.
+    off = {**lab.env, "ATOM_WORKERCTL_SSH_ARGS": lab.env["ATOM_WORKERCTL_SSH_ARGS"] + " -o ControlPath=none"}
+    before = logins()
+    status(off)
+    status(off)
+    assert logins() == {host: n + 2 for host, n in before.items()}
+    # Reused: at most one login per host for the first command (a connection of an earlier test may still
+    # be up), none for the next ones.
+    status(lab.env)
+    first = logins()
+    assert all(first[host] - before[host] in (2, 3) for host in WORKERS), (before, first)
+    status(lab.env)
+    status(lab.env)
+    assert logins() == first
+
+
 def test_a_host_whose_units_run_but_cannot_reach_gearmand_stands_out(lab):
     # W2 can no longer send to the job server (a `prohibit` route: the worker hosts have no nftables);
     # gearmand is restarted so that it drops every connection: W1's workers reconnect, W2's cannot.

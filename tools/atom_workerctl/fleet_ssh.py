@@ -12,8 +12,10 @@ Imported only when a fleet option is given (start-up of the single-host path sta
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -50,6 +52,9 @@ class Target:
         if self.user:
             argv += ["-l", self.user]
         argv += env_ssh_args() + self.ssh_args
+        # After the user's and the inventory's options: ssh keeps the first value of each option, so their
+        # own ControlMaster/ControlPath/ControlPersist (or `-o ControlMaster=no`) win over these.
+        argv += connection_reuse_args(self)
         command = (["sudo", "-n"] if self.become else []) + remote
         # `--` before the destination: nothing after it is read as an ssh option, whatever the inventory says.
         return [*argv, "--", self.address, shlex.join(command)]
@@ -84,6 +89,90 @@ def env_ssh_args() -> list[str]:
         return shlex.split(os.environ.get("ATOM_WORKERCTL_SSH_ARGS", ""))
     except ValueError as exc:  # an unclosed quote
         raise WorkerctlError(f"$ATOM_WORKERCTL_SSH_ARGS: {exc}", EXIT_USAGE) from None
+
+
+# ssh's socket path limit (sun_path, 108 bytes with its NUL) less the 17 characters of the temporary name
+# ssh binds first (".XXXXXXXXXXXXXXXX") before renaming it to the ControlPath.
+_SOCKET_PATH_MAX = 107 - 17
+_NAME_LENGTH = 24  # hex digits of a socket's name: 96 bits, and room for a home folder's long path
+# What ssh reads in a ControlPath without quoting or expanding it (no blank, quote, `%`, `$` or `~`).
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9_./@+,:=-]+")
+
+
+def _ours(path: str, closed: int) -> bool:
+    """`path` is a real folder owned by us with none of the `closed` mode bits."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & closed
+
+
+@functools.cache
+def control_dir() -> str | None:
+    """The folder of this user's ssh master sockets, made private if new; None when it cannot be trusted.
+
+    A master socket lets whoever can open it run commands on the host as the user it logged in as, without
+    a key, and an ssh client trusts whatever answers on it: the folder and every folder above it that could
+    swap it must be ours alone. $XDG_RUNTIME_DIR only when it is ours and 0700 (root under `sudo -E` keeps
+    the invoking user's, and that user could rename a folder made in it and put their own in its place);
+    else ~/.cache of the home the password database gives our user (not $HOME, for the same reason).
+    """
+    import pwd
+
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime and os.path.isabs(runtime) and _ours(runtime, 0o077):
+        base = runtime
+    else:
+        try:
+            home = pwd.getpwuid(os.geteuid()).pw_dir
+        except KeyError:
+            return None
+        if not (os.path.isabs(home) and _ours(home, 0o022)):
+            return None
+        base = os.path.join(home, ".cache")
+        try:
+            os.mkdir(base, 0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            return None
+        if not _ours(base, 0o022):
+            return None
+    folder = os.path.join(base, "atom-workerctl-ssh")
+    if not _PLAIN_PATH.fullmatch(folder) or len(os.fsencode(folder)) + 1 + _NAME_LENGTH > _SOCKET_PATH_MAX:
+        return None  # ssh would misread it, or a socket's name would not fit: ssh connects each time
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    return folder if _ours(folder, 0o077) else None
+
+
+def connection_reuse_args(target: Target) -> list[str]:
+    """ssh options that keep one connection to the target open for 60 s and let later commands ride on it.
+
+    As Ansible does (ControlPersist=60s): the key exchange and login are most of a host's cost in a fleet
+    command, and an operator runs several in a row (status, then reset, then status). The socket's name is
+    a hash of everything that picks where ssh goes (this machine, the address, user, port, key and every ssh
+    option given), not ssh's `%C` (local host, address, port and user only): two sites' hosts at the same
+    private address behind different jump hosts must never share a connection. Nothing when no private
+    folder is at hand: ssh then connects each time.
+    """
+    folder = control_dir()
+    if folder is None:
+        return []
+    import hashlib
+    import socket
+
+    ident = json.dumps([socket.gethostname(), target.address, target.user, target.port, target.key,
+                        env_ssh_args(), target.ssh_args])
+    path = f"{folder}/{hashlib.sha256(ident.encode()).hexdigest()[:_NAME_LENGTH]}"
+    return ["-o", "ControlMaster=auto", "-o", f"ControlPath={path}", "-o", "ControlPersist=60s"]
 
 
 def parse_host_option(text: str) -> Target:
@@ -454,11 +543,14 @@ def run(target: Target, remote: list[str], timeout: float, on_stderr=None, on_st
 
 
 def _kill(proc: subprocess.Popen) -> None:
+    """ssh alone first: its process group may hold the ProxyCommand/ProxyJump process of a shared connection
+    (the master it forked lives on in a session of its own, its proxy does not), which other commands still
+    use; ssh ends its own proxy when it is not shared. The whole group only if ssh is still there after 2 s."""
     import signal
 
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, kill in ((signal.SIGTERM, os.kill), (signal.SIGKILL, os.killpg)):
         try:
-            os.killpg(proc.pid, sig)
+            kill(proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             return
         try:
