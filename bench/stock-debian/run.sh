@@ -508,8 +508,8 @@ if result["molecule_last_lines"]:
 md += [
     *([f"The run was resumed (`STOCK_RESUME=1`: the kept disk booted again, the lab's hosts removed with "
        f"`lab down` (the golden image kept), `make demo` run again in the same clone) at {', '.join(legs_of['resumed'])}.", ""] if legs_of["resumed"] else []),
-    "`make test` in full was not run: under TCG it would take many hours (it takes about 50 minutes "
-    "natively on this 2-core machine, and guest code runs many times slower).",
+    "`make test` in full was not run: under TCG it would take hours (it takes about 35 minutes natively on "
+    "this 2-core machine, and the first `make demo`, 5 min 30 s natively, took several times longer here).",
     "",
     "Full logs of the run are in `/var/tmp/stock-debian/logs/` on the machine that ran it; the pristine "
     "image, its kernel and initrd are kept in `/var/tmp/stock-debian/` for reruns (`STOCK_REBUILD=1` "
