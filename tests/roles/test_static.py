@@ -353,3 +353,29 @@ def test_yaml_editor_sets_and_adds_scalars():
     assert out == "all:\n  upload_limit: -1\n  workers_key: 'k'\n# trailing comment\n"
     out, _ = yaml_keys.edit("", {"all.workers_key": ""})
     assert yaml.safe_load(out) == {"all": {"workers_key": ""}}
+
+
+@pytest.mark.parametrize("context", [{}, {"recycle_exit_code": 99}])
+def test_the_rendered_recycle_helper_is_lint_clean(tmp_path, context):
+    """templates/atom-worker-recycle.j2 is a Python program once rendered (the hosts run it): ruff, with the
+    project's configuration, checks what the hosts get, since the template itself is not Python."""
+    rendered = tmp_path / "atom_worker_recycle.py"
+    rendered.write_text(plain_env().get_template("atom-worker-recycle.j2").render(**context))
+    lint = [str(VENV / "ruff"), "check", "--config", str(repo_path("ruff.toml")), "--no-cache", str(rendered)]
+    proc = subprocess.run(lint, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Control: the same check finds a fault put into the rendered text.
+    rendered.write_text(rendered.read_text() + "\nimport os\n")
+    assert subprocess.run(lint, capture_output=True, text=True, check=False).returncode == 1
+
+
+def test_the_repository_never_points_outside_itself():
+    """No file refers to the notes beside the repository: what the code relies on is in docs/facts.md."""
+    outside = "../" + "shared"  # spelled in two parts, or this file would be its own finding
+    proc = subprocess.run(["git", "-C", str(repo_path()), "grep", "-n", "-I", "-e", outside,
+                           "-e", "ARCHITECTURE" + ".md"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 1 and not proc.stdout, proc.stdout  # git grep: 1 = no match
+    # Control: the same search finds a text that is in the repository.
+    found = subprocess.run(["git", "-C", str(repo_path()), "grep", "-l", "-e", "docs/facts" + ".md"],
+                           capture_output=True, text=True, check=False)
+    assert found.returncode == 0 and found.stdout.strip(), found.stderr
