@@ -13,6 +13,7 @@ Run inside the lab network: tools/lab/lab exec -- .venv/bin/pytest tests/roles/t
 
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -75,6 +76,10 @@ def lab_connection(hosts) -> dict:
 
 
 def ping(inventory_path) -> subprocess.CompletedProcess:
+    return ansible([str(VENV_BIN / "ansible"), HOST, "-i", str(inventory_path), "-m", "ansible.builtin.ping"])
+
+
+def ansible(argv) -> subprocess.CompletedProcess:
     # The repository's ansible.cfg, and ssh control sockets of this call only (a master another test left
     # open to the same address would skip the host-key check altogether). A short folder of its own: a unix
     # socket path may not exceed 107 bytes, and pytest's tmp_path under a test worker (popen-gw0/...) did.
@@ -82,9 +87,7 @@ def ping(inventory_path) -> subprocess.CompletedProcess:
     env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control_dir),
            "ANSIBLE_NOCOLOR": "1"}
     try:
-        return subprocess.run([str(VENV_BIN / "ansible"), HOST, "-i", str(inventory_path), "-m",
-                               "ansible.builtin.ping"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env,
-                              check=False)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=180, cwd=REPO, env=env, check=False)
     finally:
         for socket_path in Path(control_dir).iterdir():  # no ssh master left behind (ControlPersist keeps one)
             subprocess.run(["ssh", "-S", str(socket_path), "-O", "exit", "lab"], capture_output=True, check=False,
@@ -106,7 +109,21 @@ def test_ansible_cfg_checks_host_keys(hosts, tmp_path):
     assert "Host key verification failed" in unknown.stdout + unknown.stderr, unknown.stdout + unknown.stderr
     assert known_hosts.read_text() == "", "ssh must not have added the key by itself"
 
-    # Positive control: the same inventory, the host's key in known_hosts.
+    # The README's production command: `ansible-playbook -i inventory/examples/fleet.yml site.yml`, its job
+    # server at this host's address (--tags never: only the plays' fact gathering connects; no role task runs).
+    fleet = yaml.safe_load(repo_path("inventory", "examples", "fleet.yml").read_text())
+    jobs1 = fleet["all"]["children"]["gearman_job_servers"]["hosts"]["jobs1"]
+    jobs1.update({**lab_connection(hosts), "ansible_ssh_common_args": ssh_files})
+    (tmp_path / "fleet.yml").write_text(yaml.safe_dump(fleet))
+    site = [str(VENV_BIN / "ansible-playbook"), "-i", str(tmp_path / "fleet.yml"), "site.yml", "--limit", "jobs1",
+            "--tags", "never"]
+    refused = ansible(site)
+    assert refused.returncode != 0, refused.stdout
+    assert "Host key verification failed" in refused.stdout + refused.stderr, refused.stdout + refused.stderr
+    assert re.search(r"^jobs1\s+: ok=0 .* unreachable=1 ", refused.stdout, re.M), refused.stdout
+    assert known_hosts.read_text() == ""
+
+    # Positive control: the same inventories, the host's key in known_hosts.
     address = lab_connection(hosts)["ansible_host"]
     scan = subprocess.run(["ssh-keyscan", "-t", "ed25519", address], capture_output=True, text=True, timeout=30,
                           check=True)
@@ -114,6 +131,8 @@ def test_ansible_cfg_checks_host_keys(hosts, tmp_path):
     known_hosts.write_text(scan.stdout)
     known = ping(inventory)
     assert known.returncode == 0 and "ping: pong" in known.stdout, known.stdout + known.stderr
+    accepted = ansible(site)
+    assert accepted.returncode == 0 and "unreachable=0" in accepted.stdout, accepted.stdout + accepted.stderr
 
 
 def test_site_yml_holds_no_lab_plays():
