@@ -88,7 +88,7 @@ def test_no_reuse_when_the_folder_is_not_private(runtime, spoil):
     else:
         folder.mkdir(mode=0o700)
         os.chown(folder, 65534, 65534)
-    assert fleet_ssh.connection_reuse_args(fleet_ssh.Target("w1")) == []
+    assert fleet_ssh.connection_reuse_args(fleet_ssh.Target("w1"), []) == []
     seen = effective(fleet_ssh.Target("w1", "192.0.2.10").ssh_argv(["x"], 10))
     assert seen["controlmaster"] == "false" and seen.get("controlpath", "none") == "none", seen
     # Control: the same folder made private again is used.
@@ -98,7 +98,7 @@ def test_no_reuse_when_the_folder_is_not_private(runtime, spoil):
         os.chown(folder, os.geteuid(), os.getegid())
         folder.chmod(0o700)
     fleet_ssh.control_dir.cache_clear()
-    assert "ControlMaster=auto" in fleet_ssh.connection_reuse_args(fleet_ssh.Target("w1"))
+    assert "ControlMaster=auto" in fleet_ssh.connection_reuse_args(fleet_ssh.Target("w1"), [])
 
 
 def test_two_sites_hosts_at_one_address_behind_different_jump_hosts_never_share_a_connection(runtime):
@@ -126,11 +126,11 @@ def test_no_reuse_when_the_socket_path_would_be_too_long(runtime, monkeypatch):
     deep = runtime / ("d" * 60)  # the folder's path must leave room for a 24-character name in 90 bytes
     deep.mkdir(mode=0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(deep))
-    assert fleet_ssh.control_dir() is None and fleet_ssh.connection_reuse_args(fleet_ssh.Target("w1")) == []
+    assert fleet_ssh.control_dir() is None and fleet_ssh.connection_reuse_args(fleet_ssh.Target("w1"), []) == []
     # Control: the shorter folder is used (ssh binds the socket's temporary name, 17 bytes longer, first).
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
     fleet_ssh.control_dir.cache_clear()
-    assert "ControlMaster=auto" in fleet_ssh.connection_reuse_args(fleet_ssh.Target("w1"))
+    assert "ControlMaster=auto" in fleet_ssh.connection_reuse_args(fleet_ssh.Target("w1"), [])
 
 
 @pytest.mark.parametrize("name", ["50%h", "a b", "x$HOME", "q'uote"])

@@ -20,13 +20,12 @@ or foreign file) means no cache, never an error: the configuration is then read 
 
 from __future__ import annotations
 
-import contextlib
 import marshal
 import os
 import stat
 import time
 
-from . import atomicfile
+from . import atomicfile, privatefolder
 
 CACHE_DIR = "/run/atom-workerctl"
 CACHE_FILE = "site-config.cache"
@@ -60,15 +59,7 @@ def _folder() -> str | None:
     """The cache folder when it is safe to use (made if missing), else None."""
     if os.geteuid() != 0:
         return None
-    with contextlib.suppress(FileExistsError, OSError):
-        os.mkdir(CACHE_DIR, 0o700)
-    try:
-        info = os.stat(CACHE_DIR, follow_symlinks=False)
-    except OSError:
-        return None
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o077:
-        return None
-    return CACHE_DIR
+    return CACHE_DIR if privatefolder.made_ours(CACHE_DIR) else None
 
 
 def _load(folder: str) -> dict:

@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from . import privatefolder
 from .errors import EXIT_USAGE, WorkerctlError
 
 DEFAULT_GROUP = "atom_workers"
@@ -51,10 +52,10 @@ class Target:
             argv += ["-i", self.key]
         if self.user:
             argv += ["-l", self.user]
-        argv += env_ssh_args() + self.ssh_args
+        given = env_ssh_args() + self.ssh_args
         # After the user's and the inventory's options: ssh keeps the first value of each option, so their
         # own ControlMaster/ControlPath/ControlPersist (or `-o ControlMaster=no`) win over these.
-        argv += connection_reuse_args(self)
+        argv += given + connection_reuse_args(self, given)
         command = (["sudo", "-n"] if self.become else []) + remote
         # `--` before the destination: nothing after it is read as an ssh option, whatever the inventory says.
         return [*argv, "--", self.address, shlex.join(command)]
@@ -99,17 +100,6 @@ _NAME_LENGTH = 24  # hex digits of a socket's name: 96 bits, and room for a home
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9_./@+,:=-]+")
 
 
-def _ours(path: str, closed: int) -> bool:
-    """`path` is a real folder owned by us with none of the `closed` mode bits."""
-    import stat
-
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & closed
-
-
 @functools.cache
 def control_dir() -> str | None:
     """The folder of this user's ssh master sockets, made private if new; None when it cannot be trusted.
@@ -123,37 +113,24 @@ def control_dir() -> str | None:
     import pwd
 
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
-    if runtime and os.path.isabs(runtime) and _ours(runtime, 0o077):
+    if runtime and os.path.isabs(runtime) and privatefolder.is_ours(runtime):
         base = runtime
     else:
         try:
             home = pwd.getpwuid(os.geteuid()).pw_dir
         except KeyError:
             return None
-        if not (os.path.isabs(home) and _ours(home, 0o022)):
-            return None
         base = os.path.join(home, ".cache")
-        try:
-            os.mkdir(base, 0o700)
-        except FileExistsError:
-            pass
-        except OSError:
-            return None
-        if not _ours(base, 0o022):
+        if not (os.path.isabs(home) and privatefolder.is_ours(home, 0o022)
+                and privatefolder.made_ours(base, 0o022)):
             return None
     folder = os.path.join(base, "atom-workerctl-ssh")
     if not _PLAIN_PATH.fullmatch(folder) or len(os.fsencode(folder)) + 1 + _NAME_LENGTH > _SOCKET_PATH_MAX:
         return None  # ssh would misread it, or a socket's name would not fit: ssh connects each time
-    try:
-        os.mkdir(folder, 0o700)
-    except FileExistsError:
-        pass
-    except OSError:
-        return None
-    return folder if _ours(folder, 0o077) else None
+    return folder if privatefolder.made_ours(folder) else None
 
 
-def connection_reuse_args(target: Target) -> list[str]:
+def connection_reuse_args(target: Target, options: list[str]) -> list[str]:
     """ssh options that keep one connection to the target open for 60 s and let later commands ride on it.
 
     As Ansible does (ControlPersist=60s): the key exchange and login are most of a host's cost in a fleet
@@ -169,8 +146,7 @@ def connection_reuse_args(target: Target) -> list[str]:
     import hashlib
     import socket
 
-    ident = json.dumps([socket.gethostname(), target.address, target.user, target.port, target.key,
-                        env_ssh_args(), target.ssh_args])
+    ident = json.dumps([socket.gethostname(), target.address, target.user, target.port, target.key, options])
     path = f"{folder}/{hashlib.sha256(ident.encode()).hexdigest()[:_NAME_LENGTH]}"
     return ["-o", "ControlMaster=auto", "-o", f"ControlPath={path}", "-o", "ControlPersist=60s"]
 
