@@ -77,6 +77,7 @@ def test_atom_host_probe_answers_every_read(tmp_path):
         glob=[str(tmp_path / "real/*")],
         packages=["dpkg", "no-such-package-x"],
         units=["atom-worker@1.service"],
+        commands=[["sh", "-c", "echo out; echo err >&2; exit 3"], ["true"], ["/no/such/command-x"]],
     )
     assert found["stat"][str(tmp_path / "link")] | {"uid": 0} == {
         "exists": True, "type": "link", "target": str(tmp_path / "real"), "mode": "0777", "uid": 0,
@@ -100,6 +101,9 @@ def test_atom_host_probe_answers_every_read(tmp_path):
         assert found["units"] == {}
     else:
         assert found["units"]["atom-worker@1.service"]["LoadState"] in ("loaded", "not-found")
+    assert found["commands"][0] == {"rc": 3, "stdout": "out\n", "stderr": "err\n"}
+    assert found["commands"][1]["rc"] == 0
+    assert found["commands"][2]["rc"] == 127 and "command-x" in found["commands"][2]["stderr"]
     assert found["changed"] is False
 
 

@@ -77,6 +77,13 @@ options:
     type: list
     elements: str
     default: []
+  commands:
+    description:
+      - Read-only commands to run, each an argument list (no shell); each gives its exit status and output.
+        A command that cannot be started gives rc 127. The caller vouches that they change nothing.
+    type: list
+    elements: list
+    default: []
 author: atom-worker toolkit
 """
 
@@ -143,6 +150,10 @@ units:
   description: Unit name to {ActiveState, SubState, UnitFileState, LoadState}.
   type: dict
   returned: always
+commands:
+  description: One {rc, stdout, stderr} per command, in the order asked.
+  type: list
+  returned: always
 systemd:
   description: Whether systemd runs as PID 1 here (the unit options were answered).
   type: bool
@@ -154,6 +165,7 @@ import grp
 import hashlib
 import os
 import pwd
+import shutil
 import socket
 import stat
 
@@ -289,13 +301,21 @@ def unit_states(module, units):
     return {unit: out.get(unit, {"LoadState": "not-found"}) for unit in units}
 
 
+def run(module, argv):
+    argv = [str(arg) for arg in argv]
+    # As a shell says it: run_command would fail the whole probe instead.
+    if not argv or shutil.which(argv[0]) is None:
+        return {"rc": 127, "stdout": "", "stderr": f"{argv[0] if argv else '(empty)'}: command not found"}
+    rc, out, err = module.run_command(argv, environ_update={"LC_ALL": "C"})
+    return {"rc": rc, "stdout": out, "stderr": err}
+
+
 def main():
     lists = ("stat", "realpath", "sha256", "read", "users", "groups", "resolve", "glob",
              "packages", "unit_files", "units_loaded", "units")
-    module = AnsibleModule(
-        argument_spec={name: {"type": "list", "elements": "str", "default": []} for name in lists},
-        supports_check_mode=True,
-    )
+    spec = {name: {"type": "list", "elements": "str", "default": []} for name in lists}
+    spec["commands"] = {"type": "list", "elements": "list", "default": []}
+    module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
     p = module.params
     # sd_booted(): systemd as PID 1 creates this folder. Elsewhere systemctl cannot answer.
     booted = os.path.isdir("/run/systemd/system")
@@ -313,6 +333,7 @@ def main():
         "unit_files": unit_files(module, p["unit_files"]) if p["unit_files"] and booted else {},
         "units_loaded": units_loaded(module, p["units_loaded"]) if p["units_loaded"] and booted else {},
         "units": unit_states(module, p["units"]) if p["units"] and booted else {},
+        "commands": [run(module, argv) for argv in p["commands"]],
         "systemd": booted,
     }
     result["packages_missing"] = [name for name, version in result["packages"].items() if version is None]
