@@ -22,6 +22,10 @@ VENV_BIN = REPO / ".venv" / "bin"
 ATOM_ROOT = "/usr/share/nginx/atom"
 RECAP = re.compile(r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+unreachable=(?P<unreachable>\d+)"
                    r"\s+failed=(?P<failed>\d+)\s+skipped=(?P<skipped>\d+)\s+rescued=(?P<rescued>\d+)")
+# A task's line per host: `ok: [h]`, `changed: [h] => ...`, `ok: [h -> localhost]`, `fatal: [h]: FAILED!`,
+# `included: /path/file.yml for h1, h2`.
+TASK_LINE = re.compile(r"^(?P<status>ok|changed|skipping|fatal|included): "
+                       r"(?:\[(?P<host>[^\]]+)\]|\S+ for (?P<hosts>.+)$)")
 
 
 def in_lab_network() -> bool:
@@ -54,6 +58,24 @@ class PlaybookResult:
         if not self.recap:
             raise AssertionError(f"no PLAY RECAP line in the playbook's output: {self!r}")
         return sum(host["changed"] for host in self.recap.values())
+
+    def task(self, name: str) -> dict[str, str]:
+        """Host -> what the task named `name` did there (ok, changed, skipping, failed, included), from the
+        output's TASK blocks (`name` without the role's prefix); {} when no task of that name ran at all."""
+        out: dict[str, str] = {}
+        current = None
+        for line in self.stdout.splitlines():
+            if line.startswith("TASK ["):
+                title = line[len("TASK ["):line.rfind("]")]
+                current = title.split(" : ", 1)[-1] == name
+                continue
+            if not current:
+                continue
+            m = TASK_LINE.match(line)
+            if m:
+                for host in (m["host"] or m["hosts"]).split(", "):
+                    out[host.split(" -> ")[0]] = m["status"]
+        return out
 
     def __repr__(self):
         return f"PlaybookResult(rc={self.returncode}, recap={self.recap})\n{self.stdout[-3000:]}\n{self.stderr[-2000:]}"

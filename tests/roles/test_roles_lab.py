@@ -90,9 +90,15 @@ def test_converged_worker_runs_registered_and_processes_a_job(lab):
     assert f"{PREFIX}-arFindingAidJob" in status
 
 
+APPLY = "Install, configure, run and record the workers (only what drifted)"
+
+
 def test_second_run_changes_nothing(lab):
     result = lab.converge()
     assert result.changed() == 0, result
+    # Nothing drifted: the worker role's steps were not even loaded (the speed of a no-change converge);
+    # the repair test below is the control that the same task is included when something did drift.
+    assert result.task(APPLY) == {W1: "skipping"}, result
 
 
 def test_a_converge_repairs_a_host_it_would_otherwise_skip(lab):
@@ -106,11 +112,19 @@ def test_a_converge_repairs_a_host_it_would_otherwise_skip(lab):
     lab.run(W1, f"chmod 0600 /etc/systemd/system/atom-worker@.service && chmod 0700 /etc/atom-worker "
                 f"&& echo '# edited' >> {helper}")
     lab.run(W1, "systemctl disable -q atom-workers.target && systemctl stop atom-worker@1.service")
+    # An instance above the wanted count, and AtoM's workers_key edited by hand.
+    lab.run(W1, "systemctl enable -q --now atom-worker@5.service")
+    app_yml = f"{ATOM_ROOT}/config/app.yml"
+    key_line = lab.run(W1, f"grep -n '^  workers_key:' {app_yml}").stdout
+    lab.run(W1, f"sed -i 's/^  workers_key:.*/  workers_key: edited/' {app_yml}")
     lab.run(GM, "systemctl stop gearman-job-server.service")
     assert lab.run(W1, "dpkg-query -W -f '${db:Status-Status}' php-gearman", check=False).stdout != "installed"
 
     result = lab.converge()
     assert result.changed() > 0, result
+    assert result.task(APPLY) == {W1: "included"}, result
+    assert lab.run(W1, f"grep -n '^  workers_key:' {app_yml}").stdout == key_line
+    assert lab.run(W1, "systemctl is-enabled atom-worker@5.service", check=False).stdout.strip() != "enabled"
     assert lab.run(W1, "dpkg-query -W -f '${db:Status-Status}' php-gearman").stdout == "installed"
     modes = lab.run(W1, "stat -c '%a %U' /etc/systemd/system/atom-worker@.service /etc/atom-worker").stdout.split("\n")
     assert modes[:2] == ["644 root", "755 root"], modes

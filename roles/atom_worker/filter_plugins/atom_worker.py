@@ -264,6 +264,87 @@ def atom_worker_stat_is(st, kind, mode=None, owner=None, group=None, target=None
     return all(value is None or st.get(key) == value for key, value in wanted.items())
 
 
+def atom_worker_files_differ(files, probe):
+    """The dests among atom_files specs that atom_files would change on the host the probe read.
+
+    files: atom_files' specs (dest, content, mode 0644, owner and group root by default, as that module);
+    probe: an atom_host_probe result that has each dest in both `stat` and `sha256`. A dest the probe did not
+    read counts as differing: a missing read must never pass for "as wanted".
+    """
+    out = []
+    for spec in files:
+        dest = spec["dest"]
+        st = (probe.get("stat") or {}).get(dest) or {}
+        digest = (probe.get("sha256") or {}).get(dest)
+        same = (
+            st.get("type") == "file"
+            and st.get("mode") == "{:04o}".format(int(str(spec.get("mode", "0644")), 8))
+            and st.get("owner") == spec.get("owner", "root")
+            and st.get("group") == spec.get("group", "root")
+            and digest == hashlib.sha256(str(spec["content"]).encode("utf-8")).hexdigest()
+        )
+        if not same:
+            out.append(dest)
+    return out
+
+
+def atom_worker_yaml_edits_due(edits, texts):
+    """The paths among atom_worker_yaml_keys edits ({path, keys, create}) that the module would change.
+
+    texts: path to its current text (atom_host_probe `read`; null when missing). The module's own edit
+    function decides, so "nothing to do" here is exactly "unchanged" there. A missing file, or one the edit
+    refuses, is due: the module then creates it or says why it cannot.
+    """
+    from ansible_collections.atom.workers.plugins.modules.atom_worker_yaml_keys import YamlEditError, edit
+
+    due = []
+    for item in edits:
+        text = texts.get(item["path"])
+        if text is None:
+            due.append(item["path"])
+            continue
+        try:
+            after, _ = edit(text, item["keys"])
+        except YamlEditError:
+            due.append(item["path"])
+            continue
+        if after != text:
+            due.append(item["path"])
+    return due
+
+
+def atom_worker_leftovers(on_host, pools, targets):
+    """What a converge removes: instances above the wanted counts, targets and unit files of removed pools.
+
+    on_host: an atom_host_probe result with `units_loaded` (worker instances systemd knows) and `glob` (the
+    enabled links and unit files in the unit folder); pools: the model's pools (unit_template, units);
+    targets: the model's targets. Returns {instances, targets, files}, names only.
+    """
+    wanted_units = [u for pool in pools for u in pool["units"]]
+    wanted_files = [pool["unit_template"] for pool in pools] + [t["name"] for t in targets]
+    found = {}
+    for entries in (on_host.get("glob") or {}).values():
+        for entry in entries:
+            found[entry["path"]] = entry["type"]
+    links = [path.rsplit("/", 1)[-1] for path, kind in found.items() if kind == "link"]
+    files = [path.rsplit("/", 1)[-1] for path, kind in found.items() if kind == "file"]
+    instances = []
+    for name in list((on_host.get("units_loaded") or {}).keys()) + [
+            n for n in links if re.match(r"^atom-worker.*@.+\.service$", n)]:
+        if name not in wanted_units and name not in instances:
+            instances.append(name)
+    extra_targets = []
+    for name in files:
+        if re.match(r"^atom-workers.*\.target$", name) and name not in [t["name"] for t in targets] \
+                and name not in extra_targets:
+            extra_targets.append(name)
+    extra_files = []
+    for name in files:
+        if name not in wanted_files and name not in extra_files:
+            extra_files.append(name)
+    return {"instances": instances, "targets": extra_targets, "files": extra_files}
+
+
 def atom_worker_moved_sites(realpaths, previous_state):
     """Sites whose root resolves elsewhere than the last run recorded in sites.json (a release symlink moved).
 
@@ -588,6 +669,9 @@ class FilterModule:
     def filters(self):
         return {
             "atom_worker_moved_sites": atom_worker_moved_sites,
+            "atom_worker_files_differ": atom_worker_files_differ,
+            "atom_worker_yaml_edits_due": atom_worker_yaml_edits_due,
+            "atom_worker_leftovers": atom_worker_leftovers,
             "atom_worker_stat_is": atom_worker_stat_is,
             "atom_worker_model": atom_worker_model,
             "atom_worker_units": atom_worker_units,

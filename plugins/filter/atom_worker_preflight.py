@@ -1,0 +1,1 @@
+../../roles/atom_worker/filter_plugins/atom_worker_preflight.py
