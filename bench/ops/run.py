@@ -11,6 +11,8 @@ Run inside the lab network from the repository (writes bench/ops/results.md and 
             default RestartSec=30: what matters is how much it adds to RestartSec.
   rolling   `playbooks/rolling-restart.yml` over the fleet: total time, and the fewest available workers
             gearmand's `status` showed for any function (sampled every 100 ms on the job server).
+  fleet     the same converge figures on 7 hosts (a job server and 6 worker hosts with 2 instances each), booted
+            after the 3-host lab is down: ping, first converge, no-change re-runs with their phases.
 """
 import datetime
 import json
@@ -31,6 +33,11 @@ GM, W1, W2 = "b-gm", "b-w1", "b-w2"
 INVENTORY = {"all": {"children": {
     "gearman_job_servers": {"hosts": {GM: {"gearman_job_server_listen_address": "{{ ansible_host }}"}}},
     "atom_workers": {"hosts": {W1: None, W2: None}, "vars": {"atom_worker_instances": 2}},
+}}}
+FLEET_WORKERS = [f"b-f{n}" for n in range(1, 7)]
+FLEET_INVENTORY = {"all": {"children": {
+    "gearman_job_servers": {"hosts": {"b-fgm": {"gearman_job_server_listen_address": "{{ ansible_host }}"}}},
+    "atom_workers": {"hosts": dict.fromkeys(FLEET_WORKERS), "vars": {"atom_worker_instances": 2}},
 }}}
 PING_ROUNDS, RERUN_ROUNDS, RECOVERY_ROUNDS, ROLLING_ROUNDS = 5, 3, 3, 2
 OUT = Path(__file__).resolve().parent
@@ -101,7 +108,7 @@ def ansible_ping(hosts):
                           capture_output=True, text=True, cwd=REPO, check=False,
                           env={**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("SUCCESS") == 3, proc.stdout
+    assert proc.stdout.count("SUCCESS") == len(hosts.names), proc.stdout
 
 
 def converge(hosts, expect_changed=None):
@@ -146,6 +153,30 @@ def timed_rerun(hosts, work, n):
     return seconds, phases
 
 
+def converge_figures(hosts, work):
+    """Ping rounds, the first converge and timed no-change re-runs on booted hosts, side by side."""
+    ansible_ping(hosts)   # opens the ssh control connections, as a converge's first task would
+    ping = [timed(lambda: ansible_ping(hosts))[0] for _ in range(PING_ROUNDS)]
+    first, changed = timed(lambda: converge(hosts))
+    timed_reruns = [timed_rerun(hosts, work, n) for n in range(RERUN_ROUNDS)]
+    ping += [timed(lambda: ansible_ping(hosts))[0] for _ in range(PING_ROUNDS)]
+    # The phases of the median re-run.
+    phases = sorted(timed_reruns, key=lambda r: r[0])[len(timed_reruns) // 2][1]
+    return {"ping": ping, "first": first, "first_changed": changed, "rerun": [s for s, _ in timed_reruns],
+            "rerun_phases": phases}
+
+
+def fleet_figures(work):
+    fleet = LabHosts(FLEET_INVENTORY, work / "fleet")
+    fleet.down()
+    fleet.up()
+    try:
+        return {"hosts": len(fleet.names), **converge_figures(fleet, work / "fleet")}
+    finally:
+        if not os.environ.get("ATOM_KEEP_LAB"):
+            fleet.down()
+
+
 def main() -> int:
     if not in_lab_network():
         print("run inside the lab network: tools/lab/lab exec -- .venv/bin/python bench/ops/run.py", file=sys.stderr)
@@ -157,16 +188,7 @@ def main() -> int:
     hosts.up()
     data = {}
     try:
-        ansible_ping(hosts)   # opens the ssh control connections, as a converge's first task would
-        ping = [timed(lambda: ansible_ping(hosts))[0] for _ in range(PING_ROUNDS)]
-        first, changed = timed(lambda: converge(hosts))
-        timed_reruns = [timed_rerun(hosts, work, n) for n in range(RERUN_ROUNDS)]
-        reruns = [seconds for seconds, _ in timed_reruns]
-        ping += [timed(lambda: ansible_ping(hosts))[0] for _ in range(PING_ROUNDS)]
-        # The phases of the median re-run.
-        phases = sorted(timed_reruns, key=lambda r: r[0])[len(timed_reruns) // 2][1]
-        data["converge"] = {"ping": ping, "first": first, "first_changed": changed, "rerun": reruns,
-                            "rerun_phases": phases}
+        data["converge"] = converge_figures(hosts, work)
         print("converge:", json.dumps(data["converge"]), flush=True)
 
         gm_address, w1_address = hosts.address(GM), hosts.address(W1)
@@ -198,6 +220,9 @@ def main() -> int:
     finally:
         if not os.environ.get("ATOM_KEEP_LAB"):
             hosts.down()
+    (work / "fleet").mkdir(exist_ok=True)
+    data["fleet"] = fleet_figures(work)
+    print("fleet:", json.dumps(data["fleet"]), flush=True)
     write(data)
     return 0
 
@@ -215,6 +240,8 @@ def write(data):
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     load = os.getloadavg()[0]
     phases = conv.get("rerun_phases", {})
+    fl = data["fleet"]
+    fping, frerun = med(fl["ping"]), med(fl["rerun"])
     lines = [
         "# Operations benchmark",
         "",
@@ -240,6 +267,12 @@ def write(data):
         (f"| fewest available workers of any function during the rolling restarts "
         f"({sum(r['samples'] for r in roll)} samples of gearmand `status`, every 100 ms) | "
         f"{min(r['min_available'] for r in roll)} (of 4) | |"),
+        (f"| fleet of {fl['hosts']} hosts (a job server, {fl['hosts'] - 1} worker hosts × 2): `ansible all -m ping` "
+         f"(median of {len(fl['ping'])}) | {fping:.1f} s | 1.0 |"),
+        (f"| fleet: `site.yml` first converge (changed={fl['first_changed']}) | {fl['first']:.1f} s | "
+         f"{fl['first'] / fping:.1f} × ping |"),
+        (f"| fleet: `site.yml` no-change re-run (changed=0, median of {len(fl['rerun'])}; "
+         f"min {min(fl['rerun']):.1f} s) | {frerun:.1f} s | {frerun / fping:.1f} × ping |"),
         "",
         ("Where the no-change re-run's time goes (its median run, per-task wall time from "
         "`bench/ops/callback_plugins/task_timing.py`; a remote task is one that made at least one round trip "
@@ -248,6 +281,13 @@ def write(data):
         "| phase | time | tasks | remote tasks |",
         "| --- | --- | --- | --- |",
         *(f"| {name} | {p['seconds']:.1f} s | {p['tasks']} | {p['remote_tasks']} |" for name, p in phases.items()),
+        "",
+        f"The same on the fleet of {fl['hosts']} hosts (its median no-change re-run):",
+        "",
+        "| phase | time | tasks | remote tasks |",
+        "| --- | --- | --- | --- |",
+        *(f"| {name} | {p['seconds']:.1f} s | {p['tasks']} | {p['remote_tasks']} |"
+          for name, p in fl["rerun_phases"].items()),
         "",
         "Raw figures (seconds) are in `results.json`.",
         "",
