@@ -91,6 +91,7 @@ def test_converged_worker_runs_registered_and_processes_a_job(lab):
 
 
 APPLY = "Install, configure, run and record the workers (only what drifted)"
+WAIT = "Wait until gearmand lists every worker of the host"
 
 
 def test_second_run_changes_nothing(lab):
@@ -99,6 +100,24 @@ def test_second_run_changes_nothing(lab):
     # Nothing drifted: the worker role's steps were not even loaded (the speed of a no-change converge);
     # the repair test below is the control that the same task is included when something did drift.
     assert result.task(APPLY) == {W1: "skipping"}, result
+    # ...and every worker was registered when the probe asked: no registration wait either (the control,
+    # test_a_worker_not_yet_registered_is_waited_for, makes the same run wait).
+    assert result.task(WAIT) == {W1: "skipping"}, result
+
+
+def test_a_worker_not_yet_registered_is_waited_for(lab):
+    """Nothing drifted, but a worker restarted a moment ago has not registered yet: the probe's check says so
+    and site.yml waits for it (a converge ends with every worker registered, drift or not)."""
+    lab.control(W1, start_delay=20)
+    try:
+        lab.run(W1, "systemctl restart atom-worker@1.service")
+        result = lab.converge()
+    finally:
+        lab.control(W1)
+    assert result.changed() == 0, result
+    assert result.task(APPLY) == {W1: "skipping"}, result
+    assert result.task(WAIT) == {W1: "included"}, result
+    assert result.task("Assert every worker of this host is registered with gearmand") == {W1: "ok"}, result
 
 
 def test_a_converge_repairs_a_host_it_would_otherwise_skip(lab):

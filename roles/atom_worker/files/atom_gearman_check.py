@@ -1,0 +1,1 @@
+../../../tools/atom_workerctl/gearman.py
