@@ -165,6 +165,9 @@ def test_yaml_edits_due_uses_the_modules_own_edit():
         assert due(edits, {"/g": current}) == []
         assert due(edits, {"/g": GEARMAN_YML}) == ["/g"]
         assert due(edits, {"/g": None}) == ["/g"]
+        # The module reads in text mode: a CRLF file it would leave alone is not due either.
+        assert due(edits, {"/g": current.replace("\n", "\r\n")}) == []
+        assert due(edits, {"/g": GEARMAN_YML.replace("\n", "\r\n")}) == ["/g"]
     finally:
         if saved is None:
             sys.modules.pop("ansible_collections.atom.workers.plugins.modules.atom_worker_yaml_keys")
@@ -190,3 +193,52 @@ def test_leftovers_are_what_the_model_does_not_want():
     clean["units_loaded"].pop("atom-worker@3.service")
     clean["glob"]["a"] = [e for e in clean["glob"]["a"] if "old" not in e["path"] and "@4" not in e["path"]]
     assert aw.atom_worker_leftovers(clean, pools, targets) == {"instances": [], "targets": [], "files": []}
+
+
+# -- the preflight through Ansible: the job servers' listen addresses from the inventory -----------------------
+PLAY = """- hosts: localhost
+  connection: local
+  gather_facts: false
+  vars:
+    ansible_python_interpreter: "{{ ansible_playbook_python }}"
+  roles:
+    - role: atom_worker
+"""
+
+
+@pytest.mark.parametrize("gm_vars, role_vars, refused", [
+    # A job server that relies on the gearmand role's default listens on its own loopback: unreachable.
+    ({}, {}, True),
+    ({"gearman_job_server_listen_address": "10.0.0.5"}, {}, False),
+    # The role's own list of job servers: the group's addresses are not asked at all.
+    ({}, {"atom_worker_gearman_servers": ["10.0.0.5:4730"]}, False),
+])
+def test_preflight_reads_the_job_servers_listen_address_or_its_default(tmp_path, gm_vars, role_vars, refused):
+    import json
+    import os
+    import subprocess
+
+    import yaml
+
+    repo = FILTERS.parents[2]
+    root = tmp_path / "atom"
+    (root / "config").mkdir(parents=True)
+    (root / "symfony").write_text("")
+    (root / "config" / "gearman.yml").write_text("all:\n  servers:\n    default: 127.0.0.1:4730\n")
+    (tmp_path / "play.yml").write_text(PLAY)
+    (tmp_path / "inventory.yml").write_text(yaml.safe_dump({"all": {"children": {
+        "gearman_job_servers": {"hosts": {"gm": gm_vars or None}},
+        "atom_workers": {"hosts": {"localhost": None}}}}}))
+    (tmp_path / "vars.json").write_text(json.dumps({
+        "atom_worker_root": str(root), "atom_worker_user": "root", "atom_worker_group": "root",
+        "atom_worker_after_services_detect": False, **role_vars}))
+    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(repo / "roles"), "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_CONFIG": str(repo / "ansible.cfg")}
+    proc = subprocess.run([str(repo / ".venv/bin/ansible-playbook"), "-i", str(tmp_path / "inventory.yml"),
+                           str(tmp_path / "play.yml"), "--check", "--tags", "atom_worker_preflight",
+                           "-e", f"@{tmp_path / 'vars.json'}"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False)
+    needle = "gm (group gearman_job_servers) listens on 127.0.0.1, which this worker host (localhost) cannot reach"
+    assert (proc.returncode != 0) == refused, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert (needle in proc.stdout) == refused, proc.stdout[-3000:]
+    assert "HostVarsVars" not in proc.stdout + proc.stderr

@@ -160,6 +160,23 @@ def test_a_converge_repairs_a_host_it_would_otherwise_skip(lab):
     assert again.changed() == 0, again
 
 
+def test_skipping_one_step_by_tag_still_repairs_the_others(lab):
+    """The decision and the include always run; the steps keep their own tags. --skip-tags of one step (the
+    packages) must not skip the others: an edited workers_key and a masked leftover instance are repaired.
+    (The control that --skip-tags reaches a step at all: the skipped install task is absent from the run.)"""
+    app_yml = f"{ATOM_ROOT}/config/app.yml"
+    key_line = lab.run(W1, f"grep -n '^  workers_key:' {app_yml}").stdout
+    lab.run(W1, f"sed -i 's/^  workers_key:.*/  workers_key: edited/' {app_yml}")
+    lab.run(W1, "systemctl mask -q atom-worker@7.service")
+    result = lab.converge(None, "--skip-tags", "atom_worker_install")
+    assert result.task(APPLY) == {W1: "included"}, result
+    assert result.task("Install PHP and its Gearman extension") == {}, result
+    assert lab.run(W1, f"grep -n '^  workers_key:' {app_yml}").stdout == key_line
+    assert lab.run(W1, "systemctl is-enabled atom-worker@7.service", check=False).stdout.strip() != "masked"
+    again = lab.converge()
+    assert again.changed() == 0 and again.task(APPLY) == {W1: "skipping"}, again
+
+
 def test_security_exposure_is_at_most_3(lab):
     out = lab.run(
         W1, "systemd-analyze security atom-worker@1.service --no-pager | tail -1"

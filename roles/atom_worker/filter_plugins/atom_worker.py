@@ -303,6 +303,9 @@ def atom_worker_yaml_edits_due(edits, texts):
         if text is None:
             due.append(item["path"])
             continue
+        # The module reads the file in text mode (universal newlines): a CRLF file it would leave alone must
+        # not look due here.
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
         try:
             after, _ = edit(text, item["keys"])
         except YamlEditError:
