@@ -15,7 +15,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 ROLES = {
     # role folder, the OR named by main.yml's include, the files apply.yml brings in
-    "atom_workerctl": (REPO / "roles" / "atom_workerctl", "_atom_workerctl_drifted", ["present.yml", "metrics.yml"]),
+    "atom_workerctl": (REPO / "roles" / "atom_workerctl", "_atom_workerctl_drifted",
+                       ["present.yml", "metrics.yml", "absent.yml"]),
     "atom_standin": (REPO / "tests" / "fixtures" / "roles" / "atom_standin", "_atom_standin_drifted", ["apply.yml"]),
 }
 NAME = re.compile(r"\b_atom_(?:workerctl|standin)_\w+")

@@ -46,7 +46,7 @@ def wheel(tmp_path_factory):
 
 
 # The role's include of its steps (tasks/main.yml) and one of those steps (tasks/present.yml).
-APPLY = ("TASK [atom_workerctl : Install or repair atom-workerctl and its metrics timer "
+APPLY = ("TASK [atom_workerctl : Install, repair or remove atom-workerctl and its metrics timer "
          "(only what the read found out of place)]")
 STEP = "TASK [atom_workerctl : Put the command on PATH]"
 
@@ -260,8 +260,10 @@ def test_state_absent_uninstalls(hosts, wheel):
     assert [p for p in paths if exists(hosts, p)] == []
     assert hosts.run(HOST, "command -v atom-workerctl", check=False).returncode != 0
     assert installed(hosts, "python3-pystemd")  # Debian's packages stay
+    assert applied(removed), removed
     again = install(hosts, wheel, atom_workerctl_state="absent")
     assert again.returncode == 0 and again.changed() == 0, again
+    assert not applied(again), again  # nothing left to remove: nothing included
     # And back: present installs it again.
     back = install(hosts, wheel)
     assert back.returncode == 0 and hosts.run(HOST, "atom-workerctl --version").returncode == 0, back
