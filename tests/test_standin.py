@@ -574,6 +574,16 @@ PLAY = """\
 """
 
 
+# The role's include of its steps, and one of the steps (tasks/main.yml, tasks/apply.yml).
+APPLY = "TASK [atom_standin : Install or repair the stand-in (only what the read found out of place)]"
+STEP = "TASK [atom_standin : Copy the stand-in's entry point (symfony)]"
+
+
+def skipped_include(output: str) -> bool:
+    """The include task ran and was skipped (Ansible's default output: its header, then `skipping:`)."""
+    return bool(re.search(re.escape(APPLY) + r"\s*\*+\s*\nskipping: \[localhost\]", output))
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(os.geteuid() != 0, reason="the role chowns to www-data: run as root")
 def test_role_installs_a_working_root_idempotently(tmp_path, gearmand, workers):
@@ -598,13 +608,17 @@ def test_role_installs_a_working_root_idempotently(tmp_path, gearmand, workers):
         ]
         (tmp_path / "play.yml").write_text(PLAY)
         env = os.environ | {"ANSIBLE_ROLES_PATH": str(ROLES), "ANSIBLE_NOCOLOR": "1"}
-        recaps = []
+        recaps, outputs = [], []
         for _ in range(2):
             run = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
             assert run.returncode == 0, run.stdout + run.stderr
             recaps.append(re.search(r"localhost\s+:.*", run.stdout).group(0))
+            outputs.append(run.stdout)
         assert "changed=0" not in recaps[0]
         assert "changed=0" in recaps[1] and "failed=0" in recaps[1]
+        # The second run read the host and included none of the steps (tasks/apply.yml): nothing drifted.
+        assert APPLY in outputs[0] and STEP in outputs[0]
+        assert skipped_include(outputs[1]) and STEP not in outputs[1], outputs[1]
 
         owners = {p: (dest / p).owner() for p in ("symfony", "config", "cache", "log", "uploads")}
         assert owners == {
@@ -619,6 +633,20 @@ def test_role_installs_a_working_root_idempotently(tmp_path, gearmand, workers):
         run = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
         assert "changed=0" in run.stdout
         assert f"{gearmand.host}:{gearmand.port}" in (dest / "config" / "gearman.yml").read_text()
+
+        # What the role owns, damaged: the entry point edited, a folder AtoM writes to made private. The
+        # next run includes the steps again and repairs both; the run after that includes nothing.
+        symfony = (ROLES.parent / "atom" / "symfony").read_bytes()
+        with open(dest / "symfony", "ab") as edited:
+            edited.write(b"// edited\n")
+        (dest / "cache").chmod(0o700)
+        run = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+        assert run.returncode == 0 and not skipped_include(run.stdout) and STEP in run.stdout, run.stdout
+        assert re.search(r"localhost\s+:.*changed=2 ", run.stdout), run.stdout
+        assert (dest / "symfony").read_bytes() == symfony
+        assert oct((dest / "cache").stat().st_mode & 0o7777) == "0o755"
+        run = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+        assert "changed=0" in run.stdout and skipped_include(run.stdout), run.stdout
 
         # The installed root works for www-data, which may write only cache/ and log/.
         w = subprocess.Popen(

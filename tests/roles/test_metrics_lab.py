@@ -62,6 +62,8 @@ PROM_FILE = f"{TEXTFILE_DIR}/atom-worker.prom"
 # Kept beside it by the command: the job table's counts between two reads of the table.
 JOBS_CACHE = f"{TEXTFILE_DIR}/.atom-worker-jobs.json"
 UNITS = ["/etc/systemd/system/atom-worker-metrics.service", "/etc/systemd/system/atom-worker-metrics.timer"]
+# A step of the atom_workerctl role's tasks/apply.yml: in a converge's output only when a host included them.
+METRICS_STEP = "TASK [atom_workerctl : Install the metrics service and timer]"
 FUNCTION = hashlib.md5(ATOM_ROOT.encode()).hexdigest() + "-arFindingAidJob"
 # The rules' `for:` durations (minutes) shortened for the lab: what is proved here is that a real fault
 # makes Prometheus fire the real expression over the real series, through pending to firing. The real
@@ -155,6 +157,7 @@ def test_node_exporter_folder_turns_the_timer_on(lab):
         assert exists(lab, host, TEXTFILE_DIR)
     result = converge(lab)
     assert result.changed() > 0, result
+    assert METRICS_STEP in result.stdout, result  # the role included its steps: the folder appeared
     for host in WORKERS:
         timer = lab.show(host, "atom-worker-metrics.timer", "ActiveState", "UnitFileState")
         assert (timer["ActiveState"], timer["UnitFileState"]) == ("active", "enabled"), timer
@@ -231,6 +234,9 @@ def test_second_converge_changes_and_restarts_nothing(lab):
     result = converge(lab)
     assert result.changed() == 0, result
     assert {host: snapshot(host) for host in WORKERS} == before
+    # Nothing out of place: no host included the role's steps (the control: the converge that turned the
+    # timer on did, above).
+    assert METRICS_STEP not in result.stdout, result
 
 
 @pytest.mark.parametrize("extra, needle", [

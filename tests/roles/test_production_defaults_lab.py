@@ -45,6 +45,20 @@ def wheel(tmp_path_factory):
     return build_project_wheel(tmp_path_factory.mktemp("pd-wheel"))
 
 
+# The role's include of its steps (tasks/main.yml) and one of those steps (tasks/present.yml).
+APPLY = ("TASK [atom_workerctl : Install, repair or remove atom-workerctl and its metrics timer "
+         "(only what the read found out of place)]")
+STEP = "TASK [atom_workerctl : Put the command on PATH]"
+
+
+def applied(result) -> bool:
+    """Whether the run included the role's steps on the host: the include's header, then `included:` rather
+    than `skipping:` (Ansible's default output). A run that never reached the include is an error."""
+    match = re.search(re.escape(APPLY) + r"\s*\*+\s*\n(included|skipping): ", result.stdout)
+    assert match, result
+    return match.group(1) == "included"
+
+
 def install(hosts, wheel, **extra_vars):
     return hosts.playbook(INSTALL, extra_vars={"workerctl_wheel": str(wheel), **extra_vars})
 
@@ -151,6 +165,10 @@ def test_install_uses_debian_pystemd_and_no_build_tools(hosts, wheel):
     assert first.returncode == 0 and first.changed() > 0, first
     again = install(hosts, wheel)
     assert again.returncode == 0 and again.changed() == 0, again
+    # Nothing out of place: the role read the host, ran the command in that read, and included no step
+    # (the control: the first run included them).
+    assert applied(first) and STEP in first.stdout
+    assert not applied(again) and STEP not in again.stdout, again
 
     for package in ("python3-pystemd", "python3-yaml", "python3-pymysql", "python3-venv"):
         assert installed(hosts, package), package  # also the positive control of the probe below
@@ -196,12 +214,42 @@ def test_a_converge_repairs_an_install_it_would_otherwise_skip(hosts, wheel):
 
     repaired = install(hosts, wheel)
     assert repaired.returncode == 0 and repaired.changed() > 0, repaired
+    assert applied(repaired), repaired
     assert installed(hosts, "python3-yaml")
     assert hosts.run(HOST, f"sha256sum {WHEEL_DIR}/{wheel.name}").stdout.split()[0] == sha256(wheel)
     assert hosts.run(HOST, "atom-workerctl --version").stdout.strip().endswith(wheel.name.split("-")[1])
     assert hosts.run(HOST, f"stat -c %a {COMPLETION}").stdout.strip() == "644"
     again = install(hosts, wheel)
     assert again.returncode == 0 and again.changed() == 0, again
+    assert not applied(again), again
+
+
+def test_each_part_out_of_place_is_seen_and_repaired_alone(hosts, wheel):
+    """One part damaged at a time (each alone makes the role include its steps, which repair it): the link,
+    the completion script's text, a wheel of the same version rebuilt (another hash), the command broken
+    (the probe's run of it fails), the wheel's folder mode."""
+    fresh = hosts.run(HOST, f"cat {COMPLETION}").stdout
+    damage = {
+        "link gone": (f"rm {LINK}", f"test -L {LINK}"),
+        "completion edited": (f"echo '# edited' >> {COMPLETION}", f"! grep -q '# edited' {COMPLETION}"),
+        "completion gone": (f"rm {COMPLETION}", f"test -f {COMPLETION}"),
+        # The copy on the host stands for a rebuilt wheel: its hash is no longer the controller's file's.
+        "wheel rebuilt": (f"printf x >> {WHEEL_DIR}/{wheel.name}",
+                          f"test $(sha256sum < {WHEEL_DIR}/{wheel.name} | cut -d' ' -f1) = {sha256(wheel)}"),
+        "command broken": (f"mv {VENV}/lib/python3.11/site-packages/atom_workerctl /root/awc-moved",
+                           f"rm -rf /root/awc-moved && {VENV}/bin/atom-workerctl --version"),
+        "wheel folder mode": (f"chmod 0700 {WHEEL_DIR}", f"test $(stat -c %a {WHEEL_DIR}) = 755"),
+    }
+    for what, (break_it, is_repaired) in damage.items():
+        hosts.run(HOST, break_it)
+        assert hosts.run(HOST, is_repaired, check=False).returncode != 0, what  # the damage is real
+        repaired = install(hosts, wheel)
+        assert repaired.returncode == 0 and repaired.changed() > 0, (what, repaired)
+        assert applied(repaired), (what, repaired)
+        assert hosts.run(HOST, is_repaired, check=False).returncode == 0, (what, repaired)
+        assert hosts.run(HOST, f"cat {COMPLETION}").stdout == fresh, what
+        again = install(hosts, wheel)
+        assert again.returncode == 0 and again.changed() == 0 and not applied(again), (what, again)
 
 
 def test_state_absent_uninstalls(hosts, wheel):
@@ -212,8 +260,10 @@ def test_state_absent_uninstalls(hosts, wheel):
     assert [p for p in paths if exists(hosts, p)] == []
     assert hosts.run(HOST, "command -v atom-workerctl", check=False).returncode != 0
     assert installed(hosts, "python3-pystemd")  # Debian's packages stay
+    assert applied(removed), removed
     again = install(hosts, wheel, atom_workerctl_state="absent")
     assert again.returncode == 0 and again.changed() == 0, again
+    assert not applied(again), again  # nothing left to remove: nothing included
     # And back: present installs it again.
     back = install(hosts, wheel)
     assert back.returncode == 0 and hosts.run(HOST, "atom-workerctl --version").returncode == 0, back
