@@ -30,6 +30,7 @@ BATCH = 256               # calls written before their answers are read (keeps e
 MAX_MESSAGE = 128 << 20   # the specification's limit on one message
 
 METHOD_CALL, METHOD_RETURN, ERROR = 1, 2, 3
+DISCONNECTED = "org.freedesktop.DBus.Error.Disconnected"
 _ALIGN = {"y": 1, "b": 4, "n": 2, "q": 2, "i": 4, "u": 4, "x": 8, "t": 8, "d": 8, "h": 4, "s": 4, "o": 4,
           "g": 1, "a": 4, "(": 8, "{": 8, "v": 1}
 _FIXED = {"y": ("B", 1), "b": ("I", 4), "n": ("h", 2), "q": ("H", 2), "i": ("i", 4), "u": ("I", 4),
@@ -254,14 +255,14 @@ class Connection:
                 raise DBusError("org.freedesktop.DBus.Error.Timeout",
                                 f"no answer within {self.timeout:g} s") from None
             except OSError as exc:
-                raise DBusError("org.freedesktop.DBus.Error.Disconnected", exc.strerror or str(exc)) from None
+                raise DBusError(DISCONNECTED, exc.strerror or str(exc)) from None
         return replies
 
     def _receive(self, pending: dict[int, int], replies: list) -> None:
         """Read what has come and file every complete reply; other messages (signals) are dropped."""
         chunk = self.sock.recv(1 << 16)
         if not chunk:
-            raise DBusError("org.freedesktop.DBus.Error.Disconnected", "systemd closed the connection")
+            raise DBusError(DISCONNECTED, "systemd closed the connection")
         buf = self._buf
         buf += chunk
         p = 0
@@ -272,7 +273,7 @@ class Connection:
             body_at = fields_end + (-fields_end % 8)
             size = body_at + body_len
             if size > MAX_MESSAGE:
-                raise DBusError("org.freedesktop.DBus.Error.Disconnected", "a message over D-Bus's size limit")
+                raise DBusError("org.freedesktop.DBus.Error.LimitsExceeded", "a message over D-Bus's size limit")
             if len(buf) - p < size:
                 break
             message = memoryview(buf)[p:p + size]

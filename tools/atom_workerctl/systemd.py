@@ -128,8 +128,18 @@ class SystemdBackend(Backend):
     def _read_all(self, calls: list[tuple], what: list[str]) -> list:
         """Many reads in one batch (dbuswire): each call (path, interface, member, signature, args) -> its
         reply's body; the first error reply raises, as the same call alone would."""
+        batch = [(WIRE_DEST, *c) for c in calls]
         try:
-            replies = self.wire.batch([(WIRE_DEST, *c) for c in calls])
+            try:
+                replies = self.wire.batch(batch)
+            except dbuswire.DBusError as exc:
+                if exc.name != dbuswire.DISCONNECTED:
+                    raise
+                # systemd closed the connection (daemon-reexec closes its private socket's): reads are
+                # safe to repeat, so once more on a new connection.
+                self.wire.close()
+                self.wire = dbuswire.Connection()
+                replies = self.wire.batch(batch)
         except dbuswire.DBusError as exc:
             raise _wire_error(exc, what[0] if what else "read units") from None
         for reply, w in zip(replies, what, strict=True):
@@ -317,7 +327,7 @@ def _wire_error(exc, what: str):
         return ManagerError(f"{what}: permission denied by systemd", hint="run as root (or allow it with polkit)")
     if name == "org.freedesktop.systemd1.NoSuchUnit":
         return NoSuchError(f"{what}: {_why_wire(exc)}")
-    if name in ("org.freedesktop.DBus.Error.Disconnected", "org.freedesktop.DBus.Error.NoReply",
+    if name in (dbuswire.DISCONNECTED, "org.freedesktop.DBus.Error.NoReply",
                 "org.freedesktop.DBus.Error.Timeout", "org.freedesktop.DBus.Error.TimedOut"):
         return ManagerError(f"{what}: systemd did not answer over D-Bus ({_why_wire(exc)})")
     return ManagerError(f"{what}: {_why_wire(exc)}")
