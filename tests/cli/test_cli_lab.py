@@ -129,6 +129,22 @@ def test_status_all_active_and_registered(host):
     assert code == 0 and "registered" in out and "arFindingAidJob" in out and "\033[" not in out
 
 
+def test_status_start_up_stays_light(host):
+    """status reads systemd through dbuswire and asks gearmand meanwhile, so none of what its start-up once
+    paid for is imported (pystemd.dbuslib ~14 ms; hashlib, tempfile, shutil, threading, ipaddress, idna; a
+    run after the first reads the site's configuration from the cache, without PyYAML). Positive control: the
+    modules that did the reading are in the same list."""
+    host.ctl("status", "--json", check=True)  # the configuration cache filled
+    command = ('py=$(head -1 "$(command -v atom-workerctl)" | cut -c3-); '
+               '"$py" -X importtime "$(command -v atom-workerctl)" status --json 2>&1 >/dev/null')
+    lines = host.sh(command).stdout.splitlines()
+    mods = {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
+    assert {"atom_workerctl.dbuswire", "atom_workerctl.procnet", "atom_workerctl.gearman", "json"} <= mods, mods
+    heavy = {"pystemd.dbuslib", "hashlib", "tempfile", "shutil", "threading", "ipaddress", "encodings.idna",
+             "dataclasses", "yaml", "lxml"}
+    assert not mods & heavy, mods & heavy
+
+
 def test_status_exit_codes_and_reset(host):
     assert host.ctl("status", "atom-worker@9")[0] == 3        # a known pool's instance, not running
     code, _, err = host.ctl("status", "nginx")

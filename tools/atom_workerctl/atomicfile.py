@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 
 
 def replace(path: str, data: str | bytes, mode: int = 0o644, *, fsync: bool = False,
@@ -16,6 +15,8 @@ def replace(path: str, data: str | bytes, mode: int = 0o644, *, fsync: bool = Fa
     clean up what a killed writer left."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
     directory = os.path.dirname(os.path.abspath(path))
+    import tempfile  # here, not at the top: every command imports this module, few write (~2 ms of start-up)
+
     fd, tmp = tempfile.mkstemp(prefix=prefix or f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -107,6 +107,29 @@ COMMAND_HELP = {
 }
 
 
+def _columns() -> int:
+    """shutil.get_terminal_size().columns, as argparse's help formatter asks it, without importing shutil
+    (which imports bz2 and lzma: ~2 ms of every start-up, as argparse builds a formatter per option)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+        columns = columns or 80
+    return columns
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's RawDescriptionHelpFormatter, its width found as argparse finds it (less 2), by _columns()."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        super().__init__(prog, indent_increment, max_help_position, _columns() - 2 if width is None else width)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line (argparse prints the whole usage block first), exit 2 as argparse's."""
 
@@ -161,7 +184,7 @@ def _common(json_opt: bool = True) -> argparse.ArgumentParser:
 
 
 def _make_common(json_opt: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, formatter_class=_Formatter)
     p.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
                    help="the host model (default: /etc/atom-worker/sites.json or $ATOM_WORKERCTL_CONFIG)")
     p.add_argument("--gearman-timeout", metavar="S", type=seconds, default=argparse.SUPPRESS,
@@ -221,7 +244,7 @@ def build_parser(for_argv: list[str] | None = None, parser_class: type = None) -
     from . import __version__
 
     parser = (parser_class or _Parser)(prog=PROG, description=DESCRIPTION, epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--config", metavar="PATH", default=None,
                         help="the host model (default: /etc/atom-worker/sites.json or $ATOM_WORKERCTL_CONFIG)")
@@ -241,7 +264,7 @@ def build_parser(for_argv: list[str] | None = None, parser_class: type = None) -
             return _Skipped()
         short, epilog = COMMAND_HELP[name]
         return sub.add_parser(name, help=short, description=short[0].upper() + short[1:] + ".", epilog=epilog,
-                              parents=[_common(json_opt)], formatter_class=argparse.RawDescriptionHelpFormatter)
+                              parents=[_common(json_opt)], formatter_class=_Formatter)
 
     p = add("status")
     _selection(p)

@@ -123,8 +123,20 @@ def read_site_configs(snap: Snapshot) -> None:
 
 def take(host: model.Host, backend, *, units: list[str] | None = None, gearman: bool = True,
          configs: bool = True, connections: bool = True, timeout: float | None = None) -> Snapshot:
-    """Read the host. `units` limits the instances read (default: every expected and loaded one)."""
+    """Read the host. `units` limits the instances read (default: every expected and loaded one).
+
+    gearmand is asked, and this host's TCP table read for link(), while the process manager is read
+    (threads, _Asking: the admin client is plain sockets, and the systemd backend's reads release the GIL
+    as they wait); their answers are used once the process manager's are in, as before."""
     snap = Snapshot(host)
+    # The TCP table (for link(): only root may see whose sockets are whose) needs nothing: read it first.
+    asking = _Asking(connections and os.geteuid() == 0) if gearman else None
+    if configs:
+        read_site_configs(snap)  # before asking gearmand: the job servers are in the sites' configuration
+    if asking is not None:
+        asking.ask(list(dict.fromkeys(s for sv in snap.sites for s in sv.servers)),
+                   {} if timeout is None else {"timeout": timeout})
+    # (When reading the process manager fails, its error goes up at once: the thread is a daemon, left to end.)
     expected = host.expected_units()
     names = expected if units is None else units
     states = backend.units(names, model.UNIT_GLOB if units is None else "")
@@ -137,19 +149,68 @@ def take(host: model.Host, backend, *, units: list[str] | None = None, gearman: 
             continue
         snap.instances[unit] = inst
     confirm_give_ups(snap, host, backend)
-    if configs:
-        read_site_configs(snap)
-    if gearman:
-        servers = list(dict.fromkeys(s for sv in snap.sites for s in sv.servers))
-        kw = {} if timeout is None else {"timeout": timeout}
-        snap.gearman = query_all(servers, **kw)
+    if asking is not None:
+        snap.gearman, table = asking.result()
         snap.gearman_queried = True
-        link(snap, backend, connections)
+        link(snap, backend, connections, table)
     else:
         for inst in snap.instances.values():
             inst.connected = None
             inst.registered = None
     return snap
+
+
+class _Asking:
+    """This host's TCP table (procnet.own_table: milliseconds of kernel time per address family) in a thread
+    per family, gearmand's `status` and `workers` of each server (query_all, once ask() names them) in
+    another; result() waits for them all and raises what any raised. The threads are _thread's (daemons:
+    never waited for at exit): the threading module would add ~1 ms to every start-up."""
+
+    def __init__(self, table: bool):
+        self.views: dict[str, ServerView] = {}
+        self.tables: list = []
+        self.error: BaseException | None = None
+        self.locks = []
+        if table:
+            import _socket
+
+            from . import procnet
+
+            for family in (_socket.AF_INET, _socket.AF_INET6):
+                self._start(self._table, (procnet, family))
+
+    def ask(self, servers: list[str], kw: dict) -> None:
+        self._start(self._ask, (servers, kw))
+
+    def _start(self, job, args) -> None:
+        import _thread
+
+        lock = _thread.allocate_lock()
+        lock.acquire()
+        self.locks.append(lock)
+        _thread.start_new_thread(self._run, (lock, job, args))
+
+    def _ask(self, servers: list[str], kw: dict) -> None:
+        self.views = query_all(servers, **kw)
+
+    def _table(self, procnet, family: int) -> None:
+        self.tables.append(procnet.own_table(family))
+
+    def _run(self, lock, job, args) -> None:
+        try:
+            job(*args)
+        except BaseException as exc:  # handed to the caller's thread by result()
+            self.error = exc
+        finally:
+            lock.release()
+
+    def result(self) -> tuple:
+        for lock in self.locks:
+            with lock:
+                pass
+        if self.error is not None:
+            raise self.error
+        return self.views, (self.tables or None)
 
 
 def confirm_give_ups(snap: Snapshot, host: model.Host, backend) -> None:
@@ -182,12 +243,13 @@ def _client_pid(client_id: str) -> int | None:
     return None
 
 
-def link(snap: Snapshot, backend, connections: bool = True) -> None:
-    """Tie instances to gearmand's worker lines (see the module's docstring)."""
+def link(snap: Snapshot, backend, connections: bool = True, table=None) -> None:
+    """Tie instances to gearmand's worker lines (see the module's docstring). table: this host's TCP tables
+    as procnet.own_table() read them already, one per address family (None: read when needed)."""
     from .procnet import Connections
 
     for sv in snap.sites:
-        finder = Connections(sv.servers) if connections else None
+        finder = Connections(sv.servers, table) if connections else None
         for pv in sv.pools:
             for inst in snap.of_pool(pv.pool):
                 inst.pids = backend.pids(inst.state) if inst.state.main_pid else []
