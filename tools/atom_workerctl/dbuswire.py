@@ -19,8 +19,8 @@ Authentication is EXTERNAL (the kernel tells the peer our uid).
 
 from __future__ import annotations
 
-import _socket  # socket.py's C core: importing socket.py costs ~2 ms of start-up (its enums, selectors)
 import os
+import socket
 import struct
 
 PRIVATE_SOCKET = "/run/systemd/private"
@@ -184,7 +184,7 @@ class Connection:
         self.serial = 0
         self._buf = bytearray()
         self.direct = False
-        self.sock: _socket.socket | None = None
+        self.sock: socket.socket | None = None
         candidates = ([PRIVATE_SOCKET] if os.geteuid() == 0 and os.path.exists(PRIVATE_SOCKET) else [])
         candidates.append(system_bus_path())
         for n, path in enumerate(candidates):
@@ -200,7 +200,7 @@ class Connection:
             self.call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "Hello", "", [])
 
     def _open(self, path: str) -> None:
-        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock = sock
         sock.settimeout(self.timeout)
         try:

@@ -29,8 +29,8 @@ Standard library only, and two ways to run:
 
 from __future__ import annotations
 
-import _socket  # socket.py's C core: importing socket.py costs ~2 ms of start-up (its enums, selectors)
 import re
+import socket
 import sys
 import time
 
@@ -79,7 +79,7 @@ def _valid_host(host: str) -> bool:
     dotted = host.isascii() and host.replace(".", "").isdigit()
     if dotted:
         try:
-            _socket.inet_pton(_socket.AF_INET, host)
+            socket.inet_pton(socket.AF_INET, host)
             return True
         except OSError:
             pass
@@ -146,22 +146,6 @@ def parse_workers(lines: list[str], server: str = "?") -> list[WorkerConnection]
     return out
 
 
-def _connect(host, port: int, timeout: float) -> _socket.socket:
-    """socket.create_connection((host, port), timeout) on _socket: each address getaddrinfo gives, in turn;
-    the last one's error when none connects."""
-    error: OSError = OSError("getaddrinfo returns an empty list")
-    for family, kind, proto, _name, address in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM):
-        sock = _socket.socket(family, kind, proto)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(address)
-            return sock
-        except OSError as exc:
-            sock.close()
-            error = exc
-    raise error
-
-
 class GearmanAdmin:
     """One admin connection to one gearmand, with one deadline from connect on; use as a context manager."""
 
@@ -175,7 +159,7 @@ class GearmanAdmin:
         self.timeout, self.max_reply, self.max_lines = timeout, max_reply, max_lines
         # The deadline in words, for the errors: a caller that hands over what is left of its own wait says so.
         self.limit = limit or f"within {timeout:g} s"
-        self.sock: _socket.socket | None = None
+        self.sock: socket.socket | None = None
         self.deadline = 0.0
         self.received = 0
         self._buf = bytearray()
@@ -193,14 +177,14 @@ class GearmanAdmin:
         try:
             # An ASCII name as bytes: a str makes getaddrinfo import the idna codec (~1 ms of start-up).
             host = self.host.encode() if self.host.isascii() else self.host
-            self.sock = _connect(host, self.port, self.timeout)
+            self.sock = socket.create_connection((host, self.port), timeout=self.timeout)
         except TimeoutError:
             raise GearmanError(self.server, f"no answer to connect {self.limit} "
                                             "(host down, or a firewall drops the packets)") from None
         except ConnectionRefusedError:
             raise GearmanError(self.server, "connection refused (gearmand not running or not listening "
                                             "on that address)") from None
-        except _socket.gaierror as exc:
+        except socket.gaierror as exc:
             raise GearmanError(self.server, f"cannot resolve {self.host}: {exc.strerror}") from None
         except UnicodeError:  # `a..b`: the IDNA codec refuses an empty label before any lookup
             raise GearmanError(self.server, f"{self.host} is not a valid host name") from None

@@ -8,8 +8,8 @@ ESTABLISHED socket to that server's address and port.
 
 from __future__ import annotations
 
-import _socket  # _socket.py's C core: importing _socket.py costs ~2 ms of start-up (its enums, selectors)
 import os
+import socket
 import struct
 
 ESTABLISHED = "01"
@@ -19,11 +19,11 @@ def _hex_addr(text: str) -> tuple[str, int]:
     addr, port = text.split(":")
     raw = bytes.fromhex(addr)
     if len(raw) == 4:
-        ip = _socket.inet_ntop(_socket.AF_INET, raw[::-1])
+        ip = socket.inet_ntop(socket.AF_INET, raw[::-1])
     else:
         # Four host-order 32-bit words.
         words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-        ip = _socket.inet_ntop(_socket.AF_INET6, words)
+        ip = socket.inet_ntop(socket.AF_INET6, words)
         if ip.startswith("::ffff:") and "." in ip:
             ip = ip[7:]
     return ip, int(port, 16)
@@ -82,7 +82,7 @@ def resolve(servers: list[str]) -> dict[tuple[str, int], str]:
         try:
             host, port = parse_server(server)
             # An ASCII name as bytes: a str makes getaddrinfo import the idna codec (~1 ms of start-up).
-            infos = _socket.getaddrinfo(host.encode() if host.isascii() else host, port, type=_socket.SOCK_STREAM)
+            infos = socket.getaddrinfo(host.encode() if host.isascii() else host, port, type=socket.SOCK_STREAM)
         except (ValueError, OSError):
             continue
         for info in infos:
@@ -107,12 +107,12 @@ def diag_table(family: int) -> dict[int, tuple[str, int, str, int]]:
     """tcp_table's answer for one address family of our network namespace, from the kernel's sock_diag
     netlink interface (what `ss` uses): binary, only ESTABLISHED sockets asked for, and no listening table
     walked, so cheaper than /proc/net/tcp{,6}. OSError when the kernel refuses it."""
-    sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG)
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG)
     try:
         # struct inet_diag_req_v2: family, protocol, ext, pad, states (1 << TCP_ESTABLISHED), a zero sockid.
-        req = struct.pack("=BBBBI", family, _socket.IPPROTO_TCP, 0, 0, 1 << 1) + bytes(48)
+        req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << 1) + bytes(48)
         sock.sendall(struct.pack("=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0) + req)
-        size = 4 if family == _socket.AF_INET else 16
+        size = 4 if family == socket.AF_INET else 16
         out = {}
         while True:
             data = sock.recv(1 << 16)
@@ -138,7 +138,7 @@ def diag_table(family: int) -> dict[int, tuple[str, int, str, int]]:
 
 
 def _ip(family: int, raw: bytes) -> str:
-    ip = _socket.inet_ntop(family, raw)
+    ip = socket.inet_ntop(family, raw)
     if ip.startswith("::ffff:") and "." in ip:  # as _hex_addr: a v4-mapped address is the v4 one
         ip = ip[7:]
     return ip
@@ -151,7 +151,7 @@ def own_table(family: int) -> tuple[str | None, dict]:
     try:
         table = diag_table(family)
     except OSError:
-        name = "tcp" if family == _socket.AF_INET else "tcp6"
+        name = "tcp" if family == socket.AF_INET else "tcp6"
         table = tcp_table("self", names=(name,))
     return _netns("self"), table
 
