@@ -70,6 +70,70 @@ def gearmand_pid(lab):
     return lab.show(GM, "gearman-job-server.service", "MainPID")["MainPID"]
 
 
+# The role reads the job server in one probe and includes tasks/apply.yml only when something drifted.
+APPLY_TASK = ("TASK [gearman_job_server : Change what is not as wanted "
+              "(install, allowlist, configuration, allowlist removal)]")
+APPLIED = re.compile(rf"^included: \S+/roles/gearman_job_server/tasks/apply\.yml for {GM}$", re.M)
+
+
+def applied(result):
+    """The converge included the role's tasks/apply.yml on the job server (the include was not skipped)."""
+    return APPLIED.search(result.stdout) is not None
+
+
+def allowlist_reloads(lab):
+    """How many times systemd reloaded the allowlist unit ("Reloading ..." in its journal)."""
+    return int(lab.run(GM, f"journalctl -q -o cat -u {FIREWALL_UNIT} | grep -c '^Reloading' || true").stdout)
+
+
+def restarts(lab):
+    """gearmand's main PID, when the allowlist unit last started and how often it was reloaded."""
+    return gearmand_pid(lab), lab.show(GM, FIREWALL_UNIT, "ActiveEnterTimestampMonotonic"), allowlist_reloads(lab)
+
+
+# -- probe, then change only what drifted ---------------------------------------------------------------------
+def test_a_converge_with_nothing_to_do_skips_the_change_step(lab):
+    before = restarts(lab)
+    result = converge(lab)
+    assert result.changed() == 0, result
+    # The include was reached and skipped, not absent (a renamed task would make the check below vacuous).
+    assert APPLY_TASK in result.stdout, result
+    assert not applied(result), result
+    assert "RUNNING HANDLER" not in result.stdout, result
+    assert restarts(lab) == before
+
+
+@pytest.mark.parametrize("damage", ["edited-default-file", "flushed-table", "stopped-nftables"])
+def test_a_drifted_job_server_includes_the_change_step_and_is_repaired(lab, damage):
+    """The positive control of the test above: the same converge on a damaged job server includes
+    tasks/apply.yml and repairs it, and the next converge includes it no more."""
+    default = lab.run(GM, "cat /etc/default/gearman-job-server").stdout
+    pid, reloads = gearmand_pid(lab), allowlist_reloads(lab)
+    if damage == "edited-default-file":
+        lab.run(GM, "echo '# edited' >> /etc/default/gearman-job-server")
+    elif damage == "flushed-table":
+        lab.run(GM, "nft flush table inet atom_gearman")  # the chain stays, its rules are gone
+        assert connects(lab, OUT)  # the damage is real: the port is open to the outsider
+    else:
+        # Stops the allowlist unit (PartOf=) and gearmand (Requires=) with it; the run's start of nftables
+        # flushes the ruleset, then the allowlist unit's start loads the table before gearmand starts.
+        lab.run(GM, "systemctl stop nftables.service")
+        assert lab.show(GM, "gearman-job-server.service", "ActiveState")["ActiveState"] != "active"
+    result = converge(lab)
+    assert applied(result), result
+    assert result.changed() >= 1, result
+    assert lab.run(GM, "cat /etc/default/gearman-job-server").stdout == default
+    if damage in ("edited-default-file", "stopped-nftables"):
+        assert gearmand_pid(lab) != pid  # restarted on the repaired configuration, or started again
+    else:
+        assert "Load the allowlist again" in result.stdout
+        assert allowlist_reloads(lab) > reloads  # what the test above counts does move
+        assert gearmand_pid(lab) == pid
+    assert_fails_closed(lab)
+    again = converge(lab)
+    assert again.changed() == 0 and not applied(again), again
+
+
 def start_sampler(lab, host, name):
     lab.run(host, f"cat > /root/sampler.py <<'EOF'\n{SAMPLER}EOF\nrm -f /root/{name}.txt")
     lab.run(host, f"systemd-run --unit={name} python3 /root/sampler.py {lab.address(GM)} /root/{name}.txt")
@@ -174,6 +238,7 @@ def test_converge_loads_a_table_that_was_flushed(lab):
     result = converge(lab)
     assert result.changed() == 1, result  # the reload of the allowlist, nothing else
     assert "Load the allowlist again" in result.stdout
+    assert applied(result), result
     assert_fails_closed(lab)
 
 
