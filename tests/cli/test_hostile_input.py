@@ -68,12 +68,12 @@ def preflight(tmp_path_factory):
     return lambda extra: run_preflight(tmp, "atom_worker_preflight", {**base, **extra})
 
 
-def run_preflight(tmp, tag: str, variables: dict) -> subprocess.CompletedProcess:
+def run_preflight(tmp, tag: str, variables: dict, inventory: str = "localhost,") -> subprocess.CompletedProcess:
     """tmp/play.yml's role, only the tasks tagged `tag`, in check mode on this machine, with `variables`."""
     (tmp / "vars.json").write_text(json.dumps(variables))
     env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "roles"), "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")}
-    return subprocess.run([str(VENV / "ansible-playbook"), "-i", "localhost,", str(tmp / "play.yml"), "--check",
+    return subprocess.run([str(VENV / "ansible-playbook"), "-i", inventory, str(tmp / "play.yml"), "--check",
                            "--tags", tag, "-e", f"@{tmp / 'vars.json'}"],
                           capture_output=True, text=True, env=env, cwd=tmp, timeout=300, check=False)
 
@@ -131,6 +131,33 @@ def assert_refused_one_line_each(proc, expected):
     for words in expected:  # each on one line (a loop item's header, or the message of a failed task)
         assert any(all(w in ln for w in words) for ln in out.splitlines()), (words, out[-3000:])
     assert "changed=0" in proc.stdout, out[-3000:]
+
+
+@pytest.mark.parametrize("gm_vars, role_vars, refused", [
+    # A job server that relies on the gearmand role's default listens on its own loopback: unreachable.
+    ({}, {}, True),
+    ({"gearman_job_server_listen_address": "10.0.0.5"}, {}, False),
+    # The role's own list of job servers: the group's addresses are not asked at all.
+    ({}, {"atom_worker_gearman_servers": ["10.0.0.5:4730"]}, False),
+])
+def test_preflight_reads_the_job_servers_listen_address_or_its_default(tmp_path, gm_vars, role_vars, refused):
+    """The job servers of the inventory's group, with and without their listen address (the gearmand role's
+    default is loopback): refused in one line when unreachable from this host, else passed (the controls)."""
+    root = tmp_path / "atom"
+    (root / "config").mkdir(parents=True)
+    (root / "symfony").write_text("")
+    (root / "config" / "gearman.yml").write_text("all:\n  servers:\n    default: 127.0.0.1:4730\n")
+    (tmp_path / "play.yml").write_text(PLAY)
+    (tmp_path / "inventory.json").write_text(json.dumps({"all": {"children": {
+        "gearman_job_servers": {"hosts": {"gm": gm_vars or None}},
+        "atom_workers": {"hosts": {"localhost": None}}}}}))
+    proc = run_preflight(tmp_path, "atom_worker_preflight", {
+        "atom_worker_root": str(root), "atom_worker_user": "root", "atom_worker_group": "root",
+        "atom_worker_after_services_detect": False, **role_vars}, inventory=str(tmp_path / "inventory.json"))
+    needle = "gm (group gearman_job_servers) listens on 127.0.0.1, which this worker host (localhost) cannot reach"
+    assert (proc.returncode != 0) == refused, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert (needle in proc.stdout) == refused, proc.stdout[-3000:]
+    assert "HostVarsVars" not in proc.stdout + proc.stderr
 
 
 # -- the gearman_job_server role's preflight ---------------------------------------------------------------------
