@@ -6,6 +6,7 @@ dbuswire, so a reader and a writer that agree on a mistake cannot pass. The real
 (test_cli_lab.py) read every instance through it. Local: no lab host needed."""
 
 import os
+import select
 import socket
 import struct
 import sys
@@ -278,3 +279,184 @@ def test_no_bus_and_a_refusal_are_clear_errors(bus, tmp_path):
     with pytest.raises(dbuswire.DBusError, match="refused us .REJECTED EXTERNAL."):
         dbuswire.Connection()
     peer.join()
+
+
+# -- the review's findings (session 25): limits, one deadline, failures that leave no broken connection ----------
+def drain(conn: socket.socket, buf: bytearray, idle: float = 0.3) -> list | None:
+    """Every call the client writes until it pauses for IDLE s (it is then waiting for answers); None once
+    it has closed the connection."""
+    while True:
+        ready, _, _ = select.select([conn], [], [], idle)
+        if not ready:
+            break
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buf += data
+    calls = []
+    while len(buf) >= 16 and len(buf) >= _size(buf):
+        calls += read_calls(conn, 1, buf)
+    return calls
+
+
+def _active(e: str = "<") -> bytes:
+    return bytes((1,)) + b"s\0" + b"\0" + _string(e, "active")
+
+
+def _hello(conn, buf) -> None:
+    (hello_serial, _, _), = read_calls(conn, 1, buf)
+    conn.sendall(message("<", 2, 1, hello_serial, "s", _string("<", ":1.42")))
+
+
+def _gets(n: int) -> list[tuple]:
+    return [("org.freedesktop.systemd1", f"/org/freedesktop/systemd1/unit/u{k}", "org.freedesktop.DBus.Properties",
+             "Get", "ss", ["org.freedesktop.systemd1.Unit", "ActiveState"]) for k in range(n)]
+
+
+@pytest.mark.parametrize("others, expect_ok", [(0, True), (60, True), (200, False)])
+def test_over_the_bus_at_most_100_calls_in_flight_and_limits_exceeded_retried_once(bus, others, expect_ok):
+    """As dbus-daemon does: a connection's calls beyond 128 awaiting a reply (OTHERS of them already
+    counted: replies it waits for elsewhere) are refused with LimitsExceeded. Over the bus dbuswire keeps
+    at most 100 in flight, and sends a refused call once more: with 60 others, the 32 refused of each 100
+    pass the second time. With 200 others every call is refused, twice and no more (the error is the reply)."""
+    rounds: list[int] = []
+
+    def script(conn, buf):
+        _hello(conn, buf)
+        while (calls := drain(conn, buf)) is not None:
+            if not calls:
+                continue
+            rounds.append(len(calls))
+            out = bytearray()
+            for n, (serial, _member, _args) in enumerate(calls):
+                if others + n < 128:
+                    out += message("<", 2, 1000 + serial, serial, "v", _active())
+                else:
+                    text = _string("<", "The maximum number of pending replies per connection has been reached")
+                    out += message("<", 3, 1000 + serial, serial, "s", text, dbuswire.LIMITS)
+            conn.sendall(out)
+
+    peer = Peer(bus, script)
+    wire = dbuswire.Connection()
+    replies = wire.batch(_gets(250))
+    wire.close()
+    peer.join()
+    assert max(rounds) <= 100
+    if expect_ok:
+        assert replies == [["active"]] * 250
+        assert rounds == ([100, 100, 50] if others == 0 else [100, 32, 100, 32, 50])
+    else:
+        assert all(isinstance(r, dbuswire.DBusError) and r.name == dbuswire.LIMITS for r in replies)
+        assert rounds == [100, 100, 100, 100, 50, 50]
+
+
+def test_one_deadline_for_a_batch_however_many_signals_arrive(bus):
+    """systemd sends a direct connection every signal: with a timeout per read, signals every 0.1 s kept a
+    call that is never answered waiting (here: until the stand-in gives up signalling after 5 s and answers).
+    One deadline per batch: the timeout's error, and the connection closed so the next batch says so."""
+    def script(conn, buf):
+        _hello(conn, buf)
+        (serial, _, _), = read_calls(conn, 1, buf)
+        signal = message("<", 4, 2, None, "s", _string("<", ":1.42"))
+        try:
+            for _ in range(50):
+                conn.sendall(signal)
+                if select.select([conn], [], [], 0.1)[0] and not conn.recv(1):
+                    return  # the client gave up and closed
+            conn.sendall(message("<", 2, 3, serial, "v", _active()))
+            conn.recv(1)
+        except OSError:
+            return
+
+    peer = Peer(bus, script)
+    wire = dbuswire.Connection(timeout=0.5)
+    with pytest.raises(dbuswire.DBusError, match="no answer within 0.5 s") as info:
+        wire.batch(_gets(1))
+    assert info.value.name == "org.freedesktop.DBus.Error.Timeout"
+    assert wire.sock is None
+    with pytest.raises(dbuswire.DBusError, match="closed after an earlier failure") as again:
+        wire.batch(_gets(1))
+    assert again.value.name == dbuswire.DISCONNECTED
+    peer.join()
+
+
+def _bad_order(serial):
+    return b"X" + message("<", 2, 9, serial, "v", _active())[1:]
+
+
+def _bad_version(serial):
+    m = bytearray(message("<", 2, 9, serial, "v", _active()))
+    m[3] = 2
+    return bytes(m)
+
+
+def _bad_field_signature(serial):
+    # A header field whose signature is not ASCII (UnicodeDecodeError) before the reply serial.
+    fields = bytearray(bytes((7, 1)) + b"\xff\0")
+    fields += b"\0" * 4
+    fields += bytes((5, 1, ord("u"), 0)) + struct.pack("<I", serial)
+    head = bytearray(struct.pack("<cBBBIII", b"l", 2, 0, 1, 0, 9, len(fields))) + fields
+    _pad(head, 8)
+    return bytes(head)
+
+
+def _unknown_type(serial):
+    return message("<", 2, 9, serial, "z", b"\0" * 8)  # no D-Bus type 'z' (KeyError)
+
+
+def _short_body(serial):
+    return message("<", 2, 9, serial, "t", b"\0\0")  # a uint64 in two bytes (struct.error)
+
+
+def _long_string(serial):
+    # A string's length past the message's end: read as far as there was, before.
+    return message("<", 2, 9, serial, "s", struct.pack("<I", 1000) + b"ab\0")
+
+
+@pytest.mark.parametrize("reply", [_bad_order, _bad_version, _bad_field_signature, _unknown_type, _short_body,
+                                   _long_string])
+def test_a_malformed_reply_is_a_dbus_error_and_closes_the_connection(bus, reply):
+    """Whatever is wrong with a reply, batch() raises DBusError(InvalidMessage), one line; the connection is
+    closed (what is left of the stream cannot be trusted) and the next batch() says DISCONNECTED instead of
+    failing on a socket that is gone. Positive control: the well-formed replies of the first tests."""
+    def script(conn, buf):
+        _hello(conn, buf)
+        (serial, _, _), = read_calls(conn, 1, buf)
+        conn.sendall(reply(serial))
+        conn.settimeout(5)
+        conn.recv(1)
+
+    peer = Peer(bus, script)
+    wire = dbuswire.Connection(timeout=5)
+    with pytest.raises(dbuswire.DBusError) as info:
+        wire.batch(_gets(1))
+    peer.join()
+    assert info.value.name == "org.freedesktop.DBus.Error.InvalidMessage"
+    assert "\n" not in str(info.value)
+    assert wire.sock is None and not wire._buf
+    with pytest.raises(dbuswire.DBusError) as again:
+        wire.batch(_gets(1))
+    assert again.value.name == dbuswire.DISCONNECTED
+
+
+def test_a_failed_hello_closes_the_socket(bus):
+    """The bus refuses Hello: Connection() raises the error and has closed its socket (the stand-in sees
+    the end of the stream) rather than leaving it open for as long as the error is kept."""
+    seen = {}
+
+    def script(conn, buf):
+        (serial, _, _), = read_calls(conn, 1, buf)
+        denied = "org.freedesktop.DBus.Error.AccessDenied"
+        conn.sendall(message("<", 3, 1, serial, "s", _string("<", "not you"), denied))
+        conn.settimeout(5)
+        try:
+            seen["eof"] = conn.recv(1) == b""
+        except TimeoutError:
+            seen["eof"] = False
+
+    peer = Peer(bus, script)
+    with pytest.raises(dbuswire.DBusError, match="not you") as info:
+        dbuswire.Connection(timeout=10)
+    peer.join()
+    assert info.value.name == "org.freedesktop.DBus.Error.AccessDenied"
+    assert seen["eof"] is True

@@ -22,15 +22,22 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 
 PRIVATE_SOCKET = "/run/systemd/private"
 SYSTEM_BUS_SOCKET = "/run/dbus/system_bus_socket"
 TIMEOUT = 25.0            # seconds for one batch's answers (sd-bus's default method call timeout)
 BATCH = 256               # calls written before their answers are read (keeps every socket buffer small)
+# Through the bus daemon: dbus-daemon refuses a connection's calls beyond 128 awaiting a reply
+# (max_replies_per_connection) with LimitsExceeded, so stay well under it there.
+BUS_BATCH = 100
 MAX_MESSAGE = 128 << 20   # the specification's limit on one message
 
 METHOD_CALL, METHOD_RETURN, ERROR = 1, 2, 3
 DISCONNECTED = "org.freedesktop.DBus.Error.Disconnected"
+INVALID = "org.freedesktop.DBus.Error.InvalidMessage"
+LIMITS = "org.freedesktop.DBus.Error.LimitsExceeded"
+TIMED_OUT = "org.freedesktop.DBus.Error.Timeout"
 _ALIGN = {"y": 1, "b": 4, "n": 2, "q": 2, "i": 4, "u": 4, "x": 8, "t": 8, "d": 8, "h": 4, "s": 4, "o": 4,
           "g": 1, "a": 4, "(": 8, "{": 8, "v": 1}
 _FIXED = {"y": ("B", 1), "b": ("I", 4), "n": ("h", 2), "q": ("H", 2), "i": ("i", 4), "u": ("I", 4),
@@ -139,9 +146,13 @@ def _read(buf, p: int, sig: str, i: int, e: str):
         return (bool(value) if c == "b" else value), p + fixed[1], i + 1
     if c in ("s", "o"):
         n = struct.unpack_from(e + "I", buf, p)[0]
+        if p + 5 + n > len(buf):
+            raise ValueError("a string runs past the end of its message")
         return bytes(buf[p + 4:p + 4 + n]).decode("utf-8", "replace"), p + 5 + n, i + 1
     if c == "g":
         n = buf[p]
+        if p + 2 + n > len(buf):
+            raise ValueError("a signature runs past the end of its message")
         return bytes(buf[p + 1:p + 1 + n]).decode("ascii", "replace"), p + 2 + n, i + 1
     if c == "v":
         inner, p, _ = _read(buf, p, "g", 0, e)
@@ -159,8 +170,13 @@ def _read(buf, p: int, sig: str, i: int, e: str):
         item = sig[i + 1]
         p += -p % _ALIGN[item]  # the first element's padding is not counted in the array's length
         stop, end, out = p + n, _end_of(sig, i), []
+        if stop > len(buf):
+            raise ValueError("an array runs past the end of its message")
         while p < stop:
-            value, p, _ = _read(buf, p, sig, i + 1, e)
+            value, q, _ = _read(buf, p, sig, i + 1, e)
+            if q <= p:  # an element of no bytes (an empty struct): the array would never end
+                raise ValueError("an array of empty elements")
+            p = q
             out.append(value)
         if item == "{":
             return dict(out), p, end
@@ -177,7 +193,9 @@ def _body(buf, p: int, sig: str, e: str) -> list:
 
 
 class Connection:
-    """One connection to systemd; call() one method, batch() many at once."""
+    """One connection to systemd; call() one method, batch() many at once. After any failure (no answer in
+    time, the peer gone, a message we cannot parse) the connection is closed: the stream may be out of step,
+    and the next batch() says DISCONNECTED, which the caller may answer by opening a new one."""
 
     def __init__(self, timeout: float = TIMEOUT):
         self.timeout = timeout
@@ -197,11 +215,22 @@ class Connection:
                 if n == len(candidates) - 1:
                     raise
         if not self.direct:
-            self.call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "Hello", "", [])
+            try:
+                self.call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "Hello", "", [])
+            except DBusError:
+                self.close()  # not left open until the half-made object is collected
+                raise
+
+    @property
+    def batch_size(self) -> int:
+        """Calls in flight at once: systemd's private socket has no limit of its own; the bus daemon has."""
+        return BATCH if self.direct else BUS_BATCH
 
     def _open(self, path: str) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock = sock
+        # One deadline for the whole of connecting and authenticating, however the answer is split.
+        deadline = time.monotonic() + self.timeout
         sock.settimeout(self.timeout)
         try:
             sock.connect(path)
@@ -214,6 +243,7 @@ class Connection:
             sock.sendall(b"\0AUTH EXTERNAL " + uid + b"\r\nBEGIN\r\n")
             line = bytearray()
             while not line.endswith(b"\r\n"):
+                _settimeout(sock, deadline)
                 chunk = sock.recv(256)
                 if not chunk or len(line) > 4096:
                     raise DBusError("", f"{path} closed the connection while authenticating")
@@ -225,7 +255,7 @@ class Connection:
         except PermissionError:
             raise DBusError("org.freedesktop.DBus.Error.AccessDenied", f"{path}: permission denied") from None
         except TimeoutError:
-            raise DBusError("org.freedesktop.DBus.Error.Timeout", f"{path} did not answer") from None
+            raise DBusError(TIMED_OUT, f"{path} did not answer") from None
         except OSError as exc:
             raise DBusError("", f"{path}: {exc.strerror or exc}") from None
 
@@ -233,6 +263,7 @@ class Connection:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        self._buf.clear()  # a part of a message read before a failure must not prefix the next connection's
 
     def call(self, destination: str | None, path, interface: str, member: str, signature: str, args: list):
         reply = self.batch([(destination, path, interface, member, signature, args)])[0]
@@ -242,28 +273,49 @@ class Connection:
 
     def batch(self, calls: list[tuple]) -> list:
         """Each call (destination, path, interface, member, signature, args) -> its reply's body (a list of
-        values) or the DBusError it was answered with, in the calls' order."""
+        values) or the DBusError it was answered with, in the calls' order. A call the bus daemon refused
+        with LimitsExceeded (too many in flight, ours and whatever else it counts) is sent once more."""
         replies: list = [None] * len(calls)
-        for start in range(0, len(calls), BATCH):
-            pending: dict[int, int] = {}
-            out = bytearray()
-            for k in range(start, min(start + BATCH, len(calls))):
-                self.serial += 1
-                pending[self.serial] = k
-                out += method_call(self.serial, *calls[k])
-            try:
-                self.sock.sendall(out)
-                while pending:
-                    self._receive(pending, replies)
-            except TimeoutError:
-                raise DBusError("org.freedesktop.DBus.Error.Timeout",
-                                f"no answer within {self.timeout:g} s") from None
-            except OSError as exc:
-                raise DBusError(DISCONNECTED, exc.strerror or str(exc)) from None
+        size = self.batch_size
+        for start in range(0, len(calls), size):
+            self._round(calls, range(start, min(start + size, len(calls))), replies)
+            again = [k for k in range(start, min(start + size, len(calls)))
+                     if isinstance(replies[k], DBusError) and replies[k].name == LIMITS]
+            if again:
+                self._round(calls, again, replies)
         return replies
 
-    def _receive(self, pending: dict[int, int], replies: list) -> None:
+    def _round(self, calls: list[tuple], ks, replies: list) -> None:
+        """Write calls[k] for each k at once, then file their answers, all within one timeout."""
+        if self.sock is None:
+            raise DBusError(DISCONNECTED, "the connection to systemd was closed after an earlier failure")
+        pending: dict[int, int] = {}
+        out = bytearray()
+        for k in ks:
+            self.serial += 1
+            pending[self.serial] = k
+            out += method_call(self.serial, *calls[k])
+        # One deadline for the whole round: signals (systemd sends a direct connection every one) keep
+        # arriving, and a timeout per read would start again with each of them.
+        deadline = time.monotonic() + self.timeout
+        try:
+            self.sock.settimeout(self.timeout)
+            self.sock.sendall(out)
+            while pending:
+                self._receive(pending, replies, deadline)
+        except TimeoutError:
+            self.close()
+            raise DBusError(TIMED_OUT, f"no answer within {self.timeout:g} s") from None
+        except OSError as exc:
+            self.close()
+            raise DBusError(DISCONNECTED, exc.strerror or str(exc)) from None
+        except DBusError:
+            self.close()
+            raise
+
+    def _receive(self, pending: dict[int, int], replies: list, deadline: float) -> None:
         """Read what has come and file every complete reply; other messages (signals) are dropped."""
+        _settimeout(self.sock, deadline)
         chunk = self.sock.recv(1 << 16)
         if not chunk:
             raise DBusError(DISCONNECTED, "systemd closed the connection")
@@ -271,18 +323,24 @@ class Connection:
         buf += chunk
         p = 0
         while len(buf) - p >= 16:
-            e = "<" if buf[p] == 0x6C else ">"
+            order, version = buf[p], buf[p + 3]
+            if order not in (0x6C, 0x42) or version != 1:  # 'l' or 'B'; the protocol's only version
+                raise DBusError(INVALID, f"not a D-Bus message (byte order {order:#x}, version {version})")
+            e = "<" if order == 0x6C else ">"
             body_len, _serial, fields_len = struct.unpack_from(e + "III", buf, p + 4)
             fields_end = 16 + fields_len
             body_at = fields_end + (-fields_end % 8)
             size = body_at + body_len
             if size > MAX_MESSAGE:
-                raise DBusError("org.freedesktop.DBus.Error.LimitsExceeded", "a message over D-Bus's size limit")
+                raise DBusError(LIMITS, "a message over D-Bus's size limit")
             if len(buf) - p < size:
                 break
             message = memoryview(buf)[p:p + size]
             try:
                 self._file(message, e, fields_end, body_at, pending, replies)
+            except (KeyError, IndexError, ValueError, TypeError, struct.error, RecursionError) as exc:
+                # (UnicodeDecodeError is a ValueError.) One readable line, never a traceback.
+                raise DBusError(INVALID, f"a malformed message from systemd ({exc})") from None
             finally:
                 message.release()
             p += size
@@ -311,6 +369,14 @@ class Connection:
         body = _body(m, body_at, signature, e) if signature else []
         if kind == ERROR:
             text = body[0] if body and isinstance(body[0], str) else error_name
-            replies[k] = DBusError(error_name, text)
+            replies[k] = DBusError(str(error_name), str(text))
         else:
             replies[k] = body
+
+
+def _settimeout(sock: socket.socket, deadline: float) -> None:
+    """What is left of the deadline as the socket's timeout; TimeoutError once none is."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    sock.settimeout(left)

@@ -101,6 +101,7 @@ _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
 _NLM_F_REQUEST_DUMP = 0x301
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NLM_F_DUMP_INTR = 0x10  # the table changed while being dumped: the answer may miss sockets
 
 
 def diag_table(family: int) -> dict[int, tuple[str, int, str, int]]:
@@ -120,8 +121,13 @@ def diag_table(family: int) -> dict[int, tuple[str, int, str, int]]:
                 raise OSError("sock_diag: the dump ended early")
             p = 0
             while p + 16 <= len(data):
-                length, kind = struct.unpack_from("=IH", data, p)
+                length, kind, flags = struct.unpack_from("=IHH", data, p)
+                if flags & _NLM_F_DUMP_INTR:
+                    raise OSError("sock_diag: the dump was interrupted")
                 if kind == _NLMSG_DONE:
+                    # Its payload, when there, is the dump's error code (0, or a negative errno).
+                    if length >= 20 and struct.unpack_from("=i", data, p + 16)[0] != 0:
+                        raise OSError("sock_diag: the dump ended with an error")
                     return out
                 if kind == _NLMSG_ERROR or length < 16 + 72:
                     raise OSError("sock_diag: refused")
@@ -150,7 +156,7 @@ def own_table(family: int) -> tuple[str | None, dict]:
     table, milliseconds on a host with much memory. sock_diag, else /proc/net/tcp{,6}."""
     try:
         table = diag_table(family)
-    except OSError:
+    except (OSError, struct.error, ValueError):  # refused, or an answer cut short: /proc says the same
         name = "tcp" if family == socket.AF_INET else "tcp6"
         table = tcp_table("self", names=(name,))
     return _netns("self"), table
@@ -163,6 +169,8 @@ class Connections:
         self.addresses = resolve(servers)
         self._table: dict | None = None
         self._own = own  # own_table()'s answers (both families), used when the processes share our netns
+        self._source: int | None = None  # whose /proc/PID/net self._table is from (None: own_table's)
+        self._reread = False
 
     def of(self, pids: list[int]) -> list[str] | None:
         """The servers these processes are connected to (sorted), or None without permission."""
@@ -182,10 +190,29 @@ class Connections:
                 ns = _netns(pid) if own else None
                 same = own and ns is not None and all(o[0] == ns for o in own)
                 self._table = {k: v for o in own for k, v in o[1].items()} if same else tcp_table(pid)
-            for inode in inodes:
-                ends = self._table.get(inode)
-                if ends is not None and (ends[2], ends[3]) in self.addresses:
-                    found.add(self.addresses[(ends[2], ends[3])])
+                self._source = None if same else pid
+                self._reread = not same  # read just now, from /proc/PID: nothing to catch up on
+            mine = self._servers(inodes)
+            if not mine and not self._reread and not inodes <= self._table.keys():
+                # The table was read before systemd and gearmand were (snapshot.take): a worker that
+                # connected since has a socket it does not list. Read it once more (a worker's other
+                # sockets, unix ones, are never in it: only when nothing of this process was found).
+                self._reread = True
+                if self._source is None:
+                    for family in (socket.AF_INET, socket.AF_INET6):
+                        self._table.update(own_table(family)[1])
+                else:
+                    self._table.update(tcp_table(self._source))
+                mine = self._servers(inodes)
+            found |= mine
         if denied and not found:
             return None
         return sorted(found)
+
+    def _servers(self, inodes: set[int]) -> set[str]:
+        out = set()
+        for inode in inodes:
+            ends = self._table.get(inode)
+            if ends is not None and (ends[2], ends[3]) in self.addresses:
+                out.add(self.addresses[(ends[2], ends[3])])
+        return out

@@ -136,10 +136,12 @@ class SystemdBackend(Backend):
                 if exc.name != dbuswire.DISCONNECTED:
                     raise
                 # systemd closed the connection (daemon-reexec closes its private socket's): reads are
-                # safe to repeat, so once more on a new connection.
+                # safe to repeat, so once more on a new connection. (The old one stays, closed, until a new
+                # one is made: a later read tries again, and says DISCONNECTED again if it cannot.)
                 self.wire.close()
-                self.wire = dbuswire.Connection()
-                replies = self.wire.batch(batch)
+                wire = dbuswire.Connection()
+                self.wire = wire
+                replies = wire.batch(batch)
         except dbuswire.DBusError as exc:
             raise _wire_error(exc, what[0] if what else "read units") from None
         for reply, w in zip(replies, what, strict=True):
@@ -180,10 +182,18 @@ class SystemdBackend(Backend):
             what.append(f"load {' '.join(names)}" if len(names) <= 3 else f"load {len(names)} units")
         rows: dict[str, tuple] = {}
         listed: list[str] = []
-        for reply in (self._read_all(calls, what) if calls else []):
-            for row in reply[0]:
+        replies = self._read_all(calls, what) if calls else []
+        for n, reply in enumerate(replies):
+            by_name = names and n == len(replies) - 1  # ListUnitsByNames' answer comes last
+            found = reply[0]
+            for k, row in enumerate(found):
                 self._paths[row[0]] = row[6]
-                if row[0] not in rows:
+                if by_name:
+                    # A row per name asked, in order, but under the unit's real name: an alias's row is
+                    # the alias's (not read again as a unit of its own), and nothing here is a stray.
+                    key = names[k] if len(found) == len(names) else row[0]
+                    rows.setdefault(key, row)
+                elif row[0] not in rows:
                     rows[row[0]] = row
                     listed.append(row[0])
         named = set(names)
