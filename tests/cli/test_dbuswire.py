@@ -138,15 +138,6 @@ class Peer:
             raise self.error
 
 
-@pytest.fixture
-def bus(tmp_path, monkeypatch):
-    """Where dbuswire connects: the test's socket as the system bus (no private socket of systemd's)."""
-    path = tmp_path / "bus"
-    monkeypatch.setattr(dbuswire, "PRIVATE_SOCKET", str(tmp_path / "no-private-socket"))
-    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={path}")
-    return path
-
-
 def test_a_batch_answered_out_of_order_with_a_signal_between(bus):
     """Hello first (the system bus), then three Gets written at once: the answers come in reverse order, a
     signal (NameAcquired) before them, and each reaches its own call; an error reply is a DBusError."""

@@ -15,18 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "tests" / "cli"))
 
-from atom_workerctl import dbuswire, procnet, systemd  # noqa: E402
+from atom_workerctl import procnet, systemd  # noqa: E402
 from atom_workerctl.errors import ManagerError  # noqa: E402
 from test_dbuswire import Peer, _hello, read_calls  # noqa: E402
-
-
-@pytest.fixture
-def bus(tmp_path, monkeypatch):
-    """The test's socket as the system bus, as in test_dbuswire.py."""
-    path = tmp_path / "bus"
-    monkeypatch.setattr(dbuswire, "PRIVATE_SOCKET", str(tmp_path / "no-private-socket"))
-    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={path}")
-    return path
 
 
 def test_a_failed_reconnect_leaves_a_backend_that_fails_cleanly_again(bus):
