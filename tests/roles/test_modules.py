@@ -66,6 +66,9 @@ def test_atom_host_probe_answers_every_read(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "real")
     os.chmod(tmp_path / "real" / "file", 0o640)
     missing = str(tmp_path / "missing")
+    broken = tmp_path / "broken"  # a script whose interpreter is gone, as in a venv after a Python upgrade
+    broken.write_text("#!/no/such/python3\n")
+    broken.chmod(0o755)
     found = run_module(
         "atom_host_probe", tmp_path,
         stat=[str(tmp_path / "link"), str(tmp_path / "real/file"), missing],
@@ -77,7 +80,8 @@ def test_atom_host_probe_answers_every_read(tmp_path):
         glob=[str(tmp_path / "real/*")],
         packages=["dpkg", "no-such-package-x"],
         units=["atom-worker@1.service"],
-        commands=[["sh", "-c", "echo out; echo err >&2; exit 3"], ["true"], ["/no/such/command-x"]],
+        commands=[["sh", "-c", "echo out; echo err >&2; exit 3"], ["true"], ["/no/such/command-x"],
+                  [str(broken)]],
     )
     assert found["stat"][str(tmp_path / "link")] | {"uid": 0} == {
         "exists": True, "type": "link", "target": str(tmp_path / "real"), "mode": "0777", "uid": 0,
@@ -104,6 +108,7 @@ def test_atom_host_probe_answers_every_read(tmp_path):
     assert found["commands"][0] == {"rc": 3, "stdout": "out\n", "stderr": "err\n"}
     assert found["commands"][1]["rc"] == 0
     assert found["commands"][2]["rc"] == 127 and "command-x" in found["commands"][2]["stderr"]
+    assert found["commands"][3]["rc"] == 127 and str(broken) in found["commands"][3]["stderr"]
     assert found["changed"] is False
 
 

@@ -306,7 +306,10 @@ def run(module, argv):
     # As a shell says it: run_command would fail the whole probe instead.
     if not argv or shutil.which(argv[0]) is None:
         return {"rc": 127, "stdout": "", "stderr": f"{argv[0] if argv else '(empty)'}: command not found"}
-    rc, out, err = module.run_command(argv, environ_update={"LC_ALL": "C"})
+    try:
+        rc, out, err = module.run_command(argv, environ_update={"LC_ALL": "C"}, handle_exceptions=False)
+    except OSError as exc:  # found, but not startable: its #! interpreter is gone (a broken venv), say
+        return {"rc": 127, "stdout": "", "stderr": f"{argv[0]}: {exc.strerror or exc}"}
     return {"rc": rc, "stdout": out, "stderr": err}
 
 
