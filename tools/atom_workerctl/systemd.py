@@ -149,7 +149,7 @@ class SystemdBackend(Backend):
                 raise _wire_error(reply, w)
         return replies
 
-    def _get(self, path, iface: bytes, prop: bytes, sig: bytes, what: str):
+    def _get(self, path, iface: bytes, prop: bytes, what: str):
         return self._read_all([_prop(path, iface, prop)], [what])[0][0]
 
     def _path(self, unit: str):
@@ -255,7 +255,7 @@ class SystemdBackend(Backend):
     def exec_start(self, unit: str) -> list[tuple[str, list[str]]]:
         """(path, argv) of each ExecStart= line of a loaded unit (doctor checks that its programs exist)."""
         try:
-            lines = self._get(self._path(unit), SERVICE, b"ExecStart", b"a(sasbttttuii)", unit)
+            lines = self._get(self._path(unit), SERVICE, b"ExecStart", unit)
         except (ManagerError, NoSuchError):
             return []
         return [(_text(line[0]), [_text(a) for a in line[1]]) for line in lines]

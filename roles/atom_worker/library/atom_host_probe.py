@@ -165,7 +165,6 @@ import grp
 import hashlib
 import os
 import pwd
-import shutil
 import socket
 import stat
 
@@ -303,12 +302,13 @@ def unit_states(module, units):
 
 def run(module, argv):
     argv = [str(arg) for arg in argv]
-    # As a shell says it: run_command would fail the whole probe instead.
-    if not argv or shutil.which(argv[0]) is None:
-        return {"rc": 127, "stdout": "", "stderr": f"{argv[0] if argv else '(empty)'}: command not found"}
+    if not argv:
+        return {"rc": 127, "stdout": "", "stderr": "(empty): command not found"}
+    # Not found, or found but not startable (its #! interpreter is gone, as in a venv after a Python upgrade):
+    # rc 127 as a shell says it, where run_command would fail the whole probe.
     try:
         rc, out, err = module.run_command(argv, environ_update={"LC_ALL": "C"}, handle_exceptions=False)
-    except OSError as exc:  # found, but not startable: its #! interpreter is gone (a broken venv), say
+    except OSError as exc:
         return {"rc": 127, "stdout": "", "stderr": f"{argv[0]}: {exc.strerror or exc}"}
     return {"rc": rc, "stdout": out, "stderr": err}
 
