@@ -619,8 +619,9 @@ def write(times, sampling, mem, trans, meta) -> None:
         "| --- | --- | --- |",
         (f"| `ssh HOST atom-workerctl --json status` (everything `status` shows) | {tr['ssh_cli'][0] * 1000:.0f} ms "
          f"| {tr['ssh_cli'][1] * 1000:.0f} ms |"),
-        (f"| pystemd `DBusRemote` (ssh + systemd-stdio-bridge), the CLI's SystemdBackend reading every "
-         f"atom-worker unit (systemd's view only) | {tr['dbus_remote'][0] * 1000:.0f} ms | "
+        (f"| pystemd `DBusRemote` (ssh + systemd-stdio-bridge) reading every atom-worker unit: the listing, "
+         f"then GetAll of each unit's Unit and Service interfaces (systemd's view only) | "
+         f"{tr['dbus_remote'][0] * 1000:.0f} ms | "
          f"{tr['dbus_remote'][1] * 1000:.0f} ms |"),
         (f"| `ssh HOST true` (one ssh connection, the floor) | {tr['ssh_true'][0] * 1000:.0f} ms | "
          f"{tr['ssh_true'][1] * 1000:.0f} ms |"),

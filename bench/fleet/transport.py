@@ -5,9 +5,11 @@ Run inside the lab network, against a converged worker host with the CLI (bench/
     tools/lab/lab exec -- .venv/bin/python bench/fleet/transport.py INVENTORY HOST [--rounds 15]
 
   ssh_cli      ssh HOST atom-workerctl --json status   (systemd + gearmand + /proc registration)
-  dbus_remote  pystemd DBusRemote (sd_bus_open_system_remote: ssh HOST systemd-stdio-bridge), then the
-               CLI's own SystemdBackend on that bus reading every atom-worker unit (systemd's view only:
-               no gearmand, no registration, which needs the host's /proc)
+  dbus_remote  pystemd DBusRemote (sd_bus_open_system_remote: ssh HOST systemd-stdio-bridge), then every
+               atom-worker unit read over that bus: the listing, then GetAll of each unit's Unit and Service
+               interfaces, one call at a time as pystemd makes them (systemd's view only: no gearmand, no
+               registration, which needs the host's /proc). The CLI's own reader (dbuswire) talks to a
+               local socket only.
   ssh_true     ssh HOST true (the floor: one ssh connection)
 Prints JSON {method: [seconds...]}; run.py puts the medians in results.md.
 """
@@ -43,9 +45,10 @@ def measure(inventory: str, host: str, rounds: int) -> dict:
     wrapper.chmod(0o755)
     os.environ["PATH"] = f"{wrapper.parent}:{os.environ['PATH']}"
     from atom_workerctl import model
-    from atom_workerctl.systemd import SystemdBackend, _dbuslib
+    from atom_workerctl.systemd import _dbuslib
 
     dbuslib, _ = _dbuslib()
+    dest, manager = b"org.freedesktop.systemd1", b"org.freedesktop.systemd1.Manager"
 
     def ssh_cli():
         subprocess.run(["ssh", *opts, f"root@{address}", "atom-workerctl --json status"], check=True,
@@ -57,9 +60,14 @@ def measure(inventory: str, host: str, rounds: int) -> dict:
     def dbus_remote():
         bus = dbuslib.DBusRemote(f"root@{address}".encode())
         bus.open()
-        backend = SystemdBackend(bus)
-        states = backend.units([], model.UNIT_GLOB)
-        assert states, "no units over DBusRemote"
+        # pystemd gives a reply of one value as that value: the listing's rows
+        listing = bus.call_method(dest, b"/org/freedesktop/systemd1", manager, b"ListUnitsByPatterns",
+                                  dbuslib.apply_signature(b"asas", [[], [model.UNIT_GLOB.encode()]])).body
+        assert listing, "no units over DBusRemote"
+        for row in listing:
+            for interface in (b"org.freedesktop.systemd1.Unit", b"org.freedesktop.systemd1.Service"):
+                bus.call_method(dest, row[6], b"org.freedesktop.DBus.Properties", b"GetAll",
+                                dbuslib.apply_signature(b"s", [interface]))
         bus.close() if hasattr(bus, "close") else None
 
     methods = {"ssh_cli": ssh_cli, "dbus_remote": dbus_remote, "ssh_true": ssh_true}
