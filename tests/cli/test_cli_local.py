@@ -164,6 +164,29 @@ def test_gearman_errors_are_clear():
         gearman.GearmanAdmin("a:b")
 
 
+def test_gearman_tries_each_address_of_a_name(gearmand, monkeypatch):
+    """The admin client connects as socket.create_connection does (it uses the C module, _connect): every
+    address the name resolves to in turn, the first that accepts; else the last one's error."""
+    import _socket
+
+    closed = standin.free_port()
+    answers = {"two": [("127.0.0.1", closed), ("127.0.0.1", gearmand.port)], "one": [("127.0.0.1", closed)]}
+    real = _socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args):
+        if host in (b"two", b"one"):
+            return [(_socket.AF_INET, _socket.SOCK_STREAM, 6, "", a) for a in answers[host.decode()]]
+        return real(host, port, *args)
+
+    monkeypatch.setattr(_socket, "getaddrinfo", getaddrinfo)
+    view = gearman.query("two:4730")
+    assert view.reachable, view.error
+    assert view.local_ip == "127.0.0.1"
+    # Control: the same name with only the refusing address fails with that address's error.
+    view = gearman.query("one:4730")
+    assert not view.reachable and "connection refused" in view.error
+
+
 def test_gearman_read_timeout_and_refusal():
     import socket
     import threading

@@ -172,11 +172,11 @@ class _Asking:
         self.error: BaseException | None = None
         self.locks = []
         if table:
-            import socket
+            import _socket  # (socket.py is not needed for two constants: procnet.py says why)
 
             from . import procnet
 
-            for family in (socket.AF_INET, socket.AF_INET6):
+            for family in (_socket.AF_INET, _socket.AF_INET6):
                 self._start(self._table, (procnet, family))
 
     def ask(self, servers: list[str], kw: dict) -> None:
