@@ -55,6 +55,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
+import cpuside  # noqa: E402
 import lablib  # noqa: E402
 import memory  # noqa: E402
 import transport  # noqa: E402
@@ -65,6 +66,7 @@ PREFIX = "fb-"
 BIN = REPO / ".venv" / "bin"
 ENV = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "NO_COLOR": "1", "ANSIBLE_NOCOLOR": "1"}
 PLAYBOOK = REPO / "playbooks" / "rolling-restart.yml"
+CPU_KEYS = ("status", "ansible_status")  # CPU by side (cpuside.py), each size
 WARMED = ("status", "ansible_status")  # run once untimed right before (the connections they keep stay open)
 RESTARTS = ("rolling", "restart_batch", "playbook", "ansible_restart")  # sampled at the largest size
 TICK = os.sysconf("SC_CLK_TCK")
@@ -304,6 +306,19 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds} done ({time.monotonic() - run_began:.0f} s)", flush=True)
     trans = transport.measure(fleet.inv, fleet.workers[0], max(5, args.rounds * 2))
 
+    # Where the CPU of a status goes, by side (control host, hosts' logins, systemd, gearmand): each size.
+    groups = {h: cpuside.host_group(h) for h in hosts.names}
+    groups = {h: g for h, g in groups.items() if g is not None}
+    where = {}
+    if groups:
+        for n in sizes:
+            for key in CPU_KEYS:
+                fleet.settle()
+                entry = plan[n][key][2][0]
+                argv, extra = entry if isinstance(entry, tuple) else (entry, {})
+                where.setdefault(key, {})[str(n)] = cpuside.per_run(argv, {**ENV, **extra}, REPO, groups,
+                                                                    f"{PREFIX}jobs", max(5, args.rounds * 2))
+
     # The fleet is whole after the runs: every host answers, every instance is registered.
     fleet.settle()
     check = subprocess.run([str(BIN / "atom-workerctl"), "-i", fleet.inv, "--json", "status"], capture_output=True,
@@ -315,7 +330,7 @@ def main() -> None:
             "converged_here": not args.no_converge, "other_lab_hosts": others,
             "functions": len(fleet.functions), "workers_per_function": fleet.full_count,
             "run_seconds": round(time.monotonic() - run_began, 1)}
-    write(times, sampling, mem, trans, meta)
+    write(times, sampling, mem, trans, where, meta)
     if not args.keep:
         hosts.down()
 
@@ -427,7 +442,54 @@ def memory_lines(mem, meta) -> list[str]:
     return lines
 
 
-def write(times, sampling, mem, trans, meta) -> None:
+def side_lines(where: dict, sizes: list[int], cores: int) -> list[str]:
+    """The CPU of one run of each command by side (cpuside.py), each size, and what each added host costs."""
+    if not where:
+        return ["(No CPU by side: the hosts' cgroups could not be read.)", ""]
+    parts = ("control", "logins", "systemd", "workers", "gearmand", "rest")
+    runs = next(iter(next(iter(where.values())).values()))["runs"]
+    lines = [
+        "### Where the CPU goes",
+        "",
+        ("CPU milliseconds per run, by side, from the hosts' cgroups (cpuside.py; each command run "
+         f"{runs} times after one unmeasured run, right after the rounds above): the "
+         "control host (this machine less the hosts: the CLI or Ansible, their ssh clients, ansible-inventory), "
+         "the worker hosts' ssh logins (sshd's session and the command it runs: the host's own atom-workerctl, or "
+         "Ansible's module), their systemd (PID 1 answering D-Bus), their atom-worker instances, the job server's "
+         "gearmand, and the rest of the hosts. The last column is the wall time of those runs."),
+        "",
+        "| command | hosts | total | " + " | ".join(parts) + " | wall |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in parts) + " | --- |",
+    ]
+    notes = []
+    for key, by_n in where.items():
+        for n in sizes:
+            w = by_n.get(str(n))
+            if w:
+                lines.append(f"| {key} | {n} | {w['total']:.0f} | " + " | ".join(f"{w[p]:.0f}" for p in parts)
+                             + f" | {w['wall_ms']:.0f} |")
+        lo, hi = by_n.get(str(sizes[0])), by_n.get(str(sizes[-1]))
+        if lo and hi and sizes[-1] > sizes[0]:
+            dn = sizes[-1] - sizes[0]
+            each = {p: (hi[p] - lo[p]) / dn for p in ("total", *parts)}
+            floor = lo["wall_ms"] + (hi["total"] - lo["total"]) / cores
+            notes.append(
+                f"- `{key}`: each added host costs {each['total']:.0f} ms of CPU ("
+                + ", ".join(f"{p} {each[p]:.1f}" for p in parts if abs(each[p]) >= 0.5)
+                + f"). On {cores} shared cores, {sizes[-1]} hosts take about T({sizes[0]}) plus that extra CPU "
+                f"spread over every core (less only by what T({sizes[0]}) spends waiting rather than computing): "
+                f"{lo['wall_ms']:.0f} + {hi['total'] - lo['total']:.0f} / {cores} = {floor:.0f} ms, "
+                f"T({sizes[-1]})/T({sizes[0]}) ≈ {floor / lo['wall_ms']:.2f} "
+                f"(measured in these runs: {hi['wall_ms']:.0f} ms, {hi['wall_ms'] / lo['wall_ms']:.2f}). On a fleet "
+                "of separate machines only the control host's share is spent on one machine's cores: "
+                f"{lo['wall_ms']:.0f} + {sizes[-1] - sizes[0]} × {each['control']:.1f} / {cores} = "
+                f"{lo['wall_ms'] + dn * each['control'] / cores:.0f} ms "
+                f"({(lo['wall_ms'] + dn * each['control'] / cores) / lo['wall_ms']:.2f}), plus the slowest host's "
+                "own time.")
+    return [*lines, "", *notes, ""]
+
+
+def write(times, sampling, mem, trans, where, meta) -> None:
     sizes = meta["sizes"]
     base, top = sizes[0], sizes[-1]
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -438,7 +500,8 @@ def write(times, sampling, mem, trans, meta) -> None:
     cores = os.cpu_count()
     raw = {"recorded": now, "cpu": cpu, "cores": cores, "python": platform.python_version(), "ansible": ansible,
            **meta, "times": {str(n): t for n, t in times.items()}, "cpu_seconds": CPU,
-           "host_seconds_max_mean": HOST_SECONDS, "sampling": sampling, "memory": mem, "transport": trans}
+           "host_seconds_max_mean": HOST_SECONDS, "sampling": sampling, "memory": mem, "transport": trans,
+           "cpu_by_side_ms": where}
     (HERE / "results.json").write_text(json.dumps(raw, indent=1) + "\n")
 
     names = labels(meta)
@@ -596,6 +659,7 @@ def write(times, sampling, mem, trans, meta) -> None:
         "| --- | " + " | ".join("---" for _ in sizes) + " |",
         *cpu_rows,
         "",
+        *side_lines(where, sizes, cores),
         "## Availability during the restarts",
         "",
         (f"At {top} hosts, every restart ran under gearmand's `status` sampled every 100 ms from the control host "
