@@ -227,7 +227,7 @@ def test_a_converge_repairs_an_install_it_would_otherwise_skip(hosts, wheel):
 def test_each_part_out_of_place_is_seen_and_repaired_alone(hosts, wheel):
     """One part damaged at a time (each alone makes the role include its steps, which repair it): the link,
     the completion script's text, a wheel of the same version rebuilt (another hash), the command broken
-    (the probe's run of it fails), the wheel's folder mode."""
+    (the probe's run of it fails), the wheel's folder mode, a venv made by another Python."""
     fresh = hosts.run(HOST, f"cat {COMPLETION}").stdout
     damage = {
         "link gone": (f"rm {LINK}", f"test -L {LINK}"),
@@ -239,6 +239,14 @@ def test_each_part_out_of_place_is_seen_and_repaired_alone(hosts, wheel):
         "command broken": (f"mv {VENV}/lib/python3.11/site-packages/atom_workerctl /root/awc-moved",
                            f"rm -rf /root/awc-moved && {VENV}/bin/atom-workerctl --version"),
         "wheel folder mode": (f"chmod 0700 {WHEEL_DIR}", f"test $(stat -c %a {WHEEL_DIR}) = 755"),
+        # A Debian release upgrade, as the venv sees it: made by another Python (3.10 here), whose folder holds
+        # the CLI and pip, while its python is now /usr/bin/python3's: neither the command nor the venv's pip
+        # runs, so a reinstall with that pip cannot repair it; the venv is made afresh.
+        "venv of another Python": (
+            (f"sed -i 's/^version = .*/version = 3.10.4/' {VENV}/pyvenv.cfg "
+             f"&& mv {VENV}/lib/python3.11 {VENV}/lib/python3.10"),
+            (f"{VENV}/bin/atom-workerctl --version && {VENV}/bin/pip --version && test ! -e {VENV}/lib/python3.10 "
+             f"&& grep -q '^version = 3.11' {VENV}/pyvenv.cfg")),
     }
     for what, (break_it, is_repaired) in damage.items():
         hosts.run(HOST, break_it)
