@@ -254,7 +254,7 @@ def write(data):
         "| --- | --- | --- |",
         (f"| `ansible all -m ping` (3 hosts, median of {len(conv['ping'])}; min {min(conv['ping']):.1f} s) | "
         f"{ping:.1f} s | 1.0 |"),
-        (f"| `site.yml` first converge (packages, units, CLI venv with pystemd built on each worker host; "
+        (f"| `site.yml` first converge (packages, units, the CLI's venv on each worker host, with Debian's pystemd; "
         f"changed={conv['first_changed']}) | {first:.1f} s | {first / ping:.1f} × ping |"),
         (f"| `site.yml` no-change re-run (changed=0, median of {len(conv['rerun'])}; min {min(conv['rerun']):.1f} s) | "
         f"{rerun:.1f} s | {rerun / ping:.1f} × ping |"),
