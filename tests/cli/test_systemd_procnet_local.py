@@ -147,7 +147,7 @@ def _done(error: int, flags: int = 2) -> bytes:
 def test_sock_diag_done_with_an_error_or_interrupted_is_refused(monkeypatch, answer, ok):
     """NLMSG_DONE carries the dump's error code; NLM_F_DUMP_INTR says the table changed mid-dump: either is
     OSError (own_table then reads /proc). Positive control: a clean DONE is an (empty) table."""
-    monkeypatch.setattr(procnet.socket, "socket", FakeNetlink(answer))  # procnet.socket is _socket
+    monkeypatch.setattr(procnet._socket, "socket", FakeNetlink(answer))
     if ok:
         assert procnet.diag_table(socket.AF_INET) == {}
     else:

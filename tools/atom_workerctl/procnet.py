@@ -10,7 +10,7 @@ from __future__ import annotations
 
 # The C module: what this needs (a netlink socket, inet_ntop, getaddrinfo's addresses) is all there, and
 # socket.py would add ~1.6 ms to status's start-up (selectors, four IntEnums).
-import _socket as socket
+import _socket
 import os
 import struct
 
@@ -21,11 +21,11 @@ def _hex_addr(text: str) -> tuple[str, int]:
     addr, port = text.split(":")
     raw = bytes.fromhex(addr)
     if len(raw) == 4:
-        ip = socket.inet_ntop(socket.AF_INET, raw[::-1])
+        ip = _socket.inet_ntop(_socket.AF_INET, raw[::-1])
     else:
         # Four host-order 32-bit words.
         words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-        ip = socket.inet_ntop(socket.AF_INET6, words)
+        ip = _socket.inet_ntop(_socket.AF_INET6, words)
         if ip.startswith("::ffff:") and "." in ip:
             ip = ip[7:]
     return ip, int(port, 16)
@@ -84,7 +84,7 @@ def resolve(servers: list[str]) -> dict[tuple[str, int], str]:
         try:
             host, port = parse_server(server)
             # An ASCII name as bytes: a str makes getaddrinfo import the idna codec (~1 ms of start-up).
-            infos = socket.getaddrinfo(host.encode() if host.isascii() else host, port, type=socket.SOCK_STREAM)
+            infos = _socket.getaddrinfo(host.encode() if host.isascii() else host, port, type=_socket.SOCK_STREAM)
         except (ValueError, OSError):
             continue
         for info in infos:
@@ -110,12 +110,12 @@ def diag_table(family: int) -> dict[int, tuple[str, int, str, int]]:
     """tcp_table's answer for one address family of our network namespace, from the kernel's sock_diag
     netlink interface (what `ss` uses): binary, only ESTABLISHED sockets asked for, and no listening table
     walked, so cheaper than /proc/net/tcp{,6}. OSError when the kernel refuses it."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG)
+    sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG)
     try:
         # struct inet_diag_req_v2: family, protocol, ext, pad, states (1 << TCP_ESTABLISHED), a zero sockid.
-        req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << 1) + bytes(48)
+        req = struct.pack("=BBBBI", family, _socket.IPPROTO_TCP, 0, 0, 1 << 1) + bytes(48)
         sock.sendall(struct.pack("=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0) + req)
-        size = 4 if family == socket.AF_INET else 16
+        size = 4 if family == _socket.AF_INET else 16
         out = {}
         while True:
             data = sock.recv(1 << 16)
@@ -146,7 +146,7 @@ def diag_table(family: int) -> dict[int, tuple[str, int, str, int]]:
 
 
 def _ip(family: int, raw: bytes) -> str:
-    ip = socket.inet_ntop(family, raw)
+    ip = _socket.inet_ntop(family, raw)
     if ip.startswith("::ffff:") and "." in ip:  # as _hex_addr: a v4-mapped address is the v4 one
         ip = ip[7:]
     return ip
@@ -159,7 +159,7 @@ def own_table(family: int) -> tuple[str | None, dict]:
     try:
         table = diag_table(family)
     except (OSError, struct.error, ValueError):  # refused, or an answer cut short: /proc says the same
-        name = "tcp" if family == socket.AF_INET else "tcp6"
+        name = "tcp" if family == _socket.AF_INET else "tcp6"
         table = tcp_table("self", names=(name,))
     return _netns("self"), table
 
@@ -201,7 +201,7 @@ class Connections:
                 # sockets, unix ones, are never in it: only when nothing of this process was found).
                 self._reread = True
                 if self._source is None:
-                    for family in (socket.AF_INET, socket.AF_INET6):
+                    for family in (_socket.AF_INET, _socket.AF_INET6):
                         self._table.update(own_table(family)[1])
                 else:
                     self._table.update(tcp_table(self._source))
