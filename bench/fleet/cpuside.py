@@ -3,13 +3,15 @@ group's CPU time, its children's included, in cpu.stat's usage_usec), split by w
 control host (this machine's busy time less the hosts').
 
 Per run of a command, in CPU milliseconds:
-  control     this machine less every lab host: the CLI, its ssh clients, ansible-inventory (here, outside
-              the hosts; so are this machine's other processes, idle during a run)
+  control     this machine less the fleet's hosts: the CLI, its ssh clients, ansible-inventory (here,
+              outside the hosts); also whatever else runs on the machine (other lab hosts: results.md's
+              first paragraph names them) and the kernel's interrupt time, which no cgroup is charged
+              (a fraction of a percent here)
   logins      the worker hosts' user.slice: the ssh logins, i.e. sshd's session and the host's own CLI
   systemd     the worker hosts' init.scope (PID 1 answering D-Bus)
   workers     the worker hosts' atom-worker instances
   gearmand    the job server's gearman-job-server.service
-  rest        everything else in the hosts (journald, dbus, nspawn itself)
+  rest        everything else in the hosts (journald, dbus, nspawn itself; the web node, all of it)
 
 Run by run.py inside `lab exec`, whose /sys has no cgroup tree: the tree is read through the mount namespace
 of the `lab exec` process outside ($ATOM_LAB_ROOT_PID), as the lab itself reads it.
@@ -62,25 +64,27 @@ def _busy() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / TICK
 
 
-def read(groups: dict[str, Path], jobs: str) -> dict[str, float]:
+def read(groups: dict[str, Path], jobs: str, workers: set[str]) -> dict[str, float]:
     """Cumulative CPU seconds by part (see the module's list), summed over the hosts."""
     out = {"machine": _busy(), "hosts": 0.0, "logins": 0.0, "systemd": 0.0, "workers": 0.0, "gearmand": 0.0}
     for name, group in groups.items():
         total = _usec(group) / 1e6
         out["hosts"] += total
-        for part, sub in (JOBS_PARTS if name == jobs else WORKER_PARTS).items():
+        parts = JOBS_PARTS if name == jobs else WORKER_PARTS if name in workers else {}
+        for part, sub in parts.items():
             out[part] += _usec(group / sub) / 1e6
     return out
 
 
-def per_run(argv: list[str], env: dict, cwd: Path, groups: dict[str, Path], jobs: str, runs: int) -> dict:
+def per_run(argv: list[str], env: dict, cwd: Path, groups: dict[str, Path], jobs: str, workers: set[str],
+            runs: int) -> dict:
     """Run argv `runs` times (once first, unmeasured); CPU milliseconds per run by part, and wall ms."""
     subprocess.run(argv, env=env, cwd=cwd, capture_output=True, check=True)
-    before, started = read(groups, jobs), time.perf_counter()
+    before, started = read(groups, jobs, workers), time.perf_counter()
     for _ in range(runs):
         subprocess.run(argv, env=env, cwd=cwd, capture_output=True, check=True)
     wall = time.perf_counter() - started
-    after = read(groups, jobs)
+    after = read(groups, jobs, workers)
     d = {k: (after[k] - before[k]) * 1000 / runs for k in after}
     named = d["logins"] + d["systemd"] + d["workers"] + d["gearmand"]
     return {"runs": runs, "wall_ms": round(wall * 1000 / runs, 1), "total": round(d["machine"], 1),

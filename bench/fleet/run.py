@@ -317,7 +317,8 @@ def main() -> None:
                 entry = plan[n][key][2][0]
                 argv, extra = entry if isinstance(entry, tuple) else (entry, {})
                 where.setdefault(key, {})[str(n)] = cpuside.per_run(argv, {**ENV, **extra}, REPO, groups,
-                                                                    f"{PREFIX}jobs", max(5, args.rounds * 2))
+                                                                    f"{PREFIX}jobs", set(fleet.workers),
+                                                                    max(5, args.rounds * 2))
 
     # The fleet is whole after the runs: every host answers, every instance is registered.
     fleet.settle()

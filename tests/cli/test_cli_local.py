@@ -170,18 +170,23 @@ def test_gearman_tries_each_address_of_a_name(gearmand, monkeypatch):
     import _socket
 
     closed = standin.free_port()
-    answers = {"two": [("127.0.0.1", closed), ("127.0.0.1", gearmand.port)], "one": [("127.0.0.1", closed)]}
+    good = (_socket.AF_INET, _socket.SOCK_STREAM, 6, "", ("127.0.0.1", gearmand.port))
+    refusing = (_socket.AF_INET, _socket.SOCK_STREAM, 6, "", ("127.0.0.1", closed))
+    unopenable = (255, _socket.SOCK_STREAM, 6, "", ("127.0.0.1", gearmand.port))  # no such address family
+    answers = {b"two": [refusing, good], b"one": [refusing], b"odd": [unopenable, good]}
     real = _socket.getaddrinfo
 
     def getaddrinfo(host, port, *args):
-        if host in (b"two", b"one"):
-            return [(_socket.AF_INET, _socket.SOCK_STREAM, 6, "", a) for a in answers[host.decode()]]
-        return real(host, port, *args)
+        return answers[host] if host in answers else real(host, port, *args)
 
     monkeypatch.setattr(_socket, "getaddrinfo", getaddrinfo)
     view = gearman.query("two:4730")
     assert view.reachable, view.error
     assert view.local_ip == "127.0.0.1"
+    # An address whose family cannot be opened here (a socket() error, as IPv6 on a host without it) is
+    # passed over like a refusing one.
+    view = gearman.query("odd:4730")
+    assert view.reachable, view.error
     # Control: the same name with only the refusing address fails with that address's error.
     view = gearman.query("one:4730")
     assert not view.reachable and "connection refused" in view.error

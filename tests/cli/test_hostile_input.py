@@ -393,6 +393,19 @@ def test_playbook_check_wait_ends_at_its_deadline_against_a_trickling_peer(tmp_p
     assert flooded.returncode == 1 and "more than 8388608 bytes" in json.loads(flooded.stdout)["errors"][0]
 
 
+def test_playbook_check_wait_that_times_out_says_why(tmp_path):
+    """A wait that ends unregistered reports each server's last answer (here: refused), not that the
+    last round had no time to ask; the control is the well-behaved peer's registered report above."""
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    state = sites_json(tmp_path, f"127.0.0.1:{port}")
+    wait = check("wait", "--timeout", "1", "--interval", "0.3", "--state-file", str(state))
+    assert wait.returncode == 1, wait.stderr
+    error = list(json.loads(wait.stdout)["servers"].values())[0]["error"]
+    assert "connection refused" in error, error
+
+
 @pytest.mark.parametrize("text", [
     "{", "[]", '{"sites": 5}', '{"sites": [{"pools": []}]}',
     '{"sites": [{"prefix": "p", "gearman_servers": ["h:1"], "pools": [{"instances": "x"}]}]}'])

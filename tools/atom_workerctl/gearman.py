@@ -107,13 +107,15 @@ def _connect(host, port: int, timeout: float) -> _socket.socket:
     else the last address's error (gaierror when the name resolves to none)."""
     error: OSError | None = None
     for family, kind, proto, _canon, address in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM):
-        sock = _socket.socket(family, kind | _socket.SOCK_CLOEXEC, proto)
-        try:
+        sock = None
+        try:  # the socket too: an address of a family this host cannot open (IPv6 off) moves on to the next
+            sock = _socket.socket(family, kind | _socket.SOCK_CLOEXEC, proto)
             sock.settimeout(timeout)
             sock.connect(address)
             return sock
         except OSError as exc:
-            sock.close()
+            if sock is not None:
+                sock.close()
             error = exc
     raise error or OSError("getaddrinfo returned no address")
 
@@ -416,6 +418,11 @@ def _wait(args, expected, prefixes) -> int:
             print(json.dumps({"registered": done, "servers": report, "timeout": args.timeout}, sort_keys=True))
             return 0 if done else 1
         time.sleep(min(args.interval, left))
+        if time.monotonic() >= deadline:
+            # No time left to ask again: this round's answers are the report (a round now would only say
+            # "not asked" of every server and hide why they were not registered).
+            print(json.dumps({"registered": False, "servers": report, "timeout": args.timeout}, sort_keys=True))
+            return 1
 
 
 def _coverage(args, expected, prefixes) -> int:
