@@ -444,8 +444,8 @@ def test_a_lost_move_is_a_stale_job(host):
     assert "healthy" in out
     assert sql(host, f"SELECT status_id FROM job WHERE id = {first}") == [["185"]]
     # The second move runs on its worker's next look at the table (every sensitive_wait = 1 s, as AtoM's
-    # retry does): after the fix, not at once. (Asserted at once, this failed once doctor's runs after the
-    # fix took less than that second.)
+    # retry does): after the fix, not at once. (Asserted at once, it failed once in a clean-clone run, the
+    # row still in progress right after doctor said healthy.)
     wait_until(lambda: sql(host, f"SELECT status_id FROM job WHERE id = {second}") == [["184"]], timeout=30,
                interval=0.5, what=f"job {second} completed once job {first} no longer blocks it",
                details=lambda: sql(host, f"SELECT status_id, output FROM job WHERE id = {second}"))
