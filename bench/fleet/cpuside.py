@@ -59,14 +59,15 @@ def _usec(path: Path) -> int:
     return 0
 
 
-def _busy() -> float:
+def busy() -> float:
+    """Seconds of CPU this machine has spent busy (every core, every process: hosts, control host, others)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     return (sum(fields[:8]) - fields[3] - fields[4]) / TICK
 
 
 def read(groups: dict[str, Path], jobs: str, workers: set[str]) -> dict[str, float]:
     """Cumulative CPU seconds by part (see the module's list), summed over the hosts."""
-    out = {"machine": _busy(), "hosts": 0.0, "logins": 0.0, "systemd": 0.0, "workers": 0.0, "gearmand": 0.0}
+    out = {"machine": busy(), "hosts": 0.0, "logins": 0.0, "systemd": 0.0, "workers": 0.0, "gearmand": 0.0}
     for name, group in groups.items():
         total = _usec(group) / 1e6
         out["hosts"] += total

@@ -69,7 +69,6 @@ PLAYBOOK = REPO / "playbooks" / "rolling-restart.yml"
 CPU_KEYS = ("status", "ansible_status")  # CPU by side (cpuside.py), each size
 WARMED = ("status", "ansible_status")  # run once untimed right before (the connections they keep stay open)
 RESTARTS = ("rolling", "restart_batch", "playbook", "ansible_restart")  # sampled at the largest size
-TICK = os.sysconf("SC_CLK_TCK")
 
 HOST_SECONDS: dict = {}  # "N:key" -> [[slowest host's own seconds, mean over hosts], per run] (atom-workerctl JSON)
 CPU: dict = {}  # "N:key" -> [machine-wide CPU seconds used while the command ran, per run]
@@ -79,16 +78,10 @@ def csv_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def cpu_busy() -> float:
-    """Seconds of CPU this machine has spent busy (every core, every process: hosts, control host, others)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / TICK  # all but idle and iowait
-
-
 def timed(argvs, key=None) -> float:
     """Run the command lines one after the other; their wall time together. A command line may come as
     (argv, environment variables to add)."""
-    cpu0, started = cpu_busy(), time.perf_counter()
+    cpu0, started = cpuside.busy(), time.perf_counter()
     procs = []
     for entry in argvs:
         argv, extra = entry if isinstance(entry, tuple) else (entry, {})
@@ -99,7 +92,7 @@ def timed(argvs, key=None) -> float:
         procs.append((argv, proc))
     elapsed = time.perf_counter() - started
     if key is not None:
-        CPU.setdefault(key, []).append(round(cpu_busy() - cpu0, 3))
+        CPU.setdefault(key, []).append(round(cpuside.busy() - cpu0, 3))
         for argv, proc in procs:
             if "atom-workerctl" in argv[0]:
                 # Whether more hosts cost more because each host took longer (shared CPU) or because they

@@ -414,15 +414,14 @@ def _wait(args, expected, prefixes) -> int:
                 report[server] = {"error": str(exc), "expected": want}
                 done = False
         left = deadline - time.monotonic()
-        if done or left <= 0:
-            print(json.dumps({"registered": done, "servers": report, "timeout": args.timeout}, sort_keys=True))
-            return 0 if done else 1
-        time.sleep(min(args.interval, left))
-        if time.monotonic() >= deadline:
-            # No time left to ask again: this round's answers are the report (a round now would only say
-            # "not asked" of every server and hide why they were not registered).
-            print(json.dumps({"registered": False, "servers": report, "timeout": args.timeout}, sort_keys=True))
-            return 1
+        if not done and left > 0:
+            time.sleep(min(args.interval, left))
+            if time.monotonic() < deadline:
+                continue
+        # Done, or no time left to ask again: this round's answers are the report (a round now would only say
+        # "not asked" of every server and hide why they were not registered).
+        print(json.dumps({"registered": done, "servers": report, "timeout": args.timeout}, sort_keys=True))
+        return 0 if done else 1
 
 
 def _coverage(args, expected, prefixes) -> int:
