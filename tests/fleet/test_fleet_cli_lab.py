@@ -198,6 +198,76 @@ def test_fleet_commands_reuse_one_ssh_connection_per_host(lab):
     assert logins() == first
 
 
+def test_an_open_connection_is_asked_for_the_session_without_starting_ssh(lab, tmp_path):
+    """With a connection open, the CLI asks its ssh master for the session itself (sshmux.py): no ssh client
+    is started, and what each host's command printed, its exit code and its errors arrive as through ssh.
+    A master killed without cleaning up (its socket left behind) makes the next command start ssh again."""
+    calls = tmp_path / "ssh-calls"
+    wrapper = tmp_path / "ssh"
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec ssh "$@"\n')
+    wrapper.chmod(0o755)
+    shared = {**lab.env, "ATOM_WORKERCTL_SSH": str(wrapper)}
+    # The control: the same wrapper with connection sharing off (ssh's own option, the user's first) is
+    # started once per host and command, so the count sees ssh clients when there are any.
+    through_ssh = {**shared, "ATOM_WORKERCTL_SSH_ARGS": shared["ATOM_WORKERCTL_SSH_ARGS"] + " -o ControlPath=none"}
+
+    def started():
+        return len(calls.read_text().splitlines()) if calls.exists() else 0
+
+    def fleet(env, *args):
+        proc = subprocess.run([*CTL, "-i", lab.inventory, *args, "--json"], capture_output=True, text=True,
+                              env=env, timeout=120, check=False)
+        data = json.loads(proc.stdout)
+        return proc.returncode, {h: {k: v for k, v in f.items() if k != "seconds"} for h, f in data["fleet"].items()}
+
+    def answers(env):
+        """status, then a host command that prints an error and exits 4, then one that is not our CLI (its
+        output is not JSON): each host's part of the fleet's JSON."""
+        out = [fleet(env, "status")]
+        for script in ("echo 'it went wrong' >&2; exit 4", "echo hello"):
+            for host in WORKERS:
+                lab.run(host, f"cat > /usr/local/bin/fake-ctl <<'EOF'\n#!/bin/sh\n{script}\nEOF\n"
+                              "chmod 755 /usr/local/bin/fake-ctl")
+            out.append(fleet({**env, "ATOM_WORKERCTL_REMOTE": "fake-ctl"}, "status"))
+        return out
+
+    try:
+        before = started()
+        via_ssh = answers(through_ssh)
+        assert started() == before + 3 * len(WORKERS)
+        fleet(shared, "status")  # opens the connections when no earlier test left them open
+        before = started()
+        via_master = answers(shared)
+        assert started() == before, calls.read_text()
+    finally:
+        for host in WORKERS:
+            lab.run(host, "rm -f /usr/local/bin/fake-ctl")
+    assert via_master == via_ssh
+    (code, status), (code4, failed), (code3, garbled) = via_master
+    assert code == 0 and all(status[h]["reached"] and status[h]["exit_code"] == 0 for h in WORKERS), status
+    assert code4 == 4 and all(failed[h]["exit_code"] == 4 and failed[h]["error"] == "it went wrong"
+                              for h in WORKERS), failed
+    assert code3 == 3 and garbled[W1]["error"] == "unexpected output from fake-ctl (not JSON): hello", garbled
+
+    # The masters killed at once (ssh names its master "ssh: SOCKET [mux]"): their sockets stay, nobody
+    # answers on them; the next command starts ssh for each host, and the next after it asks the new
+    # masters directly again.
+    masters = subprocess.run(["pgrep", "-af", r"atom-workerctl-ssh/[0-9a-f]+ \[mux\]"], capture_output=True,
+                             text=True, check=False).stdout.splitlines()
+    assert masters, "the hosts' ssh masters"
+    sockets = [line.split()[2] for line in masters]
+    for line in masters:
+        os.kill(int(line.split()[0]), signal.SIGKILL)
+    assert all(os.path.exists(s) for s in sockets), sockets  # stale, not removed
+    before = started()
+    code, now = fleet(shared, "status")
+    assert code == 0 and all(now[h]["reached"] for h in WORKERS), now
+    destinations = [words[words.index("--") + 1] for words in map(str.split, calls.read_text().splitlines()[before:])]
+    assert sorted(destinations) == sorted(lab.address[h] for h in WORKERS), calls.read_text()
+    before = started()
+    assert fleet(shared, "status")[0] == 0 and started() == before
+
+
 def test_a_host_whose_units_run_but_cannot_reach_gearmand_stands_out(lab):
     # W2 can no longer send to the job server (a `prohibit` route: the worker hosts have no nftables);
     # gearmand is restarted so that it drops every connection: W1's workers reconnect, W2's cannot.

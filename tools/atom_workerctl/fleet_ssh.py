@@ -56,9 +56,20 @@ class Target:
         # After the user's and the inventory's options: ssh keeps the first value of each option, so their
         # own ControlMaster/ControlPath/ControlPersist (or `-o ControlMaster=no`) win over these.
         argv += given + connection_reuse_args(self, given)
-        command = (["sudo", "-n"] if self.become else []) + remote
         # `--` before the destination: nothing after it is read as an ssh option, whatever the inventory says.
-        return [*argv, "--", self.address, shlex.join(command)]
+        return [*argv, "--", self.address, self.remote_command(remote)]
+
+    def remote_command(self, remote: list[str]) -> str:
+        return shlex.join((["sudo", "-n"] if self.become else []) + remote)
+
+    def shared_connection(self) -> str | None:
+        """The socket of our own master for this host when ssh would use it: not when the user's or the
+        inventory's options pick the sharing themselves (theirs win in ssh, see ssh_argv)."""
+        given = env_ssh_args() + self.ssh_args
+        if any("control" in w.lower() or (w[:2] != "-o" and w[:1] == "-" and ("S" in w or "M" in w))
+               for w in given):
+            return None
+        return control_path(self, given)
 
     def as_dict(self) -> dict:
         return {"address": self.address, "user": self.user, "port": self.port}
@@ -140,15 +151,22 @@ def connection_reuse_args(target: Target, options: list[str]) -> list[str]:
     private address behind different jump hosts must never share a connection. Nothing when no private
     folder is at hand: ssh then connects each time.
     """
+    path = control_path(target, options)
+    if path is None:
+        return []
+    return ["-o", "ControlMaster=auto", "-o", f"ControlPath={path}", "-o", "ControlPersist=60s"]
+
+
+def control_path(target: Target, options: list[str]) -> str | None:
+    """Our master socket's path for the target and these ssh options (connection_reuse_args says why)."""
     folder = control_dir()
     if folder is None:
-        return []
+        return None
     import hashlib
     import socket
 
     ident = json.dumps([socket.gethostname(), target.address, target.user, target.port, target.key, options])
-    path = f"{folder}/{hashlib.sha256(ident.encode()).hexdigest()[:_NAME_LENGTH]}"
-    return ["-o", "ControlMaster=auto", "-o", f"ControlPath={path}", "-o", "ControlPersist=60s"]
+    return f"{folder}/{hashlib.sha256(ident.encode()).hexdigest()[:_NAME_LENGTH]}"
 
 
 def parse_host_option(text: str) -> Target:
@@ -440,13 +458,16 @@ def run(target: Target, remote: list[str], timeout: float, on_stderr=None, on_st
     if target.error:
         res.error = target.error
         return res
-    argv = target.ssh_argv(remote, min(timeout, 10) if timeout else 10)
-    try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, errors="replace", start_new_session=True)
-    except FileNotFoundError:
-        res.error = f"{SSH}: command not found"
-        return res
+    connect_timeout = min(timeout, 10) if timeout else 10
+    proc = _through_open_connection(target, remote, connect_timeout)
+    if proc is None:
+        try:
+            proc = subprocess.Popen(target.ssh_argv(remote, connect_timeout), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                                    start_new_session=True)
+        except FileNotFoundError:
+            res.error = f"{SSH}: command not found"
+            return res
     out_chunks: list[str] = []
 
     def read_out() -> None:
@@ -495,7 +516,7 @@ def run(target: Target, remote: list[str], timeout: float, on_stderr=None, on_st
         return res
     last = res.stderr[-1] if res.stderr else ""
     if rc == 255:
-        res.error = last or "ssh failed (exit 255)"
+        res.error = getattr(proc, "error", None) or last or "ssh failed (exit 255)"
         return res
     if rc == 127 and ("not found" in last or not last):
         res.error = f"{REMOTE} not found on the host (the atom_workerctl role installs it)"
@@ -518,12 +539,29 @@ def run(target: Target, remote: list[str], timeout: float, on_stderr=None, on_st
     return res
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _through_open_connection(target: Target, remote: list[str], timeout: float):
+    """The command started through our open master for the host (sshmux.Session), or None: no master, or it
+    refused before anything ran; ssh is started then."""
+    path = target.shared_connection()
+    if path is None:
+        return None
+    from . import sshmux
+
+    try:
+        return sshmux.Session(path, target.remote_command(remote), timeout)
+    except sshmux.Refused:
+        return None
+
+
+def _kill(proc) -> None:
     """ssh alone first: its process group may hold the ProxyCommand/ProxyJump process of a shared connection
     (the master it forked lives on in a session of its own, its proxy does not), which other commands still
     use; ssh ends its own proxy when it is not shared. The whole group only if ssh is still there after 2 s."""
     import signal
 
+    if not isinstance(proc, subprocess.Popen):  # a session through the master: leaving it ends it
+        proc.close()
+        return
     for sig, kill in ((signal.SIGTERM, os.kill), (signal.SIGKILL, os.killpg)):
         try:
             kill(proc.pid, sig)

@@ -1,0 +1,162 @@
+"""A host's command through the ssh connection a fleet command left open, without starting an ssh client.
+
+A fleet command keeps one ssh connection per host open for 60 s (ControlMaster, fleet_ssh.py). Riding on
+it, an ssh client process is started per host only to hand its stdin, stdout and stderr to the master and
+wait: ~4 ms of the control host's CPU a host, most of what a fleet `status` costs the control host per
+host (bench/fleet/results.md). Here we ask the master ourselves, over its socket, in OpenSSH's own
+multiplexing protocol (its PROTOCOL.mux, version 4, "passenger" mode), which is what that client does:
+
+    both sides       MUX_MSG_HELLO, version 4
+    us               MUX_C_NEW_SESSION (no tty, no X11, no agent, no escape character; the command)
+    us               our stdin, stdout and stderr, one descriptor per message (SCM_RIGHTS)
+    the master       MUX_S_SESSION_OPENED, or MUX_S_FAILURE / MUX_S_PERMISSION_DENIED with a reason
+    the master       MUX_S_EXIT_MESSAGE with the command's exit status when it ends
+
+Every uint32 is big-endian, every string a uint32 length and its bytes, every packet a uint32 length and
+its body; the flags are uint32 in OpenSSH's mux.c (the document says "bool").
+
+Only our own masters are asked (the socket in our private folder, fleet_ssh.control_dir). When there is
+none, or it answers anything but a session before the command was sent, Refused tells the caller to start
+ssh as before, which makes a new master. Once the request is sent, nothing is retried: a command such as
+`restart` must never run twice.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+VERSION = 4
+HELLO = 0x00000001
+NEW_SESSION = 0x10000002
+S_PERMISSION_DENIED = 0x80000002
+S_FAILURE = 0x80000003
+S_EXIT_MESSAGE = 0x80000004
+S_SESSION_OPENED = 0x80000006
+NO_ESCAPE = 0xFFFFFFFF
+MAX_PACKET = 256 * 1024  # OpenSSH's own limit for a mux message
+
+
+class Refused(Exception):
+    """No session was opened and the command was not sent: starting ssh instead is safe."""
+
+
+def _u32(value: int) -> bytes:
+    return value.to_bytes(4, "big")
+
+
+def _string(data: bytes) -> bytes:
+    return _u32(len(data)) + data
+
+
+def _packet(kind: int, *fields: bytes) -> bytes:
+    body = _u32(kind) + b"".join(fields)
+    return _u32(len(body)) + body
+
+
+class Session:
+    """The command running on the host through the master, read the way fleet_ssh.run reads an ssh client's
+    subprocess.Popen: `stdout`/`stderr` text files, wait(timeout), poll(), `returncode`; close() leaves it
+    (the master closes the session, as when an ssh client is killed). `error` says why there is no exit
+    status (255, as ssh exits then)."""
+
+    def __init__(self, path: str, command: str, timeout: float):
+        self.returncode: int | None = None
+        self.error: str | None = None
+        self.stdout = self.stderr = None
+        self._buf = b""
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(path)  # none there, or a master gone (a stale socket): ssh makes a new one
+            self._sock.sendall(_packet(HELLO, _u32(VERSION)))
+            kind, body = self._read()
+            if kind != HELLO or body[:4] != _u32(VERSION):
+                raise Refused(f"the ssh master does not speak mux protocol {VERSION}")
+        except (OSError, EOFError) as exc:
+            self._sock.close()
+            raise Refused(str(exc) or type(exc).__name__) from None
+        except Refused:
+            self._sock.close()
+            raise
+        self._open(command)
+
+    def _open(self, command: str) -> None:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        null = os.open(os.devnull, os.O_RDONLY)
+        try:
+            self._sock.sendall(_packet(NEW_SESSION, _u32(1), _string(b""), _u32(0), _u32(0), _u32(0), _u32(0),
+                                       _u32(NO_ESCAPE), _string(b""), _string(command.encode())))
+            for fd in (null, out_w, err_w):
+                socket.send_fds(self._sock, [b"\0"], [fd])
+        except OSError as exc:
+            # The master starts nothing before it holds all three descriptors.
+            for fd in (out_r, err_r):
+                os.close(fd)
+            self._sock.close()
+            raise Refused(str(exc)) from None
+        finally:
+            for fd in (null, out_w, err_w):
+                os.close(fd)  # the master holds its own copies now; stdout ends when the command's does
+        self.stdout = os.fdopen(out_r, "r", errors="replace")
+        self.stderr = os.fdopen(err_r, "r", errors="replace")
+        try:
+            kind, body = self._read()
+        except (OSError, EOFError) as exc:
+            # Sent, then no answer: whether the command started cannot be known, so it is not sent again.
+            self._end(f"the shared ssh connection did not open a session: {exc or type(exc).__name__}")
+            return
+        if kind in (S_FAILURE, S_PERMISSION_DENIED):
+            # The master said no (sshd refused the channel, say): the command did not run.
+            self.close()
+            reason = body[8:8 + int.from_bytes(body[4:8], "big")].decode(errors="replace")
+            raise Refused(f"the ssh master refused a session: {reason}")
+        if kind != S_SESSION_OPENED:
+            self._end(f"the ssh master answered message {kind:#x} to a new session")
+
+    def _read(self) -> tuple[int, bytes]:
+        """One packet; what arrived of the next one stays for the next call (wait() reads with timeouts)."""
+        while True:
+            if len(self._buf) >= 4:
+                size = int.from_bytes(self._buf[:4], "big")
+                if not 4 <= size <= MAX_PACKET:
+                    raise EOFError(f"a mux packet of {size} bytes")
+                if len(self._buf) >= 4 + size:
+                    body, self._buf = self._buf[4:4 + size], self._buf[4 + size:]
+                    return int.from_bytes(body[:4], "big"), body[4:]
+            chunk = self._sock.recv(4096)
+            if not chunk:
+                raise EOFError("the ssh master closed the connection")
+            self._buf += chunk
+
+    def _end(self, error: str) -> None:
+        self.returncode, self.error = 255, error
+        self._sock.close()
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is not None:
+            return self.returncode
+        self._sock.settimeout(timeout)
+        try:
+            while True:
+                kind, body = self._read()
+                if kind == S_EXIT_MESSAGE and len(body) >= 8:
+                    self.returncode = int.from_bytes(body[4:8], "big")
+                    self._sock.close()
+                    return self.returncode
+                # MUX_S_TTY_ALLOC_FAIL and anything newer: nothing to act on without a tty
+        except TimeoutError:
+            raise subprocess.TimeoutExpired("ssh (shared connection)", timeout) from None
+        except (OSError, EOFError) as exc:
+            # The master ends the session without a status when the connection drops or the command was
+            # killed by a signal; ssh exits 255 then.
+            self._end(f"the shared ssh connection ended without the command's exit status ({exc})")
+            return 255
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def close(self) -> None:
+        self._sock.close()
