@@ -88,7 +88,11 @@ def timed(argvs, key=None) -> float:
         proc = subprocess.run(argv, capture_output=True, text=True, env={**ENV, **extra}, cwd=REPO, timeout=900,
                               check=False)
         if proc.returncode != 0:
-            raise SystemExit(f"{' '.join(argv)}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
+            # The whole answer, for the reason (a fleet's JSON is longer than a terminal's scrollback).
+            kept = Path(f"/tmp/fb-lab/failed-{time.time():.0f}.out")
+            kept.write_text(f"{' '.join(argv)}\nexit {proc.returncode}\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+            raise SystemExit(f"{' '.join(argv)}: exit {proc.returncode} (all of it: {kept})\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-2000:]}")
         procs.append((argv, proc))
     elapsed = time.perf_counter() - started
     if key is not None:

@@ -203,10 +203,9 @@ def test_an_open_connection_is_asked_for_the_session_without_starting_ssh(lab, t
     is started, and what each host's command printed, its exit code and its errors arrive as through ssh.
     A master killed without cleaning up (its socket left behind) makes the next command start ssh again."""
     calls = tmp_path / "ssh-calls"
-    wrapper = tmp_path / "ssh"
-    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec ssh "$@"\n')
-    wrapper.chmod(0o755)
-    shared = {**lab.env, "ATOM_WORKERCTL_SSH": str(wrapper)}
+    (tmp_path / "ssh").write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec /usr/bin/ssh "$@"\n')
+    (tmp_path / "ssh").chmod(0o755)
+    shared = {**lab.env, "PATH": f"{tmp_path}:{os.environ['PATH']}"}  # `ssh` is the counting wrapper
     # The control: the same wrapper with connection sharing off (ssh's own option, the user's first) is
     # started once per host and command, so the count sees ssh clients when there are any.
     through_ssh = {**shared, "ATOM_WORKERCTL_SSH_ARGS": shared["ATOM_WORKERCTL_SSH_ARGS"] + " -o ControlPath=none"}
@@ -220,11 +219,17 @@ def test_an_open_connection_is_asked_for_the_session_without_starting_ssh(lab, t
         data = json.loads(proc.stdout)
         return proc.returncode, {h: {k: v for k, v in f.items() if k != "seconds"} for h, f in data["fleet"].items()}
 
+    # Host commands in place of the host's CLI: an error and exit 4; output that is not JSON; 1 MB of JSON
+    # whose end leaves the host after the exit status (the session must be read to its end, not to the
+    # status); a command killed by a signal (no exit status at all).
+    fakes = ("echo 'it went wrong' >&2; exit 4",
+             "echo hello",
+             "printf '{\"schema\": 1, \"big\": \"'; head -c 1000000 /dev/zero | tr '\\0' x; echo '\"}'",
+             "kill -9 $$")
+
     def answers(env):
-        """status, then a host command that prints an error and exits 4, then one that is not our CLI (its
-        output is not JSON): each host's part of the fleet's JSON."""
         out = [fleet(env, "status")]
-        for script in ("echo 'it went wrong' >&2; exit 4", "echo hello"):
+        for script in fakes:
             for host in WORKERS:
                 lab.run(host, f"cat > /usr/local/bin/fake-ctl <<'EOF'\n#!/bin/sh\n{script}\nEOF\n"
                               "chmod 755 /usr/local/bin/fake-ctl")
@@ -234,7 +239,7 @@ def test_an_open_connection_is_asked_for_the_session_without_starting_ssh(lab, t
     try:
         before = started()
         via_ssh = answers(through_ssh)
-        assert started() == before + 3 * len(WORKERS)
+        assert started() == before + (1 + len(fakes)) * len(WORKERS)
         fleet(shared, "status")  # opens the connections when no earlier test left them open
         before = started()
         via_master = answers(shared)
@@ -243,22 +248,27 @@ def test_an_open_connection_is_asked_for_the_session_without_starting_ssh(lab, t
         for host in WORKERS:
             lab.run(host, "rm -f /usr/local/bin/fake-ctl")
     assert via_master == via_ssh
-    (code, status), (code4, failed), (code3, garbled) = via_master
+    (code, status), (code4, failed), (code3, garbled), (big_code, big), (_, killed) = via_master
     assert code == 0 and all(status[h]["reached"] and status[h]["exit_code"] == 0 for h in WORKERS), status
     assert code4 == 4 and all(failed[h]["exit_code"] == 4 and failed[h]["error"] == "it went wrong"
                               for h in WORKERS), failed
     assert code3 == 3 and garbled[W1]["error"] == "unexpected output from fake-ctl (not JSON): hello", garbled
+    assert big_code == 0 and all(big[h]["reached"] and big[h]["error"] is None for h in WORKERS), big
+    assert all(not killed[h]["reached"] and killed[h]["error"] == "ssh failed (exit 255)" for h in WORKERS), killed
 
-    # The masters killed at once (ssh names its master "ssh: SOCKET [mux]"): their sockets stay, nobody
-    # answers on them; the next command starts ssh for each host, and the next after it asks the new
-    # masters directly again.
-    masters = subprocess.run(["pgrep", "-af", r"atom-workerctl-ssh/[0-9a-f]+ \[mux\]"], capture_output=True,
-                             text=True, check=False).stdout.splitlines()
-    assert masters, "the hosts' ssh masters"
-    sockets = [line.split()[2] for line in masters]
-    for line in masters:
-        os.kill(int(line.split()[0]), signal.SIGKILL)
-    assert all(os.path.exists(s) for s in sockets), sockets  # stale, not removed
+    # Our masters for these hosts killed at once (ssh names a master "ssh: SOCKET [mux]"): their sockets
+    # stay, nobody answers on them; the next command starts ssh for each host, and the one after it asks
+    # the new masters directly again.
+    paths = ("import json, sys; from atom_workerctl import fleet_ssh; print(json.dumps("
+             "[t.shared_connection() for t in fleet_ssh.from_inventory(sys.argv[1], None, 'atom_workers')]))")
+    sockets = json.loads(subprocess.run([str(VENV_BIN / "python"), "-c", paths, lab.inventory], capture_output=True,
+                                        text=True, env=shared, check=True).stdout)
+    masters = [int(pid) for pid in os.listdir("/proc") if pid.isdigit()
+               and _cmdline(pid) in {f"ssh: {path} [mux]" for path in sockets}]
+    assert len(masters) == len(WORKERS), (sockets, masters)
+    for pid in masters:
+        os.kill(pid, signal.SIGKILL)
+    assert all(os.path.exists(path) for path in sockets), sockets  # stale, not removed
     before = started()
     code, now = fleet(shared, "status")
     assert code == 0 and all(now[h]["reached"] for h in WORKERS), now
@@ -266,6 +276,14 @@ def test_an_open_connection_is_asked_for_the_session_without_starting_ssh(lab, t
     assert sorted(destinations) == sorted(lab.address[h] for h in WORKERS), calls.read_text()
     before = started()
     assert fleet(shared, "status")[0] == 0 and started() == before
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().rstrip(b"\0").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def test_a_host_whose_units_run_but_cannot_reach_gearmand_stands_out(lab):

@@ -63,11 +63,10 @@ class Target:
         return shlex.join((["sudo", "-n"] if self.become else []) + remote)
 
     def shared_connection(self) -> str | None:
-        """The socket of our own master for this host when ssh would use it: not when the user's or the
-        inventory's options pick the sharing themselves (theirs win in ssh, see ssh_argv)."""
+        """The socket of our own master for this host, when a session asked for over it is the one ssh would
+        ask for (sshmux.py): only with the plain `ssh` and options that change nothing in a session."""
         given = env_ssh_args() + self.ssh_args
-        if any("control" in w.lower() or (w[:2] != "-o" and w[:1] == "-" and ("S" in w or "M" in w))
-               for w in given):
+        if SSH != "ssh" or not _session_neutral(given):
             return None
         return control_path(self, given)
 
@@ -101,6 +100,49 @@ def env_ssh_args() -> list[str]:
         return shlex.split(os.environ.get("ATOM_WORKERCTL_SSH_ARGS", ""))
     except ValueError as exc:  # an unclosed quote
         raise WorkerctlError(f"$ATOM_WORKERCTL_SSH_ARGS: {exc}", EXIT_USAGE) from None
+
+
+# What a session asked for over the master (sshmux.py) lacks is what ssh's client would add to it from its
+# options: a tty (-t, RequestTTY), environment (SendEnv, SetEnv), agent or X11 forwarding, port forwards, a
+# RemoteCommand, no command (-N), a subsystem. Options that only pick how the connection is made (the
+# master's business, made by ssh with the same options) change nothing in a session; with any other, ssh is
+# started as before. Options as ssh reads them: flags may be grouped (-4C), an argument may be attached (-p22).
+_NEUTRAL_FLAGS = set("46Cqvaxkn")
+_NEUTRAL_WITH_ARGUMENT = set("ilpFJcmbBE")
+_NEUTRAL_OPTIONS = {
+    "addressfamily", "batchmode", "bindaddress", "bindinterface", "casignaturealgorithms", "certificatefile",
+    "checkhostip", "ciphers", "compression", "connectionattempts", "connecttimeout", "globalknownhostsfile",
+    "gssapiauthentication", "hashknownhosts", "hostbasedauthentication", "hostkeyalgorithms", "hostkeyalias",
+    "hostname", "identitiesonly", "identityagent", "identityfile", "ipqos", "kbdinteractiveauthentication",
+    "kexalgorithms", "loglevel", "macs", "numberofpasswordprompts", "passwordauthentication", "port",
+    "preferredauthentications", "proxycommand", "proxyjump", "pubkeyacceptedalgorithms",
+    "pubkeyacceptedkeytypes", "pubkeyauthentication", "rekeylimit", "serveralivecountmax",
+    "serveraliveinterval", "stricthostkeychecking", "tcpkeepalive", "updatehostkeys", "user",
+    "userknownhostsfile", "verifyhostkeydns",
+}
+
+
+def _session_neutral(words: list[str]) -> bool:
+    """Whether these ssh options leave a session as the master alone would open it (see above)."""
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if not word.startswith("-") or word == "-":
+            return False  # ssh would read it as the destination
+        for j, flag in enumerate(word[1:], 1):
+            if flag in _NEUTRAL_FLAGS:
+                continue
+            if flag not in _NEUTRAL_WITH_ARGUMENT and flag != "o":
+                return False
+            value = word[j + 1:]
+            if not value:
+                i += 1
+                value = words[i] if i < len(words) else ""
+            if flag == "o" and (value.replace("=", " ").split() or [""])[0].lower() not in _NEUTRAL_OPTIONS:
+                return False
+            break
+        i += 1
+    return True
 
 
 # ssh's socket path limit (sun_path, 108 bytes with its NUL) less the 17 characters of the temporary name

@@ -15,10 +15,11 @@ multiplexing protocol (its PROTOCOL.mux, version 4, "passenger" mode), which is 
 Every uint32 is big-endian, every string a uint32 length and its bytes, every packet a uint32 length and
 its body; the flags are uint32 in OpenSSH's mux.c (the document says "bool").
 
-Only our own masters are asked (the socket in our private folder, fleet_ssh.control_dir). When there is
-none, or it answers anything but a session before the command was sent, Refused tells the caller to start
-ssh as before, which makes a new master. Once the request is sent, nothing is retried: a command such as
-`restart` must never run twice.
+Only our own masters are asked (the socket in our private folder, fleet_ssh.control_dir), and only for
+sessions ssh would ask for the same way (fleet_ssh.Target.shared_connection). Refused tells the caller to
+start ssh as before, which makes a new master, where ssh's own client would also connect afresh: no socket
+or a stale one, a master that refuses the session or goes away before it answers. Once the master has
+answered, nothing is retried: a command such as `restart` must never run twice.
 """
 
 from __future__ import annotations
@@ -58,63 +59,81 @@ def _packet(kind: int, *fields: bytes) -> bytes:
 class Session:
     """The command running on the host through the master, read the way fleet_ssh.run reads an ssh client's
     subprocess.Popen: `stdout`/`stderr` text files, wait(timeout), poll(), `returncode`; close() leaves it
-    (the master closes the session, as when an ssh client is killed). `error` says why there is no exit
-    status (255, as ssh exits then)."""
+    (the master closes the session, as when an ssh client is killed). `error` is the master's reason when it
+    refused a session it had left waiting (exit 255, as ssh exits then)."""
 
     def __init__(self, path: str, command: str, timeout: float):
         self.returncode: int | None = None
         self.error: str | None = None
         self.stdout = self.stderr = None
         self._buf = b""
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
+        self._opened = False
+        self._exit: int | None = None
+        self._sock: socket.socket | None = None
+        made: list[int] = []  # descriptors to close if the session cannot be asked for
+
+        def give_up(why: str) -> Refused:
+            for fd in made:
+                os.close(fd)
+            if self._sock is not None:
+                self._sock.close()
+            return Refused(why)
+
         try:
+            request = _packet(NEW_SESSION, _u32(1), _string(b""), _u32(0), _u32(0), _u32(0), _u32(0),
+                              _u32(NO_ESCAPE), _string(b""), _string(os.fsencode(command)))
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.settimeout(timeout)
             self._sock.connect(path)  # none there, or a master gone (a stale socket): ssh makes a new one
             self._sock.sendall(_packet(HELLO, _u32(VERSION)))
             kind, body = self._read()
             if kind != HELLO or body[:4] != _u32(VERSION):
-                raise Refused(f"the ssh master does not speak mux protocol {VERSION}")
-        except (OSError, EOFError) as exc:
-            self._sock.close()
-            raise Refused(str(exc) or type(exc).__name__) from None
-        except Refused:
-            self._sock.close()
-            raise
-        self._open(command)
-
-    def _open(self, command: str) -> None:
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        null = os.open(os.devnull, os.O_RDONLY)
-        try:
-            self._sock.sendall(_packet(NEW_SESSION, _u32(1), _string(b""), _u32(0), _u32(0), _u32(0), _u32(0),
-                                       _u32(NO_ESCAPE), _string(b""), _string(command.encode())))
-            for fd in (null, out_w, err_w):
+                raise give_up(f"the ssh master does not speak mux protocol {VERSION}")
+            out_r, out_w = os.pipe()
+            made += [out_r, out_w]
+            err_r, err_w = os.pipe()
+            made += [err_r, err_w]
+            made.append(os.open(os.devnull, os.O_RDONLY))
+            self._sock.sendall(request)
+            for fd in (made[-1], out_w, err_w):
                 socket.send_fds(self._sock, [b"\0"], [fd])
-        except OSError as exc:
+        except (OSError, EOFError, UnicodeError) as exc:
             # The master starts nothing before it holds all three descriptors.
-            for fd in (out_r, err_r):
-                os.close(fd)
-            self._sock.close()
-            raise Refused(str(exc)) from None
-        finally:
-            for fd in (null, out_w, err_w):
-                os.close(fd)  # the master holds its own copies now; stdout ends when the command's does
+            raise give_up(str(exc) or type(exc).__name__) from None
+        for fd in made[-1], out_w, err_w:
+            os.close(fd)  # the master holds its own copies now; stdout ends when the command's does
         self.stdout = os.fdopen(out_r, "r", errors="replace")
         self.stderr = os.fdopen(err_r, "r", errors="replace")
         try:
             kind, body = self._read()
+        except TimeoutError:
+            return  # the host has not opened the session yet: wait() reads on, within the caller's deadline
         except (OSError, EOFError) as exc:
-            # Sent, then no answer: whether the command started cannot be known, so it is not sent again.
-            self._end(f"the shared ssh connection did not open a session: {exc or type(exc).__name__}")
-            return
+            # The master went away before answering. It asks the host to run the command in the same step as
+            # it answers, so without an answer the command almost surely never started; ssh's own client
+            # connects afresh then, and so do we (Refused: the caller starts ssh).
+            self._discard()
+            raise Refused(str(exc) or type(exc).__name__) from None
         if kind in (S_FAILURE, S_PERMISSION_DENIED):
-            # The master said no (sshd refused the channel, say): the command did not run.
-            self.close()
-            reason = body[8:8 + int.from_bytes(body[4:8], "big")].decode(errors="replace")
-            raise Refused(f"the ssh master refused a session: {reason}")
-        if kind != S_SESSION_OPENED:
-            self._end(f"the ssh master answered message {kind:#x} to a new session")
+            self._discard()  # refused before anything ran (sshd refused the channel, say)
+            raise Refused(f"the ssh master refused a session: {_reason(body)}")
+        self._answered(kind, body)
+
+    def _discard(self) -> None:
+        self._sock.close()
+        self.stdout.close()
+        self.stderr.close()
+
+    def _answered(self, kind: int, body: bytes) -> None:
+        """The master's answer to the request, read by wait() when it came late."""
+        if kind == S_SESSION_OPENED:
+            self._opened = True
+            return
+        self.returncode = 255
+        self.error = (f"the ssh master refused a session: {_reason(body)}"
+                      if kind in (S_FAILURE, S_PERMISSION_DENIED)
+                      else f"the ssh master answered message {kind:#x} to a new session")
+        self._sock.close()
 
     def _read(self) -> tuple[int, bytes]:
         """One packet; what arrived of the next one stays for the next call (wait() reads with timeouts)."""
@@ -131,32 +150,39 @@ class Session:
                 raise EOFError("the ssh master closed the connection")
             self._buf += chunk
 
-    def _end(self, error: str) -> None:
-        self.returncode, self.error = 255, error
-        self._sock.close()
-
     def wait(self, timeout: float | None = None) -> int:
+        """The exit status once the master has closed our socket: it sends the status as soon as the
+        command has exited, and the command's last output may come after it; the master closes the socket
+        once the session is over (leaving earlier would make it drop that output, as ssh's own client says).
+        No status before the close (the connection dropped, the command was killed by a signal): 255, as ssh
+        exits then."""
         if self.returncode is not None:
             return self.returncode
         self._sock.settimeout(timeout)
         try:
             while True:
                 kind, body = self._read()
-                if kind == S_EXIT_MESSAGE and len(body) >= 8:
-                    self.returncode = int.from_bytes(body[4:8], "big")
-                    self._sock.close()
-                    return self.returncode
+                if not self._opened:
+                    self._answered(kind, body)
+                    if self.returncode is not None:
+                        return self.returncode
+                elif kind == S_EXIT_MESSAGE and len(body) >= 8:
+                    self._exit = int.from_bytes(body[4:8], "big")
                 # MUX_S_TTY_ALLOC_FAIL and anything newer: nothing to act on without a tty
         except TimeoutError:
             raise subprocess.TimeoutExpired("ssh (shared connection)", timeout) from None
-        except (OSError, EOFError) as exc:
-            # The master ends the session without a status when the connection drops or the command was
-            # killed by a signal; ssh exits 255 then.
-            self._end(f"the shared ssh connection ended without the command's exit status ({exc})")
-            return 255
+        except (OSError, EOFError):
+            self.returncode = 255 if self._exit is None else self._exit
+            self._sock.close()
+            return self.returncode
 
     def poll(self) -> int | None:
         return self.returncode
 
     def close(self) -> None:
         self._sock.close()
+
+
+def _reason(body: bytes) -> str:
+    """MUX_S_FAILURE's and MUX_S_PERMISSION_DENIED's reason: after the request id, a string."""
+    return body[8:8 + int.from_bytes(body[4:8], "big")].decode(errors="replace")

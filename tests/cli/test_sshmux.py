@@ -1,0 +1,130 @@
+"""sshmux.Session's answers to what a master may do that a real one is hard to make do on cue: refuse the
+session, go away before answering, answer late, send the exit status before the last output. Which of them
+let the caller start ssh instead (Refused: nothing ran) decides whether a command can run twice.
+
+The peer here speaks the master's side of OpenSSH's PROTOCOL.mux; the real master is asked in the fleet lab
+test (tests/fleet/test_fleet_cli_lab.py), which compares every answer with ssh's own.
+"""
+
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from atom_workerctl import sshmux
+
+OPENED, FAILURE, EXIT = sshmux.S_SESSION_OPENED, sshmux.S_FAILURE, sshmux.S_EXIT_MESSAGE
+
+
+def packet(kind, *fields):
+    body = kind.to_bytes(4, "big") + b"".join(f if isinstance(f, bytes) else f.to_bytes(4, "big") for f in fields)
+    return len(body).to_bytes(4, "big") + body
+
+
+def read_packet(conn):
+    size = int.from_bytes(conn.recv(4, socket.MSG_WAITALL), "big")
+    return conn.recv(size, socket.MSG_WAITALL)
+
+
+class Master:
+    """A listening socket whose one client is served by `script(conn, fds)` in a thread, after the hello,
+    the request and the three descriptors (stdin, stdout, stderr); what it read is kept."""
+
+    def __init__(self, tmp_path, script):
+        self.path = str(tmp_path / "master")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(1)
+        self.request = None
+        self.thread = threading.Thread(target=self.serve, args=(script,), daemon=True)
+        self.thread.start()
+
+    def serve(self, script):
+        conn, _ = self.listener.accept()
+        self.listener.close()
+        with conn:
+            conn.sendall(packet(sshmux.HELLO, sshmux.VERSION))
+            read_packet(conn)
+            self.request = read_packet(conn)
+            fds = [socket.recv_fds(conn, 1, 1)[1][0] for _ in range(3)]
+            try:
+                script(conn, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+
+def ended(session):
+    """What the session printed (stdout, stderr), its files closed."""
+    with session.stdout, session.stderr:
+        return session.stdout.read(), session.stderr.read()
+
+
+def failure(reason):
+    return packet(FAILURE, 1, len(reason), reason)
+
+
+def test_a_session_reads_every_output_after_the_exit_status_and_the_status(tmp_path):
+    def script(conn, fds):
+        conn.sendall(packet(OPENED, 1, 7))
+        os.write(fds[1], b"first\n")
+        conn.sendall(packet(EXIT, 7, 3))  # the status comes before the last output, as sshd may send it
+        time.sleep(0.2)
+        conn.setblocking(False)
+        try:
+            left = conn.recv(1) == b""
+        except BlockingIOError:
+            left = False
+        if not left:  # a real master drops what it still holds for a client that has left
+            os.write(fds[1], b"last\n")
+            os.write(fds[2], b"an error\n")
+
+    master = Master(tmp_path, script)
+    session = sshmux.Session(master.path, "atom-workerctl --json status", 5)
+    assert b"atom-workerctl --json status" in master.request
+    assert session.wait(5) == 3 and session.poll() == 3 and session.error is None
+    assert ended(session) == ("first\nlast\n", "an error\n")
+
+
+def test_no_exit_status_before_the_master_closes_is_255_with_nothing_to_retry(tmp_path):
+    master = Master(tmp_path, lambda conn, fds: conn.sendall(packet(OPENED, 1, 7)))
+    session = sshmux.Session(master.path, "restart", 5)
+    assert session.wait(5) == 255 and session.error is None  # fleet_ssh reports it as ssh's exit 255
+    assert ended(session) == ("", "")
+
+
+def test_a_refusal_or_a_master_gone_before_its_answer_lets_ssh_be_started(tmp_path):
+    def master(name, script):
+        (tmp_path / name).mkdir()
+        return Master(tmp_path / name, script)
+
+    # Control first: a peer that answers gives a session (so the refusals below are the answers').
+    ok = master("answers", lambda conn, fds: conn.sendall(packet(OPENED, 1, 7) + packet(EXIT, 7, 0)))
+    session = sshmux.Session(ok.path, "true", 5)
+    assert session.wait(5) == 0 and ended(session) == ("", "")
+    refusing = master("refuses", lambda conn, fds: conn.sendall(failure(b"open failed")))
+    with pytest.raises(sshmux.Refused, match="refused a session: open failed"):
+        sshmux.Session(refusing.path, "restart", 5)
+    gone = master("goes", lambda conn, fds: None)  # closes without a word
+    with pytest.raises(sshmux.Refused):
+        sshmux.Session(gone.path, "restart", 5)
+    with pytest.raises(sshmux.Refused):  # no master: the socket's path holds nothing
+        sshmux.Session(str(tmp_path / "none"), "restart", 5)
+
+
+def test_an_answer_later_than_the_connect_timeout_is_waited_for_and_a_late_refusal_is_an_error(tmp_path):
+    late = threading.Event()
+
+    def script(conn, fds):
+        late.wait(5)
+        conn.sendall(failure(b"no more sessions"))
+
+    master = Master(tmp_path, script)
+    session = sshmux.Session(master.path, "restart", 0.2)  # no answer within 0.2 s: not refused, waiting
+    with pytest.raises(subprocess.TimeoutExpired):
+        session.wait(0.2)
+    late.set()
+    assert session.wait(5) == 255 and session.error == "the ssh master refused a session: no more sessions"
+    ended(session)
