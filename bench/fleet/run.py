@@ -13,10 +13,13 @@ interleaved so that drift hits every method alike, times from the control host:
   status            atom-workerctl -i INV -l HOSTS --parallel F --json status
   status_fresh      the same with ATOM_WORKERCTL_SSH_ARGS="-o ControlPath=none": a new ssh connection to every
                     host, as atom-workerctl made before it kept them (ControlPersist 60 s, as Ansible does)
+  status_client     the same with ATOM_WORKERCTL_SSH=/usr/bin/ssh: an ssh client started per host on the open
+                    connections (the CLI asks an open master itself only when the program is the plain `ssh`)
   ansible_status    ansible -i INV HOSTS --forks F -m ansible.builtin.systemd_service -a name=atom-worker@1
   ansible_status_fresh  the same with ANSIBLE_SSH_ARGS="-o ControlMaster=no": a new ssh connection to every host
-  (status and ansible_status each run once, untimed, right before their timed run: the connections they keep
-  are then open, as for an operator's second command within a minute; the _fresh rows never keep one)
+  (status, status_client and ansible_status each run once, untimed, right before their timed run: the
+  connections they keep are then open, as for an operator's second command within a minute; the _fresh rows
+  never keep one)
   reset             atom-workerctl ... --parallel F --json reset        (atom-worker@1 stopped on each host
                     first, untimed: reset starts it and waits until gearmand lists it again)
   ansible_start     ansible ... --forks F -a "name=atom-worker@1 state=started"   (the same; no wait for gearmand)
@@ -63,11 +66,13 @@ from gearman_sampler import StatusSampler, admin, hold_stopped, parse_status  # 
 from labhosts import LAB  # noqa: E402
 
 PREFIX = "fb-"
+WORKDIR = Path("/tmp/fb-lab")  # the generated inventory, the playbook copies, a failed command's output
 BIN = REPO / ".venv" / "bin"
 ENV = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "NO_COLOR": "1", "ANSIBLE_NOCOLOR": "1"}
 PLAYBOOK = REPO / "playbooks" / "rolling-restart.yml"
-CPU_KEYS = ("status", "ansible_status")  # CPU by side (cpuside.py), each size
-WARMED = ("status", "ansible_status")  # run once untimed right before (the connections they keep stay open)
+CPU_KEYS = ("status", "status_client", "ansible_status")  # CPU by side (cpuside.py), each size
+# run once untimed right before (the connections they keep stay open)
+WARMED = ("status", "status_client", "ansible_status")
 RESTARTS = ("rolling", "restart_batch", "playbook", "ansible_restart")  # sampled at the largest size
 
 HOST_SECONDS: dict = {}  # "N:key" -> [[slowest host's own seconds, mean over hosts], per run] (atom-workerctl JSON)
@@ -89,8 +94,11 @@ def timed(argvs, key=None) -> float:
                               check=False)
         if proc.returncode != 0:
             # The whole answer, for the reason (a fleet's JSON is longer than a terminal's scrollback).
-            kept = Path(f"/tmp/fb-lab/failed-{time.time():.0f}.out")
-            kept.write_text(f"{' '.join(argv)}\nexit {proc.returncode}\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+            kept = WORKDIR / f"failed-{time.time_ns()}.out"
+            try:
+                kept.write_text(f"{' '.join(argv)}\nexit {proc.returncode}\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+            except OSError as exc:
+                kept = f"not kept: {exc}"
             raise SystemExit(f"{' '.join(argv)}: exit {proc.returncode} (all of it: {kept})\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-2000:]}")
         procs.append((argv, proc))
@@ -165,6 +173,8 @@ def methods(fleet: Fleet, n: int, args, playbooks: dict) -> dict:
         "status": (None, None, [ctl + ["--parallel", str(args.forks), "--json", "status"]]),
         "status_fresh": (None, None, [(ctl + ["--parallel", str(args.forks), "--json", "status"],
                                        {"ATOM_WORKERCTL_SSH_ARGS": "-o ControlPath=none"})]),
+        "status_client": (None, None, [(ctl + ["--parallel", str(args.forks), "--json", "status"],
+                                        {"ATOM_WORKERCTL_SSH": "/usr/bin/ssh"})]),
         "ansible_status": (None, None, [ans + ["-a", "name=atom-worker@1"]]),
         "ansible_status_fresh": (None, None, [(ans + ["-a", "name=atom-worker@1"],
                                                {"ANSIBLE_SSH_ARGS": "-o ControlMaster=no"})]),
@@ -245,7 +255,7 @@ def main() -> None:
     if max(sizes) > workers or min(sizes) < 1:
         raise SystemExit(f"--sizes {sizes} must lie within 1..--workers {workers}")
     run_began = time.monotonic()
-    workdir = Path("/tmp/fb-lab")
+    workdir = WORKDIR
     others = other_lab_hosts()
     mem_before = memory.machine()
     already = all(h in running_lab_hosts() for h in [f"{PREFIX}jobs", f"{PREFIX}web", f"{PREFIX}w{workers}"])
@@ -353,6 +363,8 @@ def labels(meta) -> dict:
         "status": f"`atom-workerctl -i INV -l HOSTS --parallel {f} --json status`",
         "status_fresh": ("the same, a new ssh connection to each host "
                          "(`ATOM_WORKERCTL_SSH_ARGS='-o ControlPath=none'`)"),
+        "status_client": ("the same, an `ssh` client per host on the open connections "
+                          "(`ATOM_WORKERCTL_SSH=/usr/bin/ssh`)"),
         "ansible_status": f"`ansible -i INV HOSTS --forks {f} -m ansible.builtin.systemd_service "
                           "-a name=atom-worker@1`",
         "ansible_status_fresh": ("the same, a new ssh connection to each host "
@@ -631,8 +643,11 @@ def write(times, sampling, mem, trans, where, meta) -> None:
          "playbook has no variable for it: `atom_worker_serial` belongs to site.yml). The ad hoc restart is "
          "two commands (every host's @1, then every host's @2), with no coverage check and no wait for gearmand. "
          "Ansible runs with this repository's ansible.cfg (pipelining, ssh ControlPersist 60 s: it reuses its "
-         "ssh connections between commands); so does atom-workerctl (its own ControlPersist 60 s sockets). Both "
-         "status commands run once, untimed, right before their timed run, so the timed one finds its "
+         "ssh connections between commands); so does atom-workerctl (its own ControlPersist 60 s sockets), and "
+         "while a connection is open it asks that ssh master for the host's session itself instead of starting "
+         "an `ssh` client (`status_client` is the same command with an `ssh` client per host, on the same open "
+         "connections). The status commands run once, untimed, right before their timed run, so the timed one "
+         "finds its "
          "connections open, as an operator's second command within a minute does; the rows with new "
          "connections are the same commands made to connect to every host afresh (atom-workerctl did so before "
          "it kept them): the difference is what the key exchange and login cost. The other rows are not warmed: "

@@ -5,6 +5,7 @@ lab hosts by their sshd's logins (tests/fleet/test_fleet_cli_lab.py).
 """
 
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -141,3 +142,28 @@ def test_no_reuse_from_a_folder_ssh_would_misread(runtime, monkeypatch, name):
     argv = fleet_ssh.Target("w1", "192.0.2.10").ssh_argv(["x"], 10)
     assert "ControlMaster=auto" not in argv
     assert effective(argv).get("controlpath", "none") == "none"  # and ssh still reads the command line
+
+
+# Whether an open master is asked directly (sshmux.py) or ssh is started: only options that change nothing
+# in a session keep the direct way (fleet_ssh._session_neutral).
+NEUTRAL = ["", "-i /k -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null", "-oPort=2222 -p22",
+           "-4p 22", "-vo Port=22", "-4C -vvv -q", "-J jump -o ProxyJump=j2", "-o 'LogLevel ERROR'",
+           "-F /dev/null", "-A -o ForwardAgent=yes", "-X -Y -x", "-o SendEnv=LANG -o SetEnv=FOO=1", "-T"]
+NOT_NEUTRAL = ["-o ControlPath=none", "-oControlMaster=no", "-S /x", "-M", "-t", "-tt", "-o RequestTTY=force",
+               "-N", "-s", "-L 8080:a:80", "-R 1:a:2", "-D 1080", "-W a:1", "-O check", "-o RemoteCommand=x",
+               "-o", "-4t", "--", "host"]
+
+
+@pytest.mark.parametrize("words", NEUTRAL)
+def test_options_that_change_nothing_in_a_session_keep_the_direct_way(words):
+    assert fleet_ssh._session_neutral(shlex.split(words))
+    # ssh reads them the same way: every word an option or its argument, the next word the destination.
+    proc = subprocess.run(["ssh", "-G", *shlex.split(words), "destination.example"], capture_output=True, text=True,
+                          check=True, timeout=10)
+    settings = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    assert settings["hostname"] == "destination.example" and settings.get("sessiontype", "default") == "default"
+
+
+@pytest.mark.parametrize("words", NOT_NEUTRAL)
+def test_any_other_option_starts_ssh(words):
+    assert not fleet_ssh._session_neutral(shlex.split(words))

@@ -11,9 +11,10 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 
 import pytest
-from atom_workerctl import sshmux
+from atom_workerctl import fleet_ssh, sshmux
 
 OPENED, FAILURE, EXIT = sshmux.S_SESSION_OPENED, sshmux.S_FAILURE, sshmux.S_EXIT_MESSAGE
 
@@ -32,8 +33,9 @@ class Master:
     """A listening socket whose one client is served by `script(conn, fds)` in a thread, after the hello,
     the request and the three descriptors (stdin, stdout, stderr); what it read is kept."""
 
-    def __init__(self, tmp_path, script):
-        self.path = str(tmp_path / "master")
+    def __init__(self, script):
+        # An abstract socket: no path, so no length limit whatever the temporary folder's name.
+        self.path = f"\0atom-workerctl-test-{uuid.uuid4().hex}"
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(self.path)
         self.listener.listen(1)
@@ -81,7 +83,7 @@ def test_a_session_reads_every_output_after_the_exit_status_and_the_status(tmp_p
             os.write(fds[1], b"last\n")
             os.write(fds[2], b"an error\n")
 
-    master = Master(tmp_path, script)
+    master = Master(script)
     session = sshmux.Session(master.path, "atom-workerctl --json status", 5)
     assert b"atom-workerctl --json status" in master.request
     assert session.wait(5) == 3 and session.poll() == 3 and session.error is None
@@ -89,7 +91,7 @@ def test_a_session_reads_every_output_after_the_exit_status_and_the_status(tmp_p
 
 
 def test_no_exit_status_before_the_master_closes_is_255_with_nothing_to_retry(tmp_path):
-    master = Master(tmp_path, lambda conn, fds: conn.sendall(packet(OPENED, 1, 7)))
+    master = Master(lambda conn, fds: conn.sendall(packet(OPENED, 1, 7)))
     session = sshmux.Session(master.path, "restart", 5)
     assert session.wait(5) == 255 and session.error is None  # fleet_ssh reports it as ssh's exit 255
     assert ended(session) == ("", "")
@@ -97,8 +99,7 @@ def test_no_exit_status_before_the_master_closes_is_255_with_nothing_to_retry(tm
 
 def test_a_refusal_or_a_master_gone_before_its_answer_lets_ssh_be_started(tmp_path):
     def master(name, script):
-        (tmp_path / name).mkdir()
-        return Master(tmp_path / name, script)
+        return Master(script)
 
     # Control first: a peer that answers gives a session (so the refusals below are the answers').
     ok = master("answers", lambda conn, fds: conn.sendall(packet(OPENED, 1, 7) + packet(EXIT, 7, 0)))
@@ -121,10 +122,50 @@ def test_an_answer_later_than_the_connect_timeout_is_waited_for_and_a_late_refus
         late.wait(5)
         conn.sendall(failure(b"no more sessions"))
 
-    master = Master(tmp_path, script)
+    master = Master(script)
     session = sshmux.Session(master.path, "restart", 0.2)  # no answer within 0.2 s: not refused, waiting
     with pytest.raises(subprocess.TimeoutExpired):
         session.wait(0.2)
     late.set()
     assert session.wait(5) == 255 and session.error == "the ssh master refused a session: no more sessions"
     ended(session)
+
+
+def fds_open() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture()
+def through(monkeypatch):
+    """fleet_ssh.run() asks the given fake master (its Target's socket)."""
+    def use(master):
+        monkeypatch.setattr(fleet_ssh.Target, "shared_connection", lambda self: master.path)
+        return fleet_ssh.Target("w1", "192.0.2.10")
+    return use
+
+
+def test_run_reads_a_hosts_answer_through_the_master(through):
+    def script(conn, fds):
+        conn.sendall(packet(OPENED, 1, 7))
+        os.write(fds[1], b'{"schema": 1}\n')
+        os.write(fds[2], b"Warning: Permanently added 'x'\na warning\n")
+        conn.sendall(packet(EXIT, 7, 3))
+
+    before = fds_open()
+    result = fleet_ssh.run(through(Master(script)), ["atom-workerctl", "--json", "status"], 5)
+    assert (result.reached, result.code, result.data, result.stderr, result.error) == \
+        (True, 3, {"schema": 1}, ["a warning"], None)
+    assert fds_open() == before
+
+
+def test_run_leaves_a_session_that_outlasts_the_host_timeout(through):
+    def script(conn, fds):
+        conn.sendall(packet(OPENED, 1, 7))
+        conn.recv(1)  # until the client leaves
+
+    before = fds_open()
+    started = time.monotonic()
+    result = fleet_ssh.run(through(Master(script)), ["sleep", "30"], 1)
+    assert not result.reached and result.error == "no answer within 1 s (--host-timeout)"
+    assert time.monotonic() - started < 5
+    assert fds_open() == before

@@ -102,23 +102,25 @@ def env_ssh_args() -> list[str]:
         raise WorkerctlError(f"$ATOM_WORKERCTL_SSH_ARGS: {exc}", EXIT_USAGE) from None
 
 
-# What a session asked for over the master (sshmux.py) lacks is what ssh's client would add to it from its
-# options: a tty (-t, RequestTTY), environment (SendEnv, SetEnv), agent or X11 forwarding, port forwards, a
-# RemoteCommand, no command (-N), a subsystem. Options that only pick how the connection is made (the
-# master's business, made by ssh with the same options) change nothing in a session; with any other, ssh is
-# started as before. Options as ssh reads them: flags may be grouped (-4C), an argument may be attached (-p22).
-_NEUTRAL_FLAGS = set("46Cqvaxkn")
+# A session asked for over the master (sshmux.py) asks for X11 and agent forwarding and gives our
+# environment, and the master grants and passes on what its own options allow (ForwardX11, ForwardAgent,
+# SendEnv, SetEnv: the same options ssh's client would have read). What it never asks for is what ssh's client
+# adds from other options: a tty (-t), no command (-N), a subsystem (-s), port forwards of its own (-L, -R,
+# -D, -W), control commands (-O), another master (-M, -S, any Control* option). With any option not known to
+# be neutral, ssh is started as before. Options as ssh reads them: flags may be grouped (-4C), an argument
+# may be attached (-p22).
+_NEUTRAL_FLAGS = set("46AaCkqnTvXxY")
 _NEUTRAL_WITH_ARGUMENT = set("ilpFJcmbBE")
 _NEUTRAL_OPTIONS = {
     "addressfamily", "batchmode", "bindaddress", "bindinterface", "casignaturealgorithms", "certificatefile",
-    "checkhostip", "ciphers", "compression", "connectionattempts", "connecttimeout", "globalknownhostsfile",
-    "gssapiauthentication", "hashknownhosts", "hostbasedauthentication", "hostkeyalgorithms", "hostkeyalias",
-    "hostname", "identitiesonly", "identityagent", "identityfile", "ipqos", "kbdinteractiveauthentication",
-    "kexalgorithms", "loglevel", "macs", "numberofpasswordprompts", "passwordauthentication", "port",
-    "preferredauthentications", "proxycommand", "proxyjump", "pubkeyacceptedalgorithms",
-    "pubkeyacceptedkeytypes", "pubkeyauthentication", "rekeylimit", "serveralivecountmax",
-    "serveraliveinterval", "stricthostkeychecking", "tcpkeepalive", "updatehostkeys", "user",
-    "userknownhostsfile", "verifyhostkeydns",
+    "checkhostip", "ciphers", "compression", "connectionattempts", "connecttimeout", "forwardagent",
+    "forwardx11", "forwardx11trusted", "globalknownhostsfile", "gssapiauthentication", "hashknownhosts",
+    "hostbasedauthentication", "hostkeyalgorithms", "hostkeyalias", "hostname", "identitiesonly",
+    "identityagent", "identityfile", "ipqos", "kbdinteractiveauthentication", "kexalgorithms", "loglevel",
+    "macs", "numberofpasswordprompts", "passwordauthentication", "port", "preferredauthentications",
+    "proxycommand", "proxyjump", "pubkeyacceptedalgorithms", "pubkeyacceptedkeytypes", "pubkeyauthentication",
+    "rekeylimit", "sendenv", "serveralivecountmax", "serveraliveinterval", "setenv", "stricthostkeychecking",
+    "tcpkeepalive", "updatehostkeys", "user", "userknownhostsfile", "verifyhostkeydns",
 }
 
 
@@ -547,6 +549,9 @@ def run(target: Target, remote: list[str], timeout: float, on_stderr=None, on_st
         _kill(proc)
     for t in readers:
         t.join(2)
+    for t, stream in zip(readers, (proc.stdout, proc.stderr), strict=True):
+        if not t.is_alive():  # one still reading keeps its file (closing it under the thread would raise there)
+            stream.close()
     res.seconds = time.monotonic() - started
     res.stdout = "".join(out_chunks)
     rc = proc.returncode

@@ -7,7 +7,9 @@ host (bench/fleet/results.md). Here we ask the master ourselves, over its socket
 multiplexing protocol (its PROTOCOL.mux, version 4, "passenger" mode), which is what that client does:
 
     both sides       MUX_MSG_HELLO, version 4
-    us               MUX_C_NEW_SESSION (no tty, no X11, no agent, no escape character; the command)
+    us               MUX_C_NEW_SESSION (no tty, no escape character; X11 and agent forwarding asked for and
+                     our environment given: the master grants and passes on what its own options say,
+                     ForwardX11, ForwardAgent and SendEnv, as for ssh's own client; the command)
     us               our stdin, stdout and stderr, one descriptor per message (SCM_RIGHTS)
     the master       MUX_S_SESSION_OPENED, or MUX_S_FAILURE / MUX_S_PERMISSION_DENIED with a reason
     the master       MUX_S_EXIT_MESSAGE with the command's exit status when it ends
@@ -80,8 +82,15 @@ class Session:
             return Refused(why)
 
         try:
-            request = _packet(NEW_SESSION, _u32(1), _string(b""), _u32(0), _u32(0), _u32(0), _u32(0),
-                              _u32(NO_ESCAPE), _string(b""), _string(os.fsencode(command)))
+            # ssh's client asks for forwarding when its options say so and gives the variables its SendEnv
+            # names; the master then grants and passes on only what its options allow (mux.c, clientloop.c's
+            # client_session2_setup). Ours was made with the same options: asking for both and giving every
+            # variable lets it decide as ssh's client would have.
+            environment = b"".join(_string(os.fsencode(f"{k}={v}")) for k, v in os.environ.items())
+            request = _packet(NEW_SESSION, _u32(1), _string(b""), _u32(0), _u32(1), _u32(1), _u32(0),
+                              _u32(NO_ESCAPE), _string(b""), _string(os.fsencode(command)), environment)
+            if len(request) - 4 > MAX_PACKET:
+                raise Refused("the environment is too large for one mux message")
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._sock.settimeout(timeout)
             self._sock.connect(path)  # none there, or a master gone (a stale socket): ssh makes a new one
@@ -125,7 +134,9 @@ class Session:
         self.stderr.close()
 
     def _answered(self, kind: int, body: bytes) -> None:
-        """The master's answer to the request, read by wait() when it came late."""
+        """The master's answer to the request. Read by wait() when it came after the connect timeout, a
+        refusal is then the host's result (exit 255 with the reason), not a reason to start ssh: the
+        caller's loop has begun, and that case needs a host whose sshd took that long to say no."""
         if kind == S_SESSION_OPENED:
             self._opened = True
             return
@@ -180,6 +191,8 @@ class Session:
         return self.returncode
 
     def close(self) -> None:
+        if self.returncode is None:
+            self.returncode = 255  # left before its end: no status, as ssh killed exits without one
         self._sock.close()
 
 
