@@ -646,5 +646,5 @@ def test_fleet_code_is_not_imported_without_fleet_options():
                           check=False).stdout.split()
     assert "atom_workerctl.cli" in mods
     assert "atom_workerctl.cmd_fleet" not in mods and "atom_workerctl.fleet_ssh" not in mods
-    assert "atom_workerctl.fleet_jobs" not in mods
+    assert "atom_workerctl.fleet_jobs" not in mods and "atom_workerctl.sshmux" not in mods
     assert "concurrent.futures" not in mods
