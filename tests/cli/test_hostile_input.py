@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from atom_workerctl import fleet_ssh, gearman  # noqa: E402
 from atom_workerctl.errors import GearmanError  # noqa: E402
+from standin import free_port  # noqa: E402
 
 VENV = REPO / ".venv" / "bin"
 CLI = [sys.executable, "-m", "atom_workerctl"]
@@ -396,10 +397,7 @@ def test_playbook_check_wait_ends_at_its_deadline_against_a_trickling_peer(tmp_p
 def test_playbook_check_wait_that_times_out_says_why(tmp_path):
     """A wait that ends unregistered reports each server's last answer (here: refused), not that the
     last round had no time to ask; the control is the well-behaved peer's registered report above."""
-    with socket.socket() as free:  # a port nothing listens on
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    state = sites_json(tmp_path, f"127.0.0.1:{port}")
+    state = sites_json(tmp_path, f"127.0.0.1:{free_port()}")  # a port nothing listens on
     wait = check("wait", "--timeout", "1", "--interval", "0.3", "--state-file", str(state))
     assert wait.returncode == 1, wait.stderr
     error = list(json.loads(wait.stdout)["servers"].values())[0]["error"]

@@ -98,17 +98,14 @@ def test_no_exit_status_before_the_master_closes_is_255_with_nothing_to_retry(tm
 
 
 def test_a_refusal_or_a_master_gone_before_its_answer_lets_ssh_be_started(tmp_path):
-    def master(name, script):
-        return Master(script)
-
     # Control first: a peer that answers gives a session (so the refusals below are the answers').
-    ok = master("answers", lambda conn, fds: conn.sendall(packet(OPENED, 1, 7) + packet(EXIT, 7, 0)))
+    ok = Master(lambda conn, fds: conn.sendall(packet(OPENED, 1, 7) + packet(EXIT, 7, 0)))
     session = sshmux.Session(ok.path, "true", 5)
     assert session.wait(5) == 0 and ended(session) == ("", "")
-    refusing = master("refuses", lambda conn, fds: conn.sendall(failure(b"open failed")))
+    refusing = Master(lambda conn, fds: conn.sendall(failure(b"open failed")))
     with pytest.raises(sshmux.Refused, match="refused a session: open failed"):
         sshmux.Session(refusing.path, "restart", 5)
-    gone = master("goes", lambda conn, fds: None)  # closes without a word
+    gone = Master(lambda conn, fds: None)  # closes without a word
     with pytest.raises(sshmux.Refused):
         sshmux.Session(gone.path, "restart", 5)
     with pytest.raises(sshmux.Refused):  # no master: the socket's path holds nothing

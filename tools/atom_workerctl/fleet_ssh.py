@@ -52,12 +52,17 @@ class Target:
             argv += ["-i", self.key]
         if self.user:
             argv += ["-l", self.user]
-        given = env_ssh_args() + self.ssh_args
+        given = self.given_options()
         # After the user's and the inventory's options: ssh keeps the first value of each option, so their
         # own ControlMaster/ControlPath/ControlPersist (or `-o ControlMaster=no`) win over these.
         argv += given + connection_reuse_args(self, given)
         # `--` before the destination: nothing after it is read as an ssh option, whatever the inventory says.
         return [*argv, "--", self.address, self.remote_command(remote)]
+
+    def given_options(self) -> list[str]:
+        """The user's ($ATOM_WORKERCTL_SSH_ARGS) and the inventory's ssh options, in the order ssh gets them.
+        The master socket's name is hashed from them: ssh_argv and shared_connection must see the same."""
+        return env_ssh_args() + self.ssh_args
 
     def remote_command(self, remote: list[str]) -> str:
         return shlex.join((["sudo", "-n"] if self.become else []) + remote)
@@ -65,7 +70,7 @@ class Target:
     def shared_connection(self) -> str | None:
         """The socket of our own master for this host, when a session asked for over it is the one ssh would
         ask for (sshmux.py): only with the plain `ssh` and options that change nothing in a session."""
-        given = env_ssh_args() + self.ssh_args
+        given = self.given_options()
         if SSH != "ssh" or not _session_neutral(given):
             return None
         return control_path(self, given)
