@@ -14,6 +14,7 @@ value gets through, so "refused" means refused for the right reason.
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -69,13 +70,15 @@ def preflight(tmp_path_factory):
     return lambda extra: run_preflight(tmp, "atom_worker_preflight", {**base, **extra})
 
 
-def run_preflight(tmp, tag: str, variables: dict, inventory: str = "localhost,") -> subprocess.CompletedProcess:
-    """tmp/play.yml's role, only the tasks tagged `tag`, in check mode on this machine, with `variables`."""
+def run_preflight(tmp, tag: str, variables: dict, inventory: str = "localhost,",
+                  select: str = "--tags") -> subprocess.CompletedProcess:
+    """tmp/play.yml's role, only the tasks tagged `tag` (select="--skip-tags": all but those), in check mode on
+    this machine, with `variables`."""
     (tmp / "vars.json").write_text(json.dumps(variables))
     env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "roles"), "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")}
     return subprocess.run([str(VENV / "ansible-playbook"), "-i", inventory, str(tmp / "play.yml"), "--check",
-                           "--tags", tag, "-e", f"@{tmp / 'vars.json'}"],
+                           select, tag, "-e", f"@{tmp / 'vars.json'}"],
                           capture_output=True, text=True, env=env, cwd=tmp, timeout=300, check=False)
 
 
@@ -192,6 +195,20 @@ def test_gearmand_preflight_passes_sound_values(gearmand_preflight):
                                "gearman_job_server_allowed_addresses": ["10.0.0.1"]})
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "failed=0" in proc.stdout and "changed=0" in proc.stdout
+
+
+def test_gearmand_role_refuses_to_run_without_its_preflight(tmp_path):
+    """Every step decides from the preflight's probe: with it skipped the role stops in one line, changing
+    nothing, instead of doing nothing silently. The control: with the preflight run, the same refusal is skipped
+    and the run passes (so the refusal is the missing probe's)."""
+    (tmp_path / "play.yml").write_text(GEARMAND_PLAY)
+    skipped = run_preflight(tmp_path, "gearman_job_server_preflight", {}, select="--skip-tags")
+    assert_refused_one_line_each(skipped, [["needs its preflight", "--skip-tags gearman_job_server_preflight"]])
+    assert "Preflight" not in skipped.stdout  # the control that --skip-tags reached the preflight
+    control = run_preflight(tmp_path, "gearman_job_server_preflight", {})
+    assert control.returncode == 0 and "failed=0" in control.stdout, control.stdout[-3000:]
+    assert re.search(r"TASK \[gearman_job_server : Refuse to run without the preflight\] \*+\nskipping:",
+                     control.stdout), control.stdout[-3000:]
 
 
 @pytest.mark.parametrize("case, extra, expected", GEARMAND_BAD, ids=[c[0] for c in GEARMAND_BAD])
