@@ -67,6 +67,38 @@ def test_config_change_clears_cache_once_then_restarts_once(lab):
     lab.converge()
 
 
+def test_what_a_failed_apply_owed_is_done_by_the_next_converge(lab):
+    """A converge that rewrote the configuration but failed before its handlers were done (here the cache
+    clear: a cache file the site's user cannot remove, as after a `php symfony cc` run as root) leaves the
+    workers on the old key, where AtoM's jobs find no worker. The next converge has no file left to write:
+    it still clears the cache and restarts them (what the first apply noted it owed before its handlers), and
+    the one after changes nothing."""
+    key = {"atom_worker_workers_key": "site-c"}
+    new_function = hashlib.md5(f"{ATOM_ROOT}site-c".encode()).hexdigest() + "-arFindingAidJob"
+    pending = "/etc/atom-worker/apply-pending.json"
+    pids = lab.hosts.main_pids(W1)
+    assert pids and all(pid != "0" for pid in pids.values()), pids
+    stuck = f"{ATOM_ROOT}/cache/qubit/stuck"
+    lab.run(W1, f"mkdir -p {stuck} && touch {stuck}/file")  # root's: the site's user cannot remove it
+    failed = lab.converge(key, check=False)
+    assert failed.returncode != 0 and "Unable to remove" in failed.stdout, failed
+    assert "workers_key: 'site-c'" in lab.run(W1, f"cat {ATOM_ROOT}/config/app.yml").stdout
+    assert lab.hosts.main_pids(W1) == pids  # not restarted: the workers run with the old key
+    assert available(lab, new_function) == 0
+    assert lab.run(W1, f"test -s {pending}", check=False).returncode == 0
+    lab.run(W1, f"rm -r {stuck}")
+    mark = len(lab.record(W1))
+    lab.converge(key)
+    events = [e["event"] for e in lab.record(W1)[mark:] if e["event"] in ("cc", "start")]
+    assert events == ["cc"] + ["start"] * len(pids), events
+    assert all(lab.hosts.main_pids(W1)[unit] != pid for unit, pid in pids.items())
+    lab.wait_for(lambda: available(lab, new_function) == len(pids), what="the new key's workers registered")
+    assert lab.run(W1, f"test -e {pending}", check=False).returncode != 0
+    again = lab.converge(key)
+    assert again.changed() == 0, again
+    lab.converge()
+
+
 def test_scale_4_2_3_leaves_exactly_those_instances(lab):
     for n in (4, 2, 3):
         lab.converge({"atom_worker_instances": n})
