@@ -11,6 +11,7 @@ restarts nothing.
 Run inside the lab network: tools/lab/lab exec -- .venv/bin/pytest tests/supervisor/test_supervisor_lab.py
 """
 
+import hashlib
 import json
 import shlex
 import time
@@ -149,6 +150,35 @@ def test_reset_start_recovers_the_failed_worker(supervisor_lab):
     assert lab.policy("status").returncode == 0
     prefix = lab.sites()["sites"][0]["prefix"]
     lab.wait(lambda: registered(lab, prefix) == INSTANCES, 60, "the reset worker registered again")
+
+
+def test_what_a_failed_apply_owed_is_done_by_the_next_converge(supervisor_lab):
+    """As under systemd (tests/roles/test_roles_restarts_lab.py): a converge that rewrote app.yml but whose
+    cache clear failed (a cache file root left behind) leaves the workers on the old key; the next converge,
+    with no file left to write, clears the cache and restarts them, and the one after changes nothing."""
+    lab = supervisor_lab
+    key = {"atom_worker_workers_key": "site-c"}
+    new_prefix = hashlib.md5(f"{ATOM_ROOT}site-c".encode()).hexdigest()
+    before = pids(lab)
+    stuck = f"{ATOM_ROOT}/cache/qubit/stuck"
+    lab.run(f"mkdir -p {stuck} && touch {stuck}/file")  # root's: the site's user cannot remove it
+    failed = lab.playbook(key, with_cli=False)
+    assert failed.returncode != 0 and "Unable to remove" in failed.stdout, failed
+    assert pids(lab) == before and registered(lab, new_prefix) == 0  # still the old key
+    lab.run(f"rm -r {stuck}")
+    mark = len(lab.record())
+    result = lab.playbook(key, with_cli=False)
+    assert result.returncode == 0, result
+    events = [e["event"] for e in lab.record()[mark:] if e["event"] in ("cc", "start")]
+    assert events == ["cc"] + ["start"] * INSTANCES, events
+    lab.wait(lambda: registered(lab, new_prefix) == INSTANCES, 60, "the new key's workers registered")
+    after = pids(lab)
+    assert after[W1] != before[W1] and after[W2] != before[W2]
+    again = lab.playbook(key, with_cli=False)
+    assert again.returncode == 0 and again.changed() == 0, again
+    assert pids(lab) == after
+    result = lab.playbook(with_cli=False)
+    assert result.returncode == 0, result
 
 
 @pytest.fixture(scope="module")
