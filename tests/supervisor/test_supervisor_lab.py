@@ -161,24 +161,27 @@ def test_what_a_failed_apply_owed_is_done_by_the_next_converge(supervisor_lab):
     new_prefix = hashlib.md5(f"{ATOM_ROOT}site-c".encode()).hexdigest()
     before = pids(lab)
     stuck = f"{ATOM_ROOT}/cache/qubit/stuck"
-    lab.run(f"mkdir -p {stuck} && touch {stuck}/file")  # root's: the site's user cannot remove it
-    failed = lab.playbook(key, with_cli=False)
-    assert failed.returncode != 0 and "Unable to remove" in failed.stdout, failed
-    assert pids(lab) == before and registered(lab, new_prefix) == 0  # still the old key
-    lab.run(f"rm -r {stuck}")
-    mark = len(lab.record())
-    result = lab.playbook(key, with_cli=False)
-    assert result.returncode == 0, result
-    events = [e["event"] for e in lab.record()[mark:] if e["event"] in ("cc", "start")]
-    assert events == ["cc"] + ["start"] * INSTANCES, events
-    lab.wait(lambda: registered(lab, new_prefix) == INSTANCES, 60, "the new key's workers registered")
-    after = pids(lab)
-    assert after[W1] != before[W1] and after[W2] != before[W2]
-    again = lab.playbook(key, with_cli=False)
-    assert again.returncode == 0 and again.changed() == 0, again
-    assert pids(lab) == after
-    result = lab.playbook(with_cli=False)
-    assert result.returncode == 0, result
+    try:
+        lab.run(f"mkdir -p {stuck} && touch {stuck}/file")  # root's: the site's user cannot remove it
+        failed = lab.playbook(key, with_cli=False)
+        assert failed.returncode != 0 and "Unable to remove" in failed.stdout, failed
+        assert pids(lab) == before and registered(lab, new_prefix) == 0  # still the old key
+        lab.run(f"rm -r {stuck}")
+        mark = len(lab.record())
+        result = lab.playbook(key, with_cli=False)
+        assert result.returncode == 0, result
+        events = [e["event"] for e in lab.record()[mark:] if e["event"] in ("cc", "start")]
+        assert events == ["cc"] + ["start"] * INSTANCES, events
+        lab.wait(lambda: registered(lab, new_prefix) == INSTANCES, 60, "the new key's workers registered")
+        after = pids(lab)
+        assert after[W1] != before[W1] and after[W2] != before[W2]
+        again = lab.playbook(key, with_cli=False)
+        assert again.returncode == 0 and again.changed() == 0, again
+        assert pids(lab) == after
+    finally:  # the next tests start from a converged host, whatever failed here
+        lab.run(f"rm -rf {stuck}")
+        result = lab.playbook(with_cli=False)
+        assert result.returncode == 0, result
 
 
 @pytest.fixture(scope="module")
