@@ -9,10 +9,11 @@ The tests share the hosts and run in file order; each one leaves the hosts conve
 
 import contextlib
 import hashlib
+import json
 
 import pytest
 from gearman_sampler import parse_status
-from labhosts import ATOM_ROOT
+from labhosts import ATOM_ROOT, build_project_wheel
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -67,12 +68,31 @@ def test_config_change_clears_cache_once_then_restarts_once(lab):
     lab.converge()
 
 
-def test_what_a_failed_apply_owed_is_done_by_the_next_converge(lab):
+@pytest.fixture(scope="module")
+def workerctl(lab, tmp_path_factory):
+    """atom-workerctl of this checkout on W1 (the module's converges leave it out: atom_workerctl_enabled is
+    false in the lab tests' playbook runs, which then skip the role and leave this install as it is)."""
+    wheel = build_project_wheel(tmp_path_factory.mktemp("rs-wheel"))
+    result = lab.hosts.playbook("tests/cli/install.yml", "--limit", W1, extra_vars={"workerctl_wheel": str(wheel)})
+    assert result.returncode == 0, result
+    return lab
+
+
+def pending_findings(lab):
+    """(exit code, the apply_pending findings) of `atom-workerctl doctor --json` on W1, as an operator runs it."""
+    proc = lab.run(W1, "atom-workerctl doctor --json", check=False)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    data = json.loads(proc.stdout)
+    return proc.returncode, [f for f in data["findings"] if f["code"] == "apply_pending"]
+
+
+def test_what_a_failed_apply_owed_is_done_by_the_next_converge(lab, workerctl):
     """A converge that rewrote the configuration but failed before its handlers were done (here the cache
     clear: a cache file the site's user cannot remove, as after a `php symfony cc` run as root) leaves the
     workers on the old key, where AtoM's jobs find no worker. The next converge has no file left to write:
     it still clears the cache and restarts them (what the first apply noted it owed before its handlers), and
-    the one after changes nothing."""
+    the one after changes nothing. In between, `atom-workerctl doctor` names the unfinished converge and what
+    it owes (the note), and its printed fix, site.yml again, makes that finding go."""
     key = {"atom_worker_workers_key": "site-c"}
     new_function = hashlib.md5(f"{ATOM_ROOT}site-c".encode()).hexdigest() + "-arFindingAidJob"
     pending = "/etc/atom-worker/apply-pending.json"
@@ -87,14 +107,23 @@ def test_what_a_failed_apply_owed_is_done_by_the_next_converge(lab):
         assert lab.hosts.main_pids(W1) == pids  # not restarted: the workers run with the old key
         assert available(lab, new_function) == 0
         assert lab.run(W1, f"test -s {pending}", check=False).returncode == 0
+        code, found = pending_findings(lab)
+        assert code == 3 and len(found) == 1, found
+        owes = found[0]["summary"]
+        assert owes.startswith("an earlier converge stopped before it applied everything; it still owes: "
+                               "clear the cache of site default; restart "), owes
+        assert all(unit.removesuffix(".service") in owes for unit in pids), owes
+        assert found[0]["severity"] == "fault" and found[0]["subject"] == pending, found
+        assert found[0]["fix"][0].startswith("by hand: run site.yml again"), found
         lab.run(W1, f"rm -r {stuck}")
         mark = len(lab.record(W1))
-        lab.converge(key)
+        lab.converge(key)  # the printed fix, once the cause is gone
         events = [e["event"] for e in lab.record(W1)[mark:] if e["event"] in ("cc", "start")]
         assert events == ["cc"] + ["start"] * len(pids), events
         assert all(lab.hosts.main_pids(W1)[unit] != pid for unit, pid in pids.items())
         lab.wait_for(lambda: available(lab, new_function) == len(pids), what="the new key's workers registered")
         assert lab.run(W1, f"test -e {pending}", check=False).returncode != 0
+        assert pending_findings(lab)[1] == []
         again = lab.converge(key)
         assert again.changed() == 0, again
     finally:  # the next tests start from a converged host, whatever failed here

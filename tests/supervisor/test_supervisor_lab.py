@@ -155,7 +155,8 @@ def test_reset_start_recovers_the_failed_worker(supervisor_lab):
 def test_what_a_failed_apply_owed_is_done_by_the_next_converge(supervisor_lab):
     """As under systemd (tests/roles/test_roles_restarts_lab.py): a converge that rewrote app.yml but whose
     cache clear failed (a cache file root left behind) leaves the workers on the old key; the next converge,
-    with no file left to write, clears the cache and restarts them, and the one after changes nothing."""
+    with no file left to write, clears the cache and restarts them, and the one after changes nothing.
+    In between, `atom-workerctl doctor` names what the unfinished converge owes; after site.yml, nothing."""
     lab = supervisor_lab
     key = {"atom_worker_workers_key": "site-c"}
     new_prefix = hashlib.md5(f"{ATOM_ROOT}site-c".encode()).hexdigest()
@@ -166,6 +167,13 @@ def test_what_a_failed_apply_owed_is_done_by_the_next_converge(supervisor_lab):
         failed = lab.playbook(key, with_cli=False)
         assert failed.returncode != 0 and "Unable to remove" in failed.stdout, failed
         assert pids(lab) == before and registered(lab, new_prefix) == 0  # still the old key
+        proc = lab.workerctl("doctor", "--json")
+        found = [f for f in json.loads(proc.stdout)["findings"] if f["code"] == "apply_pending"]
+        assert proc.returncode == 3 and len(found) == 1, proc.stdout
+        assert found[0]["summary"].startswith(
+            "an earlier converge stopped before it applied everything; it still owes: clear the cache of site "
+            "default; ") and "restart atom-worker@1, atom-worker@2" in found[0]["summary"], found
+        assert found[0]["fix"][0].startswith("by hand: run site.yml again"), found
         lab.run(f"rm -r {stuck}")
         mark = len(lab.record())
         result = lab.playbook(key, with_cli=False)
@@ -178,6 +186,8 @@ def test_what_a_failed_apply_owed_is_done_by_the_next_converge(supervisor_lab):
         again = lab.playbook(key, with_cli=False)
         assert again.returncode == 0 and again.changed() == 0, again
         assert pids(lab) == after
+        proc = lab.workerctl("doctor", "--json")
+        assert not [f for f in json.loads(proc.stdout)["findings"] if f["code"] == "apply_pending"], proc.stdout
     finally:  # the next tests start from a converged host, whatever failed here
         lab.run(f"rm -rf {stuck}")
         result = lab.playbook(with_cli=False)

@@ -15,8 +15,10 @@ from .render import Out, ago, dump_json, iso
 from .snapshot import Snapshot, hostname, take
 
 FAULT, WARNING = "fault", "warning"
-# Causes before their symptoms: an unreachable gearmand or a wrong prefix explains "no worker for job".
-ORDER = ["config_unreadable", "worker_cannot_read", "executable_missing", "gearmand_unreachable", "prefix_mismatch",
+# Causes before their symptoms: an unreachable gearmand or a wrong prefix explains "no worker for job"; a converge
+# that stopped before its restarts explains workers on an old configuration (a wrong prefix).
+ORDER = ["apply_pending",
+         "config_unreadable", "worker_cannot_read", "executable_missing", "gearmand_unreachable", "prefix_mismatch",
          "restart_policy_down", "unit_changed_not_reloaded",
          "start_limit_hit", "crash_loop", "unit_missing", "instance_down", "not_registered", "no_worker_for_job",
          "stale_job"]
@@ -80,6 +82,11 @@ def diagnose(snap: Snapshot, journal_lines: dict[str, list] | None = None, backe
     journal_lines = journal_lines or {}
     host = snap.host
     supervisor = host.manager == "supervisor"
+
+    # -- a converge that stopped before it applied everything (the role's note beside sites.json) ---------------
+    from . import pending
+
+    findings += pending.findings(host, Finding, FAULT, HUMAN, snap.taken_at)
 
     # -- the sites' own configuration ------------------------------------------------------------------------
     for sv in snap.sites:
