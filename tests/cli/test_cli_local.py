@@ -6,6 +6,7 @@ the CLI's errors. The commands on real systemd units are in test_cli_lab.py.
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -275,6 +276,78 @@ def test_registration_from_proc_and_gearmand(gearmand, tmp_path):
     finally:
         w1.stop()
         w2.stop()
+
+
+# A worker as php-gearman's are: it registers its functions but sends no client id (gearmand shows `-`).
+_ANONYMOUS_WORKER = """
+import socket, struct, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+for name in sys.argv[2:]:
+    s.sendall(b"\\0REQ" + struct.pack(">II", 1, len(name)) + name.encode())  # CAN_DO
+print("registered", flush=True)
+sys.stdin.readline()  # told to: the connection is closed, the process stays
+s.close()
+print("closed", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_connections_of_workers_that_name_their_process_need_no_tcp_table(gearmand, tmp_path, monkeypatch):
+    """A worker that names its process in its client id (net_gearman, the stand-in) is tied to its line and
+    is connected where its line is: the kernel's TCP table (a walk of its whole established-socket hash,
+    milliseconds on a host with much memory) is not read. Positive control: a worker that sends no id is
+    found connected and registered through the table, read once, for it alone."""
+    from atom_workerctl import procnet
+
+    reads = []
+    real = procnet.own_table
+    monkeypatch.setattr(procnet, "own_table", lambda family: reads.append(family) or real(family))
+    server = f"127.0.0.1:{gearmand.port}"
+    root = standin.make_root(tmp_path / "atom", servers=[gearmand.server])
+    host = model.load(str(sites_json(tmp_path, root=root, servers=[server])))
+    prefix = standin.function_prefix(root)
+    named = standin.start_worker(root)
+    anonymous = None
+    try:
+        named.wait_for_message("Running worker")
+        states = {u: UnitState(u, load_state="loaded", active_state="inactive", sub_state="dead")
+                  for u in host.expected_units()}
+        states["atom-worker@1.service"] = UnitState("atom-worker@1.service", load_state="loaded",
+                                                    active_state="active", sub_state="running",
+                                                    main_pid=named.pid, since_usec=1)
+        snap = standin.wait_until(lambda: (s := snapshot.take(host, FakeBackend(states)))
+                                  .instances["atom-worker@1.service"].registered and s, timeout=10)
+        assert snap.instances["atom-worker@1.service"].connected == [server]
+        assert reads == []
+
+        functions = sorted(snap.pool_view(host.sites[0].pools[0]).functions)
+        assert functions and all(f.startswith(prefix) for f in functions)
+        anonymous = subprocess.Popen([sys.executable, "-c", _ANONYMOUS_WORKER, str(gearmand.port), *functions],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert anonymous.stdout.readline().strip() == "registered"
+        states["atom-worker@2.service"] = UnitState("atom-worker@2.service", load_state="loaded",
+                                                    active_state="active", sub_state="running",
+                                                    main_pid=anonymous.pid, since_usec=2)
+        snap = standin.wait_until(lambda: (s := snapshot.take(host, FakeBackend(states)))
+                                  .instances["atom-worker@2.service"].registered and s, timeout=10)
+        assert snap.instances["atom-worker@2.service"].connected == [server]
+        assert snap.instances["atom-worker@1.service"].connected == [server]
+        assert sorted(reads[:2]) == sorted({socket.AF_INET, socket.AF_INET6})
+        before = len(reads)
+        # Its connection closed, its process still there: no line, so the table is read again, and says it.
+        anonymous.stdin.write("close\n")
+        anonymous.stdin.flush()
+        assert anonymous.stdout.readline().strip() == "closed"
+        snap = standin.wait_until(lambda: (s := snapshot.take(host, FakeBackend(states)))
+                                  .instances["atom-worker@2.service"].connected == [] and s, timeout=10)
+        assert snap.instances["atom-worker@2.service"].registered is False
+        assert snap.instances["atom-worker@1.service"].registered is True
+        assert len(reads) > before
+    finally:
+        named.stop()
+        if anonymous is not None and anonymous.poll() is None:
+            anonymous.kill()
+            anonymous.wait()
 
 
 def _registered(snap):

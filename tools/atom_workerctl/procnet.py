@@ -153,9 +153,9 @@ def _ip(family: int, raw: bytes) -> str:
 
 
 def own_table(family: int) -> tuple[str | None, dict]:
-    """Our network namespace and its TCP table of one address family: read ahead (snapshot.take reads it
-    while systemd is read, a thread per family), since either way the kernel walks its whole socket hash
-    table, milliseconds on a host with much memory. sock_diag, else /proc/net/tcp{,6}."""
+    """Our network namespace and its TCP table of one address family. Either way the kernel walks its
+    whole hash table of established sockets, sized by the host's memory (milliseconds on a host with much
+    of it), so snapshot.py reads it only when some instance needs it. sock_diag, else /proc/net/tcp{,6}."""
     try:
         table = diag_table(family)
     except (OSError, struct.error, ValueError):  # refused, or an answer cut short: /proc says the same
@@ -196,7 +196,7 @@ class Connections:
                 self._reread = not same  # read just now, from /proc/PID: nothing to catch up on
             mine = self._servers(inodes)
             if not mine and not self._reread and not inodes <= self._table.keys():
-                # The table was read before systemd and gearmand were (snapshot.take): a worker that
+                # The table may have been read for another instance a moment before: a worker that
                 # connected since has a socket it does not list. Read it once more (a worker's other
                 # sockets, unix ones, are never in it: only when nothing of this process was found).
                 self._reread = True

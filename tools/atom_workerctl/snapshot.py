@@ -5,17 +5,18 @@
 Registration. gearmand's `workers` lists one line per connection (its IP and the functions it
 registered), but not the port, so a line cannot be tied to an instance. We tie them in two steps:
 - an instance is *connected* to a server when one of its processes has an ESTABLISHED TCP connection
-  to it (procnet.py, from /proc; needs root);
+  to it: that server lists a line from this host naming the process (below), else the kernel's TCP
+  table says so (procnet.py, from /proc; needs root; read only when some instance needs it: _connect);
 - each line from this host's address that carries exactly a pool's expected function set is given to
   that pool (a line with only part of a set is a worker still registering: it counts for nothing yet);
   a pool's connected instances are *registered* at a server when that server lists at least as many
   lines for the pool as it has connected instances.
 Pools with the same function set are counted together. Lines that fit no pool of any site here (an
 old prefix: workers_key changed, release symlink moved) are given to the longest-running instances,
-which started before the change. Without root, connections are unknown and a pool counts as
-registered when its lines at least match its active instances. When a worker names its process in
-its client id (net_gearman, AtoM's own library, sends `pid_<PID>_<uniqid>`), the line is tied to the
-instance exactly.
+which started before the change. When a worker names its process in its client id (net_gearman,
+AtoM's own library, sends `pid_<PID>_<uniqid>`), the line is tied to the instance exactly. Without
+root, the connections of workers that do not are unknown, and a pool counts as registered when its
+lines at least match its active instances.
 """
 
 from __future__ import annotations
@@ -125,12 +126,11 @@ def take(host: model.Host, backend, *, units: list[str] | None = None, gearman: 
          configs: bool = True, connections: bool = True, timeout: float | None = None) -> Snapshot:
     """Read the host. `units` limits the instances read (default: every expected and loaded one).
 
-    gearmand is asked, and this host's TCP table read for link(), while the process manager is read
-    (threads, _Asking: the admin client is plain sockets, and the systemd backend's reads release the GIL
-    as they wait); their answers are used once the process manager's are in, as before."""
+    gearmand is asked while the process manager is read (a thread, _Asking: the admin client is plain
+    sockets, and the systemd backend's reads release the GIL as they wait); its answers are used once the
+    process manager's are in."""
     snap = Snapshot(host)
-    # The TCP table (for link(): only root may see whose sockets are whose) needs nothing: read it first.
-    asking = _Asking(connections and os.geteuid() == 0) if gearman else None
+    asking = _Asking() if gearman else None
     if configs:
         read_site_configs(snap)  # before asking gearmand: the job servers are in the sites' configuration
     if asking is not None:
@@ -150,9 +150,9 @@ def take(host: model.Host, backend, *, units: list[str] | None = None, gearman: 
         snap.instances[unit] = inst
     confirm_give_ups(snap, host, backend)
     if asking is not None:
-        snap.gearman, table = asking.result()
+        snap.gearman = asking.result()
         snap.gearman_queried = True
-        link(snap, backend, connections, table)
+        link(snap, backend, connections)
     else:
         for inst in snap.instances.values():
             inst.connected = None
@@ -161,56 +161,37 @@ def take(host: model.Host, backend, *, units: list[str] | None = None, gearman: 
 
 
 class _Asking:
-    """This host's TCP table (procnet.own_table: milliseconds of kernel time per address family) in a thread
-    per family, gearmand's `status` and `workers` of each server (query_all, once ask() names them) in
-    another; result() waits for them all and raises what any raised. The threads are _thread's (daemons:
-    never waited for at exit): the threading module would add ~1 ms to every start-up."""
+    """gearmand's `status` and `workers` of each server (query_all) in a thread; result() waits for it and
+    raises what it raised. The thread is _thread's (a daemon: never waited for at exit): the threading
+    module would add ~1 ms to every start-up."""
 
-    def __init__(self, table: bool):
+    def __init__(self):
         self.views: dict[str, ServerView] = {}
-        self.tables: list = []
         self.error: BaseException | None = None
-        self.locks = []
-        if table:
-            import _socket  # (socket.py is not needed for two constants: procnet.py says why)
-
-            from . import procnet
-
-            for family in (_socket.AF_INET, _socket.AF_INET6):
-                self._start(self._table, (procnet, family))
+        self.lock = None
 
     def ask(self, servers: list[str], kw: dict) -> None:
-        self._start(self._ask, (servers, kw))
-
-    def _start(self, job, args) -> None:
         import _thread
 
-        lock = _thread.allocate_lock()
-        lock.acquire()
-        self.locks.append(lock)
-        _thread.start_new_thread(self._run, (lock, job, args))
+        self.lock = _thread.allocate_lock()
+        self.lock.acquire()
+        _thread.start_new_thread(self._run, (servers, kw))
 
-    def _ask(self, servers: list[str], kw: dict) -> None:
-        self.views = query_all(servers, **kw)
-
-    def _table(self, procnet, family: int) -> None:
-        self.tables.append(procnet.own_table(family))
-
-    def _run(self, lock, job, args) -> None:
+    def _run(self, servers: list[str], kw: dict) -> None:
         try:
-            job(*args)
+            self.views = query_all(servers, **kw)
         except BaseException as exc:  # handed to the caller's thread by result()
             self.error = exc
         finally:
-            lock.release()
+            self.lock.release()
 
-    def result(self) -> tuple:
-        for lock in self.locks:
-            with lock:
+    def result(self) -> dict[str, ServerView]:
+        if self.lock is not None:
+            with self.lock:
                 pass
         if self.error is not None:
             raise self.error
-        return self.views, (self.tables or None)
+        return self.views
 
 
 def confirm_give_ups(snap: Snapshot, host: model.Host, backend) -> None:
@@ -243,20 +224,62 @@ def _client_pid(client_id: str) -> int | None:
     return None
 
 
-def link(snap: Snapshot, backend, connections: bool = True, table=None) -> None:
-    """Tie instances to gearmand's worker lines (see the module's docstring). table: this host's TCP tables
-    as procnet.own_table() read them already, one per address family (None: read when needed)."""
-    from .procnet import Connections
+_NO_PIDS: frozenset[int] = frozenset()
 
+
+def _connect(snap: Snapshot, connections: bool) -> None:
+    """Each instance's `connected`: the job servers its processes hold a connection to (None: unknown).
+
+    A worker that names its process in its client id (net_gearman's `pid_<PID>_...`) is connected to each
+    server that lists a line from this host's address naming one of its processes: gearmand lists a
+    connection for as long as it is open. Only an instance that some server of its site does not list so
+    (a worker that sends no id, one not connected or still connecting, a server that did not answer) needs
+    this host's TCP table (procnet, root only): reading it costs the kernel a walk of its whole table of
+    established sockets, whose size follows the host's memory, not its sockets (about 2 ms per address
+    family on a 24 GiB host), so it is read once, and only then."""
+    named: dict[str, set[int]] = {}
+    for server, view in snap.gearman.items():
+        if view.reachable:
+            named[server] = {pid for w in view.workers if w.ip == view.local_ip
+                             for pid in (_client_pid(w.client_id),) if pid is not None}
+    tables: list | None = None
     for sv in snap.sites:
-        finder = Connections(sv.servers, table) if connections else None
+        finder = None
         for pv in sv.pools:
             for inst in snap.of_pool(pv.pool):
-                inst.pids = backend.pids(inst.state) if inst.state.main_pid else []
-                if finder is None:
+                if not connections:
                     inst.connected = None
+                elif not inst.pids:
+                    inst.connected = []
+                elif all(named.get(s, _NO_PIDS) & set(inst.pids) for s in sv.servers):
+                    inst.connected = sorted(sv.servers)
                 else:
-                    inst.connected = finder.of(inst.pids) if inst.pids else []
+                    if finder is None:
+                        from .procnet import Connections
+
+                        if tables is None:
+                            tables = _own_tables()
+                        finder = Connections(sv.servers, tables or None)
+                    inst.connected = finder.of(inst.pids)
+
+
+def _own_tables() -> list:
+    """procnet.own_table() of both address families; [] when not root (whose sockets are whose is then
+    unknown: Connections says so without reading any table)."""
+    if os.geteuid() != 0:
+        return []
+    import _socket  # (socket.py is not needed for two constants: procnet.py says why)
+
+    from .procnet import own_table
+
+    return [own_table(_socket.AF_INET), own_table(_socket.AF_INET6)]
+
+
+def link(snap: Snapshot, backend, connections: bool = True) -> None:
+    """Tie instances to gearmand's worker lines (see the module's docstring)."""
+    for inst in snap.instances.values():
+        inst.pids = backend.pids(inst.state) if inst.pool is not None and inst.state.main_pid else []
+    _connect(snap, connections)
     servers = list(dict.fromkeys(s for sv in snap.sites for s in sv.servers))
     for server in servers:
         view = snap.gearman.get(server)
