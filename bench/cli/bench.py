@@ -170,16 +170,17 @@ def write(results: dict, machine: dict, rounds: int) -> None:
         f"- cost per extra instance (16 to 64): **{(a64 - a16) / 48 * 1000:.2f} ms** (goal 1 ms).",
         (f"- the floor (the CLI's Python, the systemd backend's D-Bus connection and its reads of 16 units,"
         f" nothing else): {f16 * 1000:.1f} ms, {f16 / c16:.2f}x one `systemctl show`; what status costs above it"
-        f" ({(a16 - f16) * 1000:.1f} ms) is argparse, the site's configuration, gearmand's view and the TCP table"
-        f" (read in threads while systemd is read), /proc and the output."),
+        f" ({(a16 - f16) * 1000:.1f} ms) is argparse, the site's configuration, gearmand's view (asked in a thread"
+        f" while systemd is read), /proc and the output."),
     ]
     lines += [
         "",
         ("`atom-workerctl status --json` does more than each systemctl command: per instance it reads state,"
         " result, restarts, start-limit policy, PID, memory and enablement over one D-Bus connection (all in"
         " two round trips: the unit listing, then every property of every unit in one batch), reads the"
-        " site's config/gearman.yml and app.yml, asks gearmand `status` and `workers` and reads the host's TCP"
-        " table (sock_diag) in threads meanwhile, and maps each worker's TCP connection from /proc. The"
+        " site's config/gearman.yml and app.yml, asks gearmand `status` and `workers` in a thread meanwhile, and"
+        " ties each worker to its line by the process its client id names (the stand-in, as AtoM's"
+        " net_gearman, names it: so the host's TCP table is not read). The"
         " `--no-gearman` row is the systemd part alone. `metrics` reads the host"
         " through the same snapshot. The bench host's site has no database (no config/config.php), so AtoM's"
         " job table is not read here; where there is one, `--output` reads it at most every 300 s"
