@@ -252,7 +252,7 @@ def _connect(snap: Snapshot, connections: bool) -> None:
                 elif not inst.pids:
                     inst.connected = []
                 elif all(named.get(s, _NO_PIDS) & set(inst.pids) for s in sv.servers):
-                    inst.connected = sorted(sv.servers)
+                    inst.connected = sorted(set(sv.servers))
                 else:
                     if finder is None:
                         from .procnet import Connections
