@@ -303,9 +303,18 @@ def test_connections_of_workers_that_name_their_process_need_no_tcp_table(gearma
         real = getattr(procnet, name)
         monkeypatch.setattr(procnet, name, lambda *a, real=real, name=name: reads.append(name) or real(*a))
 
-    def take():
-        reads.clear()  # only the attempt that wait_until returns counts
-        return snapshot.take(host, FakeBackend(states))
+    def until(unit, ready):
+        """The snapshot once ready(unit's InstanceView); `reads` then holds that snapshot's reads only."""
+        def attempt():
+            reads.clear()
+            snap = snapshot.take(host, FakeBackend(states))
+            return snap if ready(snap.instances[unit]) else None
+        return standin.wait_until(attempt, timeout=10)
+
+    def running(unit, pid, since):
+        states[unit] = UnitState(unit, load_state="loaded", active_state="active", sub_state="running",
+                                 main_pid=pid, since_usec=since)
+
     server = f"127.0.0.1:{gearmand.port}"
     root = standin.make_root(tmp_path / "atom", servers=[gearmand.server])
     host = model.load(str(sites_json(tmp_path, root=root, servers=[server])))
@@ -316,11 +325,8 @@ def test_connections_of_workers_that_name_their_process_need_no_tcp_table(gearma
         named.wait_for_message("Running worker")
         states = {u: UnitState(u, load_state="loaded", active_state="inactive", sub_state="dead")
                   for u in host.expected_units()}
-        states["atom-worker@1.service"] = UnitState("atom-worker@1.service", load_state="loaded",
-                                                    active_state="active", sub_state="running",
-                                                    main_pid=named.pid, since_usec=1)
-        snap = standin.wait_until(lambda: (s := take()).instances["atom-worker@1.service"].registered and s,
-                                  timeout=10)
+        running("atom-worker@1.service", named.pid, 1)
+        snap = until("atom-worker@1.service", lambda i: i.registered)
         assert snap.instances["atom-worker@1.service"].connected == [server]
         assert reads == []
 
@@ -329,11 +335,8 @@ def test_connections_of_workers_that_name_their_process_need_no_tcp_table(gearma
         anonymous = subprocess.Popen([sys.executable, "-c", _ANONYMOUS_WORKER, str(gearmand.port), *functions],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert anonymous.stdout.readline().strip() == "registered"
-        states["atom-worker@2.service"] = UnitState("atom-worker@2.service", load_state="loaded",
-                                                    active_state="active", sub_state="running",
-                                                    main_pid=anonymous.pid, since_usec=2)
-        snap = standin.wait_until(lambda: (s := take()).instances["atom-worker@2.service"].registered and s,
-                                  timeout=10)
+        running("atom-worker@2.service", anonymous.pid, 2)
+        snap = until("atom-worker@2.service", lambda i: i.registered)
         assert snap.instances["atom-worker@2.service"].connected == [server]
         assert snap.instances["atom-worker@1.service"].connected == [server]
         assert reads  # read, for the worker its line does not name
@@ -341,8 +344,7 @@ def test_connections_of_workers_that_name_their_process_need_no_tcp_table(gearma
         anonymous.stdin.write("close\n")
         anonymous.stdin.flush()
         assert anonymous.stdout.readline().strip() == "closed"
-        snap = standin.wait_until(lambda: (s := take()).instances["atom-worker@2.service"].connected == [] and s,
-                                  timeout=10)
+        snap = until("atom-worker@2.service", lambda i: i.connected == [])
         assert snap.instances["atom-worker@2.service"].registered is False
         assert snap.instances["atom-worker@1.service"].registered is True
     finally:
