@@ -47,6 +47,7 @@ STATE = "/run/atom-worker/circus-policy.json"
 SERVICE = "atom-worker-circus.service"
 RECORD = f"{ATOM_ROOT}/log/standin-record.jsonl"
 CONTROL = f"{ATOM_ROOT}/standin/control.json"
+PENDING = "/etc/atom-worker/apply-pending.json"
 HOST_VARS = {
     "atom_worker_manager": "circus",
     "atom_worker_instances": INSTANCES,
@@ -285,6 +286,49 @@ def test_a_new_pool_starts_alone_and_a_second_run_changes_nothing(lab):
     assert result.returncode == 0 and result.changed() == 0, result
     assert lab.pids() == now and lab.circusd_pid() == circusd
     assert all(len(lab.entry(n)["starts"]) == 1 for n in (W1, W2, RECYCLED))
+
+
+def test_a_note_left_by_another_manager_is_taken_up_and_removed(lab):
+    """The role's note of what an unfinished apply owes (apply-pending.json), left by a systemd converge of this
+    host before it moved to circus: circus writes none of its own, but takes up its sites as the other managers
+    take up another manager's note (the site's cache cleared, then its watchers restarted, each once) and
+    removes it, so doctor's apply_pending finding goes with the next site.yml; the run after changes nothing."""
+    pools = {"atom_worker_pools": [RECYCLE_POOL]}
+    watchers = [W1, W2, RECYCLED]
+    note = {"config_sites": ["default"], "restart_globs": ["atom-worker@*.service"], "daemon_reload": True,
+            "manager": "systemd"}
+    settled = lab.playbook(pools)  # the host as the file's order leaves it (also when this test runs alone)
+    assert settled.returncode == 0, settled
+    lab.run(f"printf %s {shlex.quote(json.dumps(note))} > {PENDING}")
+    try:
+        # The positive control: the note is there, and doctor says what it owes (under circus: its sites only).
+        assert lab.run(f"test -s {PENDING}", check=False).returncode == 0
+        proc = lab.workerctl("doctor", "--json")
+        found = [f for f in json.loads(proc.stdout)["findings"] if f["code"] == "apply_pending"]
+        assert proc.returncode == 3 and len(found) == 1, proc.stdout
+        assert ("it still owes: clear the cache of site default (if the role clears caches); restart "
+                "atom-worker@1, atom-worker@2, atom-worker-default-recycled@1 (note") in found[0]["summary"], found
+        before = lab.wait_active(watchers)
+        circusd = lab.circusd_pid()
+        mark = len(lab.record())
+        result = lab.playbook(pools)
+        assert result.returncode == 0, result
+        assert lab.run(f"test -e {PENDING}", check=False).returncode != 0, "the note is still there"
+        events = [e["event"] for e in lab.record()[mark:] if e["event"] in ("cc", "start")]
+        assert events == ["cc"] + ["start"] * len(watchers), events
+        after = lab.wait_active(watchers)
+        assert all(after[n]["pid"] != before[n]["pid"] for n in watchers), (before, after)
+        assert lab.circusd_pid() == circusd  # the watchers restarted, not circusd
+        assert all(len(lab.entry(n)["starts"]) == 1 for n in watchers)  # deliberate: reset first
+        proc = lab.workerctl("doctor", "--json")
+        assert not [f for f in json.loads(proc.stdout)["findings"] if f["code"] == "apply_pending"], proc.stdout
+        now = lab.pids()
+        again = lab.playbook(pools)
+        assert again.returncode == 0 and again.changed() == 0, again
+        assert lab.pids() == now
+        lab.wait(lambda: lab.registered() == INSTANCES, 60, "both workers registered again")
+    finally:
+        lab.run(f"rm -f {PENDING}")
 
 
 def test_a_crash_loop_stops_after_exactly_three_starts_with_the_restart_delay_and_stays_down(lab):

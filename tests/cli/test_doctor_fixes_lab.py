@@ -298,6 +298,33 @@ def test_apply_pending(host):
         host.sh(f"rm -rf {stuck}")
 
 
+def test_apply_pending_with_an_unusable_note(host):
+    """The note cut short (a disk full, a run killed while writing it): doctor cannot say what the unfinished
+    converge owed, so its fixes move the note aside, have site.yml run again (by hand), clear every site's cache
+    and restart every worker, rolling. Run as printed, they end healthy, the note kept aside to look at."""
+    note, cut = "/etc/atom-worker/apply-pending.json", '{"config_sites": ["def'
+    host.sh(f"printf %s {shlex.quote(cut)} > {note}")
+    try:
+        code, out, fixes = host.doctor()
+        assert code == 3 and "its note of what it owes is unusable: not JSON" in out, out
+        assert fixes[0].startswith(f"mv {note} {note}.unreadable   # "), fixes
+        assert fixes[-2:] == [f"cd {ROOT} && runuser -u www-data -- php symfony cc",
+                              "atom-workerctl restart --rolling"], fixes
+
+        def run_site_yml(fix):
+            assert "site.yml again" in fix
+            assert host.sh(f"test -e {note}", check=False).returncode != 0  # aside first, as printed
+            result = host.hosts.playbook("playbooks/lab/site.yml")
+            assert result.returncode == 0, result
+        pids = host.hosts.main_pids(HOST)
+        out = fix_as_printed(host, ["apply_pending"], human=run_site_yml, settle=RECONNECT)
+        assert "apply-pending.json" not in out
+        assert all(host.hosts.main_pids(HOST)[unit] != pid for unit, pid in pids.items())  # restarted, as printed
+        assert host.sh(f"cat {note}.unreadable").stdout == cut
+    finally:
+        host.sh(f"rm -f {note} {note}.unreadable")
+
+
 def test_unit_changed_not_reloaded(host):
     host.sh("echo '# changed on disk' >> /etc/systemd/system/atom-worker@.service")
     try:

@@ -97,7 +97,7 @@ def test_a_note_left_behind_is_a_fault_naming_what_it_owes(tmp_path):
     assert f.severity == "fault" and f.subject == str(path)
     assert "\n" not in f.summary
     assert f.summary.startswith("an earlier converge stopped before it applied everything; it still owes: "
-                                "clear the cache of site default; daemon-reload; "
+                                "clear the cache of site default (if the role clears caches); daemon-reload; "
                                 "restart atom-worker@1, atom-worker@2, atom-worker-default-serial@1 (note written "), \
         f.summary  # the site's workers, every pool: its configuration changed
     assert time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(written)) in f.summary
@@ -134,13 +134,17 @@ def test_the_name_is_the_roles():
 @pytest.mark.parametrize("note, words", [
     # config.yml's early note (or --tags atom_worker_config): the site's workers are owed a restart too.
     ({"config_sites": ["default"], "manager": "systemd"},
-     "clear the cache of site default; restart atom-worker@1, atom-worker@2, atom-worker-default-serial@1"),
+     ("clear the cache of site default (if the role clears caches); restart atom-worker@1, atom-worker@2, "
+      "atom-worker-default-serial@1")),
     ({"config_sites": [], "restart_globs": ["atom-worker-default-serial@*.service"], "daemon_reload": False,
       "manager": "systemd"}, "restart atom-worker-default-serial@1"),
     ({"daemon_reload": True, "manager": "systemd"}, "daemon-reload"),
-    ({"restart_globs": ["atom-worker-gone-x@*.service"], "manager": "systemd"}, "restart atom-worker-gone-x@*"),
+    # A pool sites.json does not list (removed since, or added by the converge that stopped): try-restart of a
+    # glob restarts only what is loaded.
+    ({"restart_globs": ["atom-worker-gone-x@*.service"], "manager": "systemd"},
+     "restart atom-worker-gone-x@* if still configured"),
     ({"config_sites": ["default", "archive"], "manager": "systemd"},
-     ("clear the caches of sites default, archive; restart atom-worker@1, atom-worker@2, "
+     ("clear the caches of sites default, archive (if the role clears caches); restart atom-worker@1, atom-worker@2, "
       "atom-worker-default-serial@1")),
     ({"manager": "systemd"}, "nothing the note names"),
     ({}, "nothing the note names"),
@@ -161,15 +165,67 @@ def test_what_a_supervisord_note_owes(tmp_path):
             "listener; restart atom-worker@1, atom-worker@2 (note written ") in f.summary, f.summary
 
 
+def test_supervisord_programs_sites_json_does_not_list_are_owed_if_still_configured(tmp_path):
+    """supervisor.yml restarts only the noted programs its configuration still has: a program sites.json does
+    not list is not named as a plain restart."""
+    host = write_host(tmp_path, manager="supervisor")
+    write_note(host, {"restart": ["atom-workers:atom-worker@1", "atom-workers-gone:atom-worker-gone-x@1"],
+                      "manager": "supervisor"})
+    [f] = pending.findings(host, cmd_doctor.Finding, "fault", "by hand: ")
+    assert ("it still owes: restart atom-worker@1; restart atom-worker-gone-x@1 if still configured "
+            "(note written ") in f.summary, f.summary
+
+
+def test_the_cache_clear_is_owed_only_if_the_role_clears_caches(tmp_path):
+    """sites.json does not carry atom_worker_clear_cache: the words must not promise a cache clear."""
+    host = write_host(tmp_path)
+    assert "clear_cache" not in json.dumps(host.raw)
+    write_note(host, {"config_sites": ["default"], "manager": "systemd"})
+    [f] = pending.findings(host, cmd_doctor.Finding, "fault", "by hand: ")
+    assert "it still owes: clear the cache of site default (if the role clears caches); restart " in f.summary, \
+        f.summary
+
+
+def test_a_site_sites_json_does_not_list_is_said_to_be_owed_if_still_configured(tmp_path):
+    """The role clears and restarts only the sites it is given then; sites.json may be older than the note."""
+    host = write_host(tmp_path)
+    write_note(host, {"config_sites": ["default"], "manager": "systemd"})
+    [f] = pending.findings(host, cmd_doctor.Finding, "fault", "by hand: ")
+    assert not any("not in" in e for e in f.evidence), f.evidence  # the control: a site sites.json lists
+    write_note(host, {"config_sites": ["default", "archive"], "manager": "systemd"})
+    [f] = pending.findings(host, cmd_doctor.Finding, "fault", "by hand: ")
+    assert any(e.startswith(f"site archive not in {host.path}: owed only if still configured") for e in f.evidence), \
+        f.evidence
+
+
 def test_a_note_of_another_manager_owes_its_sites_only(tmp_path):
     """As the role reads it (vars/main.yml _atom_worker_owed): another manager's units are not this host's."""
     host = write_host(tmp_path)
     write_note(host, {"config_sites": ["default"], "restart": ["atom-workers:atom-worker@9"],
                       "programs_changed": True, "manager": "supervisor"})
     [f] = pending.findings(host, cmd_doctor.Finding, "fault", "by hand: ")
-    assert ("it still owes: clear the cache of site default; restart atom-worker@1, atom-worker@2, "
-            "atom-worker-default-serial@1 (note written ") in f.summary, f.summary
+    assert ("it still owes: clear the cache of site default (if the role clears caches); restart atom-worker@1, "
+            "atom-worker@2, atom-worker-default-serial@1 (note written ") in f.summary, f.summary
     assert any("noted under manager supervisor" in e for e in f.evidence), f.evidence
+
+
+def test_a_note_without_a_manager_owes_its_sites_only(tmp_path):
+    """The role takes a note without `manager` for another manager's (`manager | default('')` is not this
+    host's): its restart_globs and daemon_reload are not taken up, only its sites. The control: the same note
+    with this host's manager owes them."""
+    host = write_host(tmp_path)
+    note = {"config_sites": [], "restart_globs": ["atom-worker-default-serial@*.service"], "daemon_reload": True}
+    write_note(host, {**note, "manager": "systemd"})
+    [f] = pending.findings(host, cmd_doctor.Finding, "fault", "by hand: ")
+    assert "it still owes: daemon-reload; restart atom-worker-default-serial@1 (note written " in f.summary, f.summary
+    write_note(host, note)
+    [f] = pending.findings(host, cmd_doctor.Finding, "fault", "by hand: ")
+    assert "it still owes: nothing the note names (note written " in f.summary, f.summary
+    assert any("noted without a manager" in e and "takes up only the sites'" in e for e in f.evidence), f.evidence
+    write_note(host, {**note, "config_sites": ["default"]})
+    [f] = pending.findings(host, cmd_doctor.Finding, "fault", "by hand: ")
+    assert ("it still owes: clear the cache of site default (if the role clears caches); restart atom-worker@1, "
+            "atom-worker@2, atom-worker-default-serial@1 (note written ") in f.summary, f.summary
 
 
 def test_many_instances_are_counted_not_all_named(tmp_path):
@@ -192,6 +248,11 @@ def test_many_instances_are_counted_not_all_named(tmp_path):
     ('{"manager": 3}', "`manager` is not a name"),
     (b"\xff\xfe{", "not UTF-8 text"),
     (None, "not a regular file"),
+    # json raises RecursionError (not ValueError) for this, a note well under the size limit.
+    ("[" * 200_000, "not a note of the role (nested more than 32 levels deep)"),
+    ('{"config_sites": ["default"], "x": ' + "[" * 900 + "]" * 900 + "}",
+     "not a note of the role (nested more than 32 levels deep)"),
+    ('{"x": ' + "[" * 33 + "]" * 33 + "}", "not a note of the role (nested more than 32 levels deep)"),
 ])
 def test_a_malformed_note_is_one_line(tmp_path, content, reason):
     host = write_host(tmp_path)
@@ -212,6 +273,14 @@ def test_a_malformed_note_is_one_line(tmp_path, content, reason):
     assert f.fix[1].startswith("by hand: run site.yml again")
     assert f.fix[2] == f"cd {host.sites[0].root} && runuser -u root -- php symfony cc"
     assert f.fix[-1] == "atom-workerctl restart --rolling"
+
+
+def test_a_note_nested_up_to_the_limit_is_read(tmp_path):
+    """The control of the nesting cases above: 32 levels (the object and 31 lists) is a note."""
+    host = write_host(tmp_path)
+    write_note(host, '{"config_sites": ["default"], "x": ' + "[" * 31 + "]" * 31 + ', "manager": "systemd"}')
+    [f] = pending.findings(host, cmd_doctor.Finding, "fault", "by hand: ")
+    assert "it still owes: clear the cache of site default" in f.summary, f.summary
 
 
 def test_a_huge_note_is_not_read_whole(tmp_path):
@@ -250,6 +319,47 @@ def test_doctor_json_and_text_carry_it_and_exit_3(tmp_path, monkeypatch, capsys)
     assert code == 3
     assert "FAULT [apply_pending] an earlier converge stopped before it applied everything; it still owes: " in out
     assert "  fix:      by hand: run site.yml again" in out
+
+
+class FakeSupervisor(FakeBackend):
+    """supervisord whose restart policy listener is not configured: doctor adds restart_policy_down of its own."""
+    name = "supervisor"
+    changed_groups: set = set()
+    settings = {"log_dir": "/nonexistent"}
+
+    def listener_info(self):
+        return None
+
+
+class FakeCircus(FakeBackend):
+    """circusd that does not answer: doctor adds restart_policy_down of its own."""
+    name = "circus"
+    settings = {"service": "atom-worker-circus.service"}
+
+    def daemon_pid(self):
+        from atom_workerctl.errors import ManagerError
+
+        raise ManagerError("circusd does not answer (a stand-in)")
+
+
+@pytest.mark.parametrize("manager, backend", [("supervisor", FakeSupervisor), ("circus", FakeCircus)])
+def test_the_note_comes_first_under_every_manager(tmp_path, monkeypatch, capsys, manager, backend):
+    """Under supervisord and circus doctor puts the manager's own findings ahead of the host's; the note of an
+    unfinished converge stays first all the same (its update or restarts may be what is missing)."""
+    from atom_workerctl import cmd_jobs
+
+    host = write_host(tmp_path, manager=manager)
+    monkeypatch.setattr(cmd_jobs, "stale_findings", lambda *a, **k: [])
+    real = snapshot.take
+    monkeypatch.setattr(cmd_doctor, "take", lambda h, b, timeout: real(h, b, gearman=False))
+    args = argparse.Namespace(gearman_timeout=0.5, json=True)
+    code = cmd_doctor.run(args, host, backend(host))
+    codes = [f["code"] for f in json.loads(capsys.readouterr().out)["findings"]]
+    assert code == 3 and codes == ["restart_policy_down"], codes  # the control: the manager's finding alone
+    write_note(host, {"config_sites": ["default"], "manager": manager})
+    code = cmd_doctor.run(args, host, backend(host))
+    codes = [f["code"] for f in json.loads(capsys.readouterr().out)["findings"]]
+    assert code == 3 and codes == ["apply_pending", "restart_policy_down"], codes
 
 
 FLEET_SSH = r'''#!/usr/bin/env python3

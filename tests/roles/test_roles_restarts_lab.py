@@ -111,7 +111,7 @@ def test_what_a_failed_apply_owed_is_done_by_the_next_converge(lab, workerctl):
         assert code == 3 and len(found) == 1, found
         owes = found[0]["summary"]
         assert owes.startswith("an earlier converge stopped before it applied everything; it still owes: "
-                               "clear the cache of site default; restart "), owes
+                               "clear the cache of site default (if the role clears caches); restart "), owes
         assert all(unit.removesuffix(".service") in owes for unit in pids), owes
         assert found[0]["severity"] == "fault" and found[0]["subject"] == pending, found
         assert found[0]["fix"][0].startswith("by hand: run site.yml again"), found
@@ -148,6 +148,51 @@ def test_a_configuration_written_by_tag_alone_is_applied_by_the_next_converge(la
         again = lab.converge(key)
         assert again.changed() == 0, again
     finally:
+        lab.converge()
+
+
+def test_a_second_unfinished_apply_keeps_what_the_first_owed(lab):
+    """config.yml writes its note of the sites it changed before the manager's steps note the rest, and the note
+    replaces the file: it must keep what a note left by an earlier unfinished apply still owes. The first
+    converge changes a unit setting and the key and fails in its cache clear (its note: the site, the pool's
+    restart, a daemon-reload); the second changes the key again and stops before the manager's steps (`--tags
+    atom_worker_config`, the same point as a failure there). The note then still holds the first one's keys
+    beside the site, and the next full converge applies it all and removes it."""
+    pending = "/etc/atom-worker/apply-pending.json"
+    first_vars = {"atom_worker_workers_key": "site-e", "atom_worker_restart_sec": 7}
+    second_vars = {"atom_worker_workers_key": "site-f", "atom_worker_restart_sec": 7}
+    new_function = hashlib.md5(f"{ATOM_ROOT}site-f".encode()).hexdigest() + "-arFindingAidJob"
+    pids = lab.hosts.main_pids(W1)
+    stuck = f"{ATOM_ROOT}/cache/qubit/stuck"
+    try:
+        lab.run(W1, f"mkdir -p {stuck} && touch {stuck}/file")  # root's: the site's user cannot remove it
+        failed = lab.converge(first_vars, check=False)
+        assert failed.returncode != 0 and "Unable to remove" in failed.stdout, failed
+        first = json.loads(lab.run(W1, f"cat {pending}").stdout)
+        # The positive control: the manager's note, with what config.yml's own note lacks.
+        assert first["config_sites"] == ["default"] and first["manager"] == "systemd", first
+        assert first["daemon_reload"] is True and "atom-worker@*.service" in first["restart_globs"], first
+        lab.converge(second_vars, "--tags", "atom_worker_config")
+        assert "workers_key: 'site-f'" in lab.run(W1, f"cat {ATOM_ROOT}/config/app.yml").stdout
+        second = json.loads(lab.run(W1, f"cat {pending}").stdout)
+        assert second["config_sites"] == ["default"] and second["manager"] == "systemd", second
+        assert second["daemon_reload"] is True and second["restart_globs"] == first["restart_globs"], second
+        assert lab.hosts.main_pids(W1) == pids  # nothing restarted yet
+        lab.run(W1, f"rm -r {stuck}")
+        mark = len(lab.record(W1))
+        lab.converge(second_vars)
+        events = [e["event"] for e in lab.record(W1)[mark:] if e["event"] in ("cc", "start")]
+        assert events == ["cc"] + ["start"] * len(pids), events
+        assert all(lab.hosts.main_pids(W1)[unit] != pid for unit, pid in pids.items())
+        for unit in pids:
+            assert lab.show(W1, unit, "RestartUSec", "NeedDaemonReload") == {
+                "RestartUSec": "7s", "NeedDaemonReload": "no"}, unit
+        lab.wait_for(lambda: available(lab, new_function) == len(pids), what="the new key's workers registered")
+        assert lab.run(W1, f"test -e {pending}", check=False).returncode != 0
+        again = lab.converge(second_vars)
+        assert again.changed() == 0, again
+    finally:
+        lab.run(W1, f"rm -rf {stuck}")
         lab.converge()
 
 

@@ -491,6 +491,9 @@ def run(args, host: model.Host, backend) -> int:
         from .circus import policy_findings
 
         findings = policy_findings(backend) + findings
+    # The manager's own findings come before the host's, but an unfinished converge stays first of all (ORDER):
+    # it may be what left the manager so (its update or restarts not applied yet).
+    findings = [f for f in findings if f.code == "apply_pending"] + [f for f in findings if f.code != "apply_pending"]
     faults = [f for f in findings if f.severity == FAULT]
     code = EXIT_NOT_ACTIVE if faults else EXIT_OK
     if args.json:

@@ -7,7 +7,9 @@ behind means a converge stopped before it applied everything: the files on the h
 workers may still run the configuration from before it. The next converge applies what the note names and
 removes it. Keys (all optional): `config_sites` (sites whose gearman.yml/app.yml changed: cache to clear,
 workers to restart), `restart_globs` and `daemon_reload` (systemd), `restart`, `programs_changed` and
-`listener_changed` (supervisord), `manager`.
+`listener_changed` (supervisord), `manager`. A note is read as the role reads it (vars/main.yml `_atom_worker_owed`):
+only one whose `manager` is this host's owes that manager's keys; any other (another manager's, or one without a
+`manager`) owes its `config_sites` alone. circus writes no note but takes up and removes one left behind.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ MAX_BYTES = 1 << 20
 LISTS = ("config_sites", "restart_globs", "restart")
 FLAGS = ("daemon_reload", "programs_changed", "listener_changed")
 SHOWN = 6  # instances named in the summary; more are counted
+# The role's notes are flat (lists of names, true or false); deeper than this is not one of them, and Python's
+# json (C parser and encoder alike) raises RecursionError, not ValueError, near the interpreter's recursion limit.
+MAX_DEPTH = 32
 RUN_AGAIN = ("run site.yml again (it applies what the unfinished converge owes and removes the note; if it stops "
              "again, first fix what its failed task names)")
 
@@ -63,6 +68,10 @@ def read(path: str) -> tuple[dict | None, float | None, str | None]:
         return None, st.st_mtime, "not UTF-8 text"
     except ValueError as exc:
         return None, st.st_mtime, f"not JSON ({exc})"
+    except RecursionError:
+        return None, st.st_mtime, f"not a note of the role (nested more than {MAX_DEPTH} levels deep)"
+    if _depth(note) > MAX_DEPTH:
+        return None, st.st_mtime, f"not a note of the role (nested more than {MAX_DEPTH} levels deep)"
     if not isinstance(note, dict):
         return None, st.st_mtime, f"not a JSON object (a JSON {type(note).__name__})"
     for key in LISTS:
@@ -78,25 +87,47 @@ def read(path: str) -> tuple[dict | None, float | None, str | None]:
     return note, st.st_mtime, None
 
 
+def _depth(value) -> int:
+    """How deep lists and objects nest in `value`, without recursion (a scalar is 0, `[]` 1, `[[]]` 2)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if level <= MAX_DEPTH:  # past it the answer is known
+                stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def _names(units: list[str]) -> str:
     shown = ", ".join(units[:SHOWN])
     return shown + (f" and {len(units) - SHOWN} more" if len(units) > SHOWN else "")
 
 
 def owed(note: dict, host: model.Host) -> tuple[list[str], list[str]]:
-    """What the note owes, in words (in the order the role applies it), and notes on how it was read."""
+    """What the note owes, in words (in the order the role applies it), and notes on how it was read.
+
+    As the role reads it: a note whose `manager` is not this host's (another manager's, or none at all) owes its
+    `config_sites` only. Instances are named when sites.json lists them; a unit glob that matches none of them or
+    a supervisord program it does not list may be gone from the configuration the next converge applies (the
+    role restarts only programs still configured), so those are named as owed only if still configured."""
     remarks = []
-    manager = note.get("manager") or host.manager
+    manager = note.get("manager", "")
     mine = manager == host.manager
     if not mine:
         # The role takes up only the sites of a note another manager left (its units are not this one's).
-        remarks.append(f"noted under manager {manager}, but {host.path} says {host.manager}: the next converge "
-                       "takes up only the sites' cache clears and restarts")
+        noted = f"noted under manager {manager}" if manager else "noted without a manager"
+        remarks.append(f"{noted}, but {host.path} says {host.manager}: the next converge takes up only the "
+                       "sites' cache clears and restarts")
     sites = [s for s in dict.fromkeys(note.get("config_sites") or []) if s]
     known = {s.name: s for s in host.sites}
+    unknown = [s for s in sites if s not in known]
+    if unknown:
+        remarks.append(f"{'site' if len(unknown) == 1 else 'sites'} {', '.join(unknown)} not in {host.path}: "
+                       "owed only if still configured (the role clears and restarts the sites it is given)")
     expected = [model.short(u) for u in host.expected_units()]
     restart: set[str] = set()
-    patterns: list[str] = []
+    maybe: list[str] = []
     for name in sites:
         if name in known:
             restart.update(model.short(u) for p in known[name].pools for u in p.units)
@@ -107,23 +138,33 @@ def owed(note: dict, host: model.Host) -> tuple[list[str], list[str]]:
             hits = {u for u in expected if fnmatch.fnmatchcase(u + ".service", glob)}
             restart |= hits
             if not hits:
-                patterns.append(model.short(glob))
+                maybe.append(model.short(glob))
         for namespec in note.get("restart") or []:
-            if namespec:
-                restart.add(namespec.rsplit(":", 1)[-1])
+            if not namespec:
+                continue
+            name = namespec.rsplit(":", 1)[-1]
+            if name in expected:
+                restart.add(name)
+            else:
+                # supervisor.yml restarts only the noted programs it still configures.
+                maybe.append(name)
     words = []
     if sites:
-        words.append(f"clear the cache of site {sites[0]}" if len(sites) == 1 else
-                     f"clear the caches of sites {', '.join(sites)}")
+        # sites.json does not say whether the role clears caches (atom_worker_clear_cache).
+        words.append((f"clear the cache of site {sites[0]}" if len(sites) == 1 else
+                      f"clear the caches of sites {', '.join(sites)}") + " (if the role clears caches)")
     if mine and note.get("daemon_reload"):
         words.append("daemon-reload")
     if mine and note.get("programs_changed"):
         words.append("apply the supervisord configuration (supervisorctl update)")
     if mine and note.get("listener_changed"):
         words.append("restart the restart-policy listener")
-    units = [u for u in expected if u in restart] + sorted(restart - set(expected)) + patterns
+    units = [u for u in expected if u in restart]
     if units:
         words.append(f"restart {_names(units)}")
+    maybe = list(dict.fromkeys(m for m in maybe if m not in restart))
+    if maybe:
+        words.append(f"restart {_names(maybe)} if still configured")
     return words, remarks
 
 
