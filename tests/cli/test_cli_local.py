@@ -192,6 +192,19 @@ def test_gearman_tries_each_address_of_a_name(gearmand, monkeypatch):
     assert not view.reachable and "connection refused" in view.error
 
 
+def test_workers_lines_of_closing_connections_are_left_out():
+    """gearmand lists a connection it is closing with fd -1 (seen in the fleet bench, while other hosts' admin
+    connections ended): it is no worker, and no error. Control: the open ones are kept, and a line that is
+    not gearmand's shape is still refused."""
+    lines = ["35 10.0.0.7 pid_41_a : p-arFindingAidJob p-arObjectMoveJob", "-1 10.0.0.9 - :", "36 10.0.0.7 - :"]
+    workers = gearman.parse_workers(lines, "gm:4730")
+    assert [(w.fd, w.ip, w.client_id, w.functions) for w in workers] == [
+        (35, "10.0.0.7", "pid_41_a", ("p-arFindingAidJob", "p-arObjectMoveJob")), (36, "10.0.0.7", "-", ())]
+    for bad in ("-2 10.0.0.9 - :", "x 10.0.0.9 - :", "35 10.0.0.7 pid_41_a p-arFindingAidJob"):
+        with pytest.raises(GearmanError, match="unexpected line in the answer to `workers`"):
+            gearman.parse_workers([bad], "gm:4730")
+
+
 def test_gearman_read_timeout_and_refusal():
     import socket
     import threading
