@@ -155,9 +155,9 @@ def test_a_second_unfinished_apply_keeps_what_the_first_owed(lab):
     """config.yml writes its note of the sites it changed before the manager's steps note the rest, and the note
     replaces the file: it must keep what a note left by an earlier unfinished apply still owes. The first
     converge changes a unit setting and the key and fails in its cache clear (its note: the site, the pool's
-    restart, a daemon-reload); the second changes the key again and stops before the manager's steps (`--tags
-    atom_worker_config`, the same point as a failure there). The note then still holds the first one's keys
-    beside the site, and the next full converge applies it all and removes it."""
+    restart, a daemon-reload); the second changes the key again, never reaches the manager's steps (`--tags
+    atom_worker_config`) and fails too (its cache clear, a handler run at the end of the play). The note then still
+    holds the first one's keys beside the site, and the next full converge applies it all and removes it."""
     pending = "/etc/atom-worker/apply-pending.json"
     first_vars = {"atom_worker_workers_key": "site-e", "atom_worker_restart_sec": 7}
     second_vars = {"atom_worker_workers_key": "site-f", "atom_worker_restart_sec": 7}
@@ -172,7 +172,8 @@ def test_a_second_unfinished_apply_keeps_what_the_first_owed(lab):
         # The positive control: the manager's note, with what config.yml's own note lacks.
         assert first["config_sites"] == ["default"] and first["manager"] == "systemd", first
         assert first["daemon_reload"] is True and "atom-worker@*.service" in first["restart_globs"], first
-        lab.converge(second_vars, "--tags", "atom_worker_config")
+        failed = lab.converge(second_vars, "--tags", "atom_worker_config", check=False)
+        assert failed.returncode != 0 and "Unable to remove" in failed.stdout, failed
         assert "workers_key: 'site-f'" in lab.run(W1, f"cat {ATOM_ROOT}/config/app.yml").stdout
         second = json.loads(lab.run(W1, f"cat {pending}").stdout)
         assert second["config_sites"] == ["default"] and second["manager"] == "systemd", second
