@@ -222,6 +222,9 @@ def test_a_note_without_a_manager_owes_its_sites_only(tmp_path):
     [f] = pending.findings(host, cmd_doctor.Finding, "fault", "by hand: ")
     assert "it still owes: nothing the note names (note written " in f.summary, f.summary
     assert any("noted without a manager" in e and "takes up only the sites'" in e for e in f.evidence), f.evidence
+    write_note(host, {**note, "manager": None})  # JSON null: `manager | default('')` is not this host's either
+    [f] = pending.findings(host, cmd_doctor.Finding, "fault", "by hand: ")
+    assert "it still owes: nothing the note names (note written " in f.summary, f.summary
     write_note(host, {**note, "config_sites": ["default"]})
     [f] = pending.findings(host, cmd_doctor.Finding, "fault", "by hand: ")
     assert ("it still owes: clear the cache of site default (if the role clears caches); restart atom-worker@1, "

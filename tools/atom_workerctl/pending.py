@@ -82,7 +82,8 @@ def read(path: str) -> tuple[dict | None, float | None, str | None]:
     for key in FLAGS:
         if not isinstance(note.get(key, False), bool):
             return None, st.st_mtime, f"`{key}` is not true or false"
-    if not isinstance(note.get("manager", ""), str):
+    # null names no manager (the role's `manager | default('')` is not its own manager either).
+    if note.get("manager") is not None and not isinstance(note["manager"], str):
         return None, st.st_mtime, "`manager` is not a name"
     return note, st.st_mtime, None
 
@@ -112,7 +113,7 @@ def owed(note: dict, host: model.Host) -> tuple[list[str], list[str]]:
     a supervisord program it does not list may be gone from the configuration the next converge applies (the
     role restarts only programs still configured), so those are named as owed only if still configured."""
     remarks = []
-    manager = note.get("manager", "")
+    manager = note.get("manager") or ""
     mine = manager == host.manager
     if not mine:
         # The role takes up only the sites of a note another manager left (its units are not this one's).
