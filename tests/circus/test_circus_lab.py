@@ -331,6 +331,39 @@ def test_a_note_left_by_another_manager_is_taken_up_and_removed(lab):
         lab.run(f"rm -f {PENDING}")
 
 
+def test_a_note_is_kept_while_circusd_was_not_running(lab):
+    """circusd not running when the converge begins (a host moving to circus, or stopped by hand): it starts every
+    watcher before the handlers clear the note's caches, so those watchers still run on the old cache and the
+    note stays (doctor keeps reporting it). The next converge, circusd running, restarts them and removes it.
+    Positive control: the same note is removed by that next converge (and by the test above, circusd running)."""
+    pools = {"atom_worker_pools": [RECYCLE_POOL]}
+    watchers = [W1, W2, RECYCLED]
+    note = {"config_sites": ["default"], "manager": "systemd"}
+    settled = lab.playbook(pools)
+    assert settled.returncode == 0, settled
+    lab.run(f"systemctl stop {SERVICE}")
+    lab.run(f"printf %s {shlex.quote(json.dumps(note))} > {PENDING}")
+    try:
+        first = lab.playbook(pools)
+        assert first.returncode == 0, first
+        assert lab.run(f"test -s {PENDING}", check=False).returncode == 0, "the note was removed"
+        proc = lab.workerctl("doctor", "--json")
+        assert [f for f in json.loads(proc.stdout)["findings"] if f["code"] == "apply_pending"], proc.stdout
+        before = lab.wait_active(watchers)
+        mark = len(lab.record())
+        second = lab.playbook(pools)
+        assert second.returncode == 0, second
+        assert lab.run(f"test -e {PENDING}", check=False).returncode != 0, "the note is still there"
+        events = [e["event"] for e in lab.record()[mark:] if e["event"] in ("cc", "start")]
+        assert events == ["cc"] + ["start"] * len(watchers), events
+        after = lab.wait_active(watchers)
+        assert all(after[n]["pid"] != before[n]["pid"] for n in watchers), (before, after)
+        lab.wait(lambda: lab.registered() == INSTANCES, 60, "both workers registered again")
+    finally:
+        lab.run(f"rm -f {PENDING}")
+        lab.run(f"systemctl start {SERVICE}")
+
+
 def test_a_crash_loop_stops_after_exactly_three_starts_with_the_restart_delay_and_stays_down(lab):
     w1_pid = lab.pids()[W1]
     since = lab.host_time()
