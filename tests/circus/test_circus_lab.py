@@ -288,6 +288,20 @@ def test_a_new_pool_starts_alone_and_a_second_run_changes_nothing(lab):
     assert all(len(lab.entry(n)["starts"]) == 1 for n in (W1, W2, RECYCLED))
 
 
+def _converge_takes_up_the_note(lab, pools, watchers):
+    """A converge with the note there: it succeeds, removes the note, clears the cache and then starts each
+    watcher once more (new pids)."""
+    before = lab.wait_active(watchers)
+    mark = len(lab.record())
+    result = lab.playbook(pools)
+    assert result.returncode == 0, result
+    assert lab.run(f"test -e {PENDING}", check=False).returncode != 0, "the note is still there"
+    events = [e["event"] for e in lab.record()[mark:] if e["event"] in ("cc", "start")]
+    assert events == ["cc"] + ["start"] * len(watchers), events
+    after = lab.wait_active(watchers)
+    assert all(after[n]["pid"] != before[n]["pid"] for n in watchers), (before, after)
+
+
 def test_a_note_left_by_another_manager_is_taken_up_and_removed(lab):
     """The role's note of what an unfinished apply owes (apply-pending.json), left by a systemd converge of this
     host before it moved to circus: circus writes none of its own, but takes up its sites as the other managers
@@ -308,16 +322,8 @@ def test_a_note_left_by_another_manager_is_taken_up_and_removed(lab):
         assert proc.returncode == 3 and len(found) == 1, proc.stdout
         assert ("it still owes: clear the cache of site default (if the role clears caches); restart "
                 "atom-worker@1, atom-worker@2, atom-worker-default-recycled@1 (note") in found[0]["summary"], found
-        before = lab.wait_active(watchers)
         circusd = lab.circusd_pid()
-        mark = len(lab.record())
-        result = lab.playbook(pools)
-        assert result.returncode == 0, result
-        assert lab.run(f"test -e {PENDING}", check=False).returncode != 0, "the note is still there"
-        events = [e["event"] for e in lab.record()[mark:] if e["event"] in ("cc", "start")]
-        assert events == ["cc"] + ["start"] * len(watchers), events
-        after = lab.wait_active(watchers)
-        assert all(after[n]["pid"] != before[n]["pid"] for n in watchers), (before, after)
+        _converge_takes_up_the_note(lab, pools, watchers)
         assert lab.circusd_pid() == circusd  # the watchers restarted, not circusd
         assert all(len(lab.entry(n)["starts"]) == 1 for n in watchers)  # deliberate: reset first
         proc = lab.workerctl("doctor", "--json")
@@ -349,15 +355,7 @@ def test_a_note_is_kept_while_circusd_was_not_running(lab):
         assert lab.run(f"test -s {PENDING}", check=False).returncode == 0, "the note was removed"
         proc = lab.workerctl("doctor", "--json")
         assert [f for f in json.loads(proc.stdout)["findings"] if f["code"] == "apply_pending"], proc.stdout
-        before = lab.wait_active(watchers)
-        mark = len(lab.record())
-        second = lab.playbook(pools)
-        assert second.returncode == 0, second
-        assert lab.run(f"test -e {PENDING}", check=False).returncode != 0, "the note is still there"
-        events = [e["event"] for e in lab.record()[mark:] if e["event"] in ("cc", "start")]
-        assert events == ["cc"] + ["start"] * len(watchers), events
-        after = lab.wait_active(watchers)
-        assert all(after[n]["pid"] != before[n]["pid"] for n in watchers), (before, after)
+        _converge_takes_up_the_note(lab, pools, watchers)
         lab.wait(lambda: lab.registered() == INSTANCES, 60, "both workers registered again")
     finally:
         lab.run(f"rm -f {PENDING}")
